@@ -1,0 +1,1 @@
+"""Export a trained keraslm run to an ONNX bundle."""

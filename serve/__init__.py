@@ -1,0 +1,1 @@
+"""Score text with an exported keraslm bundle on onnxruntime (never imports TensorFlow)."""
