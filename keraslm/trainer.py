@@ -1,0 +1,223 @@
+"""Truncated-BPTT training and evaluation under a tf.distribute strategy.
+
+Each replica owns a fixed slice of the batch columns and its own LSTM state, which the loop
+carries from batch to batch as the per-replica values `strategy.run` returns. The loss is the
+mean token NLL over the global batch; the global gradient norm comes from an all-reduced copy of
+the gradients, and each replica hands its own gradients, scaled by the same clip factor, to
+`apply_gradients` (which sums them across replicas: the sum is exactly the clipped global
+gradient). Everything else (logging, checkpoints, learning-rate decisions) is plain Python.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keraslm.batching import PAD_TARGET
+from keraslm.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    nll_sum: float
+    num_targets: int
+    grad_norm: float
+
+
+def noise_keys(seed: int, epoch: int, batch: int, columns: int) -> np.ndarray:
+    """Per-column dropout keys: a pure function of (seed, epoch, batch, global column)."""
+    mask = (1 << 64) - 1
+    base = (seed * 0x9E3779B97F4A7C15 ^ epoch * 0xBF58476D1CE4E5B9 ^ batch * 0x94D049BB133111EB) & mask
+    with np.errstate(over="ignore"):
+        x = np.arange(columns, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93) + np.uint64(base)
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(29)
+    return (x & np.uint64(0x7FFFFFFF)).astype(np.int32)
+
+
+def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """SGD (the tutorial's) or Adam; clipping is done by the trainer, not the optimizer."""
+    wd = weight_decay or None
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=momentum, weight_decay=wd)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr, weight_decay=wd)
+    raise UserError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+
+
+class Trainer:
+    """Runs train and eval steps of one model on one strategy, carrying per-replica state."""
+
+    def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
+                 *, clip: float = 0.25, jit_compile: bool = True):
+        self.model = model
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.clip = float(clip)
+        self.num_replicas = strategy.num_replicas_in_sync
+        self.nhid = model.get_layer("lstm0").units
+        self.num_states = len(model.inputs) - 2
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+        self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
+        self._train_step = tf.function(self._distributed_train_step)
+        self.evaluate = Evaluator(model, jit_compile=jit_compile)
+
+    # ---- learning rate -------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.learning_rate.numpy())
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self.optimizer.learning_rate.assign(value)
+
+    # ---- state ---------------------------------------------------------------------------
+    def _local_columns(self, batch_size: int, replica_id) -> slice:
+        if batch_size % self.num_replicas:
+            raise UserError(
+                f"batch size {batch_size} is not divisible by the {self.num_replicas} replicas"
+            )
+        per = batch_size // self.num_replicas
+        return slice(replica_id * per, (replica_id + 1) * per)
+
+    def distribute(self, array: np.ndarray):
+        """Give each replica its own slice of the global batch columns (axis 0)."""
+        def fn(ctx):
+            return tf.constant(array[self._local_columns(len(array), ctx.replica_id_in_sync_group)])
+        return self.strategy.experimental_distribute_values_from_function(fn)
+
+    def zero_state(self, batch_size: int):
+        """Fresh LSTM state for `batch_size` global columns, distributed by column."""
+        zeros = np.zeros((batch_size, self.nhid), np.float32)
+        return tuple(self.distribute(zeros) for _ in range(self.num_states))
+
+    def state_to_numpy(self, state) -> list[np.ndarray]:
+        """Gather a distributed state back into global [batch, nhid] arrays (this worker's replicas)."""
+        return [
+            np.concatenate([t.numpy() for t in self.strategy.experimental_local_results(s)])
+            for s in state
+        ]
+
+    def state_from_numpy(self, arrays: list[np.ndarray]):
+        return tuple(self.distribute(np.asarray(a, np.float32)) for a in arrays)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _forward_backward_impl(self, inputs, targets, keys, state, num_targets):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits, *new_state = self.model([inputs, keys, *state], training=True)
+            nll_sum = masked_nll_sum(logits, targets)
+            loss = nll_sum / num_targets
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        return grads, nll_sum, tuple(new_state)
+
+    def _replica_train_step(self, inputs, targets, keys, state, num_targets):
+        grads, nll_sum, new_state = self._forward_backward(inputs, targets, keys, state, num_targets)
+        ctx = tf.distribute.get_replica_context()
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads) if self.num_replicas > 1 else grads
+        norm = tf.linalg.global_norm(total)
+        if self.clip > 0:
+            scale = tf.minimum(1.0, self.clip / tf.maximum(norm, 1e-12))
+            grads = [g * scale for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        return nll_sum, norm, new_state
+
+    def _distributed_train_step(self, inputs, targets, keys, state, num_targets):
+        nll_sum, norm, new_state = self.strategy.run(
+            self._replica_train_step, args=(inputs, targets, keys, state, num_targets)
+        )
+        total_nll = self.strategy.reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None)
+        norm = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, norm, axis=None)  # same on every replica
+        return total_nll, norm, new_state
+
+    def train_step(self, inputs: np.ndarray, targets: np.ndarray, keys: np.ndarray, state):
+        """One SGD step on a global batch; returns the result and the carried state."""
+        num_targets = int(np.count_nonzero(targets != PAD_TARGET))
+        if num_targets == 0:
+            return StepResult(0.0, 0, 0.0), state
+        nll, norm, new_state = self._train_step(
+            self.distribute(inputs), self.distribute(targets), self.distribute(keys), state,
+            tf.constant(float(num_targets)),
+        )
+        return StepResult(float(nll), num_targets, float(norm)), new_state
+
+
+class Evaluator:
+    """Sum of NLL and number of targets over BPTT batches, state carried from a zero start.
+
+    Runs on the default device outside `strategy.run`: evaluation needs no gradients, and this
+    way any batch size works whatever the number of replicas.
+    """
+
+    def __init__(self, model: keras.Model, *, jit_compile: bool = True):
+        self.model = model
+        self.nhid = model.get_layer("lstm0").units
+        self.num_states = len(model.inputs) - 2
+        self._step = tf.function(self._step_impl, jit_compile=jit_compile)
+
+    def _step_impl(self, inputs, targets, state):
+        keys = tf.zeros(tf.shape(inputs)[:1], tf.int32)
+        logits, *new_state = self.model([inputs, keys, *state], training=False)
+        return masked_nll_sum(logits, targets), tuple(new_state)
+
+    def __call__(self, batches) -> tuple[float, int]:
+        state = None
+        nll_total, count = 0.0, 0
+        for inputs, targets in batches:
+            if state is None:
+                state = tuple(tf.zeros((len(inputs), self.nhid)) for _ in range(self.num_states))
+            nll, state = self._step(tf.constant(inputs), tf.constant(targets), state)
+            nll_total += float(nll)
+            count += int(np.count_nonzero(targets != PAD_TARGET))
+        return nll_total, count
+
+
+def masked_nll_sum(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    """Sum of token NLL over non-padding targets (padding is masked before the loss op)."""
+    mask = tf.not_equal(targets, PAD_TARGET)
+    safe_targets = tf.where(mask, targets, tf.zeros_like(targets))
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_targets, logits=logits)
+    return tf.reduce_sum(tf.where(mask, nll, tf.zeros_like(nll)))
+
+
+def perplexity(nll_sum: float, count: int) -> float:
+    """exp(mean token NLL); inf when the mean overflows."""
+    if count == 0:
+        return float("nan")
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+class Throughput:
+    """Tokens per wall-clock second over a window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
+
+    @property
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
