@@ -32,11 +32,23 @@ def configure_cpu_devices(count: int) -> None:
         ) from None
 
 
+_STRATEGIES: dict[tuple[str, int | None], tf.distribute.Strategy] = {}
+
+
 def make_strategy(kind: str = "mirrored", cpu_replicas: int | None = None) -> tf.distribute.Strategy:
     """A MirroredStrategy over all GPUs, else over `cpu_replicas` logical CPUs (default 1).
 
     `kind="multiworker"` reads the standard `TF_CONFIG` and uses MultiWorkerMirroredStrategy.
+    Strategies are cached per process: a second strategy over the same devices running another
+    program fails in TensorFlow's collectives ("Shape mismatch in the collective instance").
     """
+    key = (kind, cpu_replicas)
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = _new_strategy(kind, cpu_replicas)
+    return _STRATEGIES[key]
+
+
+def _new_strategy(kind: str, cpu_replicas: int | None) -> tf.distribute.Strategy:
     if kind == "multiworker":
         if "TF_CONFIG" not in os.environ:
             raise UserError("--strategy multiworker needs the TF_CONFIG environment variable")
@@ -47,11 +59,12 @@ def make_strategy(kind: str = "mirrored", cpu_replicas: int | None = None) -> tf
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind != "mirrored":
         raise UserError(f"unknown strategy {kind!r}; choose 'mirrored' or 'multiworker'")
-    gpus = tf.config.list_logical_devices("GPU")
-    if gpus and not cpu_replicas:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    # Physical listing does not initialise the runtime; logical CPUs must be split before that.
+    if tf.config.list_physical_devices("GPU") and not cpu_replicas:
+        return tf.distribute.MirroredStrategy()
     count = cpu_replicas or 1
-    configure_cpu_devices(count)
+    if count > 1:
+        configure_cpu_devices(count)
     cpus = tf.config.list_logical_devices("CPU")[:count]
     if len(cpus) < count:
         raise UserError(f"asked for {count} CPU replicas but only {len(cpus)} logical CPUs exist")

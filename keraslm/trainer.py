@@ -55,6 +55,24 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
     raise UserError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
 
 
+def distribute_columns(strategy: tf.distribute.Strategy, array: np.ndarray):
+    """Split `array` by rows (batch columns) into equal consecutive slices, one per replica.
+
+    Replica r gets rows [r * B/N, (r+1) * B/N) by its global replica id, so every worker of a
+    multi-worker run builds the same global batch and takes its own share.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if len(array) % replicas:
+        raise UserError(f"batch size {len(array)} is not divisible by the {replicas} replicas")
+    per = len(array) // replicas
+
+    def local(ctx):
+        r = ctx.replica_id_in_sync_group
+        return tf.constant(array[r * per:(r + 1) * per])
+
+    return strategy.experimental_distribute_values_from_function(local)
+
+
 class Trainer:
     """Runs train and eval steps of one model on one strategy, carrying per-replica state."""
 
@@ -83,19 +101,9 @@ class Trainer:
         self.optimizer.learning_rate.assign(value)
 
     # ---- state ---------------------------------------------------------------------------
-    def _local_columns(self, batch_size: int, replica_id) -> slice:
-        if batch_size % self.num_replicas:
-            raise UserError(
-                f"batch size {batch_size} is not divisible by the {self.num_replicas} replicas"
-            )
-        per = batch_size // self.num_replicas
-        return slice(replica_id * per, (replica_id + 1) * per)
-
     def distribute(self, array: np.ndarray):
         """Give each replica its own slice of the global batch columns (axis 0)."""
-        def fn(ctx):
-            return tf.constant(array[self._local_columns(len(array), ctx.replica_id_in_sync_group)])
-        return self.strategy.experimental_distribute_values_from_function(fn)
+        return distribute_columns(self.strategy, array)
 
     def zero_state(self, batch_size: int):
         """Fresh LSTM state for `batch_size` global columns, distributed by column."""

@@ -1,0 +1,267 @@
+"""Export: a run becomes a bundle whose ONNX graph scores exactly what the Keras model scores.
+
+Real TensorFlow, tf2onnx and onnxruntime on tiny models; the text is the start of WikiText-2's
+validation split mapped through the run's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tensorflow as tf
+from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
+
+from export import graph
+from export.to_onnx import export_run, load_keras_model, main
+from keraslm.model import LMConfig
+from keraslm.vocab import Vocab
+
+VOCAB_SIZE = 150
+CONFIGS = {
+    "tied-1layer": LMConfig(VOCAB_SIZE, emsize=16, nhid=16, nlayers=1, tied=True),
+    "tied-2layers": LMConfig(VOCAB_SIZE, emsize=16, nhid=16, nlayers=2, tied=True),
+    "untied-1layer": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=1, tied=False),
+    "untied-2layers": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=2, tied=False),
+}
+CHUNK = 12  # time steps per call; every stream is scored in two chunks
+
+
+@pytest.fixture(scope="module")
+def text() -> tuple[Vocab, np.ndarray]:
+    tokens = wikitext_tokens(3000)
+    vocab = Vocab.build(tokens, max_size=VOCAB_SIZE - 2)
+    assert len(vocab) == VOCAB_SIZE
+    return vocab, vocab.encode(tokens)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def exported(request, text, tmp_path_factory):
+    """A run of each config, its bundle, the Keras model and an onnxruntime session."""
+    vocab, _ = text
+    config = CONFIGS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    run = make_run(root / "runs" / request.param, config, vocab, seed=1)
+    bundle = export_run(run, root / "bundles" / request.param)
+    model, _ = load_keras_model(run)
+    return {"config": config, "run": run, "bundle": bundle, "model": model,
+            "session": session(bundle / "model.onnx")}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def zero_state(config: LMConfig, batch: int) -> list[np.ndarray]:
+    return [np.zeros((batch, config.nhid), np.float32) for _ in config.state_names()]
+
+
+def onnx_call(sess, config, tokens, targets, state):
+    """(logprobs, new state, next_logprobs) from one call of the exported graph."""
+    feed = {"tokens": tokens.astype(np.int32), "targets": targets.astype(np.int32),
+            **dict(zip(config.state_names(), state))}
+    logprobs, *rest = sess.run(graph.output_names(config), feed)
+    return logprobs, rest[:-1], rest[-1]
+
+
+def keras_call(model, config, tokens, targets, state):
+    """The same from the Keras model: log_softmax of its logits, gathered at the targets."""
+    logits, *new_state = model([tokens, np.zeros(len(tokens), np.int32), *state], training=False)
+    logprobs = tf.nn.log_softmax(logits).numpy()
+    picked = np.take_along_axis(logprobs, np.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return np.where(targets >= 0, picked, 0.0), [s.numpy() for s in new_state], logprobs[:, -1]
+
+
+def columns(ids: np.ndarray, batch: int, length: int) -> np.ndarray:
+    """`batch` consecutive stretches of the stream, each `length` + 1 tokens long."""
+    return ids[: batch * (length + 1)].reshape(batch, length + 1)
+
+
+def test_lstm_layers_become_native_onnx_lstm_ops(exported):
+    ops = [node.op_type for node in onnx.load(exported["bundle"] / "model.onnx").graph.node]
+    assert ops.count("LSTM") == exported["config"].nlayers
+    assert "Loop" not in ops and "Scan" not in ops
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+def test_logprobs_match_keras_with_state_carried_across_chunks(exported, text, batch):
+    config, model, sess = exported["config"], exported["model"], exported["session"]
+    stream = columns(text[1], batch, 2 * CHUNK)
+    onnx_state = keras_state = zero_state(config, batch)
+    onnx_scores, keras_scores = [], []
+    for start in (0, CHUNK):
+        tokens = stream[:, start:start + CHUNK]
+        targets = stream[:, start + 1:start + CHUNK + 1]
+        got, onnx_state, got_next = onnx_call(sess, config, tokens, targets, onnx_state)
+        want, keras_state, want_next = keras_call(model, config, tokens, targets, keras_state)
+        onnx_scores.append(got)
+        keras_scores.append(want)
+        np.testing.assert_allclose(got_next, want_next, rtol=0, atol=1e-4)
+        for got_state, want_state in zip(onnx_state, keras_state):
+            np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-5)
+    onnx_scores, keras_scores = np.concatenate(onnx_scores, 1), np.concatenate(keras_scores, 1)
+    assert np.abs(onnx_scores - keras_scores).max() <= 1e-4
+    onnx_ppl, keras_ppl = math.exp(-onnx_scores.mean()), math.exp(-keras_scores.mean())
+    assert abs(onnx_ppl / keras_ppl - 1) <= 1e-4
+
+
+def test_padding_targets_score_zero_and_change_nothing_else(exported, text):
+    config, sess = exported["config"], exported["session"]
+    stream = columns(text[1], 3, CHUNK)
+    tokens, targets = stream[:, :-1], stream[:, 1:]
+    padded = targets.copy()
+    padded[0, -4:] = -1  # a ragged end
+    padded[2, 5] = -1
+    state = zero_state(config, 3)
+    full, full_state, _ = onnx_call(sess, config, tokens, targets, state)
+    got, got_state, _ = onnx_call(sess, config, tokens, padded, state)
+    assert np.all(got[padded < 0] == 0.0)
+    np.testing.assert_array_equal(got[padded >= 0], full[padded >= 0])
+    for a, b in zip(got_state, full_state):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_two_halves_score_like_the_whole(exported, text):
+    config, sess = exported["config"], exported["session"]
+    stream = columns(text[1], 4, 2 * CHUNK)
+    tokens, targets = stream[:, :-1], stream[:, 1:]
+    whole, whole_state, whole_next = onnx_call(sess, config, tokens, targets,
+                                               zero_state(config, 4))
+    first, state, _ = onnx_call(sess, config, tokens[:, :CHUNK], targets[:, :CHUNK],
+                                zero_state(config, 4))
+    second, state, second_next = onnx_call(sess, config, tokens[:, CHUNK:], targets[:, CHUNK:],
+                                           state)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(second_next, whole_next, rtol=0, atol=1e-5)
+    for a, b in zip(state, whole_state):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_bundle_json_describes_the_graph_and_its_source(exported):
+    bundle, config, run = exported["bundle"], exported["config"], exported["run"]
+    info = json.loads((bundle / "bundle.json").read_text())
+    model = onnx.load(bundle / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    assert {k: info[k] for k in ("inputs", "outputs")} == graph.describe_io(model)
+    assert [i["name"] for i in info["inputs"]] == ["tokens", "targets", *config.state_names()]
+    assert [o["name"] for o in info["outputs"]] == [
+        "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs"]
+    shapes = {v["name"]: (v["dtype"], v["shape"]) for v in info["inputs"] + info["outputs"]}
+    assert shapes["tokens"] == shapes["targets"] == ("int32", ["batch", "time"])
+    assert shapes["logprobs"] == ("float32", ["batch", "time"])
+    assert shapes["h0"] == shapes["c0_out"] == ("float32", ["batch", config.nhid])
+    assert shapes["next_logprobs"] == ("float32", ["batch", config.vocab_size])
+    assert info["schema_version"] == 1 and info["model"] == config.to_dict()
+    assert info["opset"] == graph.DEFAULT_OPSET
+    assert {o.domain: o.version for o in model.opset_import}[""] == graph.DEFAULT_OPSET
+    assert info["pipeline"] == run.read_config()["pipeline"]
+    assert info["source_run"]["name"] == run.name and len(info["source_run"]["weights_sha1"]) == 40
+    assert {"tensorflow", "keras", "tf2onnx", "onnx", "keraslm"} <= set(info["versions"])
+    assert (bundle / "vocab.json").read_bytes() == run.vocab_path.read_bytes()
+    assert info["quantization"] is None and info["external_data"] is None
+
+
+def test_tied_embedding_is_stored_once(tmp_path):
+    config = LMConfig(5000, emsize=16, nhid=16, nlayers=1, tied=True)
+    vocab = Vocab(["<unk>", "<eos>", *(f"w{i}" for i in range(4998))])
+    bundle = export_run(make_run(tmp_path / "run", config, vocab), tmp_path / "bundle")
+    size = (bundle / "model.onnx").stat().st_size
+    assert abs(size / (4 * config.num_parameters()) - 1) < 0.03
+    big = [t for t in onnx.load(bundle / "model.onnx").graph.initializer
+           if 5000 in t.dims]
+    assert len(big) == 2  # the [V, E] embedding and the decoder's own [V] bias
+
+
+def test_external_data_path_gives_the_same_model(exported, text, tmp_path):
+    config = exported["config"]
+    bundle = export_run(exported["run"], tmp_path / "bundle", external_data=True)
+    assert json.loads((bundle / "bundle.json").read_text())["external_data"] == "model.onnx.data"
+    assert (bundle / "model.onnx.data").stat().st_size > 4 * config.num_parameters() * 0.9
+    onnx.checker.check_model(str(bundle / "model.onnx"), full_check=True)
+    stream = columns(text[1], 2, CHUNK)
+    args = (stream[:, :-1], stream[:, 1:], zero_state(config, 2))
+    got, _, _ = onnx_call(session(bundle / "model.onnx"), config, *args)
+    want, _, _ = onnx_call(exported["session"], config, *args)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_quantize_int8_reports_its_effect(text, tmp_path, capsys):
+    vocab, ids = text
+    config = CONFIGS["tied-2layers"]
+    run = make_run(tmp_path / "run", config, vocab, seed=2, valid_path=WIKITEXT_VALID)
+    assert main([str(run.path), "--out", str(tmp_path / "bundle"), "--quantize", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "wiki.valid.tokens" in printed
+    info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    measured = info["quantization"]["measured"]
+    assert measured["sample_tokens"] == 400
+    assert abs(measured["perplexity_int8"] / measured["perplexity_fp32"] - 1) < 0.2
+    model = onnx.load(tmp_path / "bundle" / "model.onnx")
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
+    assert {k: info[k] for k in ("inputs", "outputs")} == graph.describe_io(model)
+    stream = columns(ids, 2, CHUNK)
+    logprobs, _, _ = onnx_call(session(tmp_path / "bundle" / "model.onnx"), config,
+                               stream[:, :-1], stream[:, 1:], zero_state(config, 2))
+    assert np.isfinite(logprobs).all() and (logprobs < 0).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "run"]
+
+
+def test_defaults_export_the_newest_run_and_replace_an_old_bundle(text, tmp_path, monkeypatch,
+                                                                  capsys):
+    config = CONFIGS["untied-1layer"]
+    make_run(tmp_path / "runs" / "older", config, text[0], seed=3)
+    make_run(tmp_path / "runs" / "newer", config, text[0], seed=4)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bundles" / "newer").mkdir(parents=True)
+    (tmp_path / "bundles" / "newer" / "bundle.json").write_text("{}")  # an old bundle
+    assert main([]) == 0
+    info = json.loads((tmp_path / "bundles" / "newer" / "bundle.json").read_text())
+    assert info["source_run"]["name"] == "newer"
+    assert [p.name for p in (tmp_path / "bundles").iterdir()] == ["newer"]  # no temp left
+    assert "bundles/newer" in capsys.readouterr().out
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    return err
+
+
+def test_missing_run_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["no-such-run"]) != 0
+    assert "no-such-run" in error_line(capsys)
+    assert main([]) != 0  # no runs at all
+    assert "runs" in error_line(capsys)
+    assert not (tmp_path / "bundles").exists()
+
+
+def test_run_without_best_weights_is_one_line_error(text, tmp_path, capsys):
+    run = make_run(tmp_path / "run", CONFIGS["tied-1layer"], text[0], weights=False)
+    assert main([str(run.path), "--out", str(tmp_path / "bundle")]) != 0
+    assert "best.weights.h5" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_unwritable_output_is_one_line_error(text, tmp_path, capsys):
+    run = make_run(tmp_path / "run", CONFIGS["tied-1layer"], text[0])
+    (tmp_path / "file").write_text("a regular file")
+    assert main([str(run.path), "--out", str(tmp_path / "file" / "bundle")]) != 0
+    assert "file/bundle" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_bundle(text, tmp_path, capsys):
+    run = make_run(tmp_path / "run", CONFIGS["tied-1layer"], text[0])
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert main([str(run.path), "--out", str(tmp_path / "precious")]) != 0
+    assert "not a bundle" in error_line(capsys)
+    assert [p.name for p in (tmp_path / "precious").iterdir()] == ["notes.txt"]

@@ -1,0 +1,32 @@
+"""The data side (text, vocab, batching) must work on a host without TensorFlow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import keraslm.text, keraslm.vocab, keraslm.batching
+    assert "tensorflow" not in sys.modules, "importing the data modules loaded TensorFlow"
+
+    # Using them, punkt and Moses included, must not load it either.
+    from keraslm.text import RAW, WIKITEXT
+    from keraslm.vocab import Vocab
+    from keraslm.batching import BPTTBatches
+    tokens = [t for s in RAW.process("Mr. Holmes came in. He sat <unk> down.") for t in s]
+    tokens += [t for s in WIKITEXT.process("a b\\n\\nc\\n") for t in s]
+    vocab = Vocab.build(tokens)
+    list(BPTTBatches(vocab.encode(tokens), batch_size=2, bptt=3))
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+    assert not loaded, loaded
+    print("ok")
+""")
+
+
+def test_data_modules_never_import_tensorflow():
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,214 @@
+"""TextPipeline: GluonNLP CorpusDataset semantics on the real corpora, streaming, settings."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from keraslm.errors import UserError
+from keraslm.text import (
+    RAW,
+    RAW_TUTORIAL,
+    WIKITEXT,
+    TextPipeline,
+    pipeline_for_format,
+    punkt_tokenizer,
+)
+
+DATA = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
+WIKI = DATA / "wikitext-2"
+SHERLOCK = DATA / "sherlockholmes"
+
+FIRST_SENTENCE = ("project gutenberg {apos} s the adventures of sherlock holmes , by arthur conan "
+                  "doyle this ebook is for the use of anyone anywhere at no cost and with almost "
+                  "no restrictions whatsoever . <eos>")
+SECOND_SENTENCE = ("you may copy it , give it away or re - use it under the terms of the project "
+                   "gutenberg license included with this ebook or online at www . <eos>")
+
+
+@pytest.mark.parametrize(("split", "expected"),
+                         [("train", 2_088_628), ("valid", 217_646), ("test", 245_569)])
+def test_wikitext2_token_counts_match_gluonnlp(split, expected):
+    assert sum(1 for _ in WIKITEXT.iter_tokens(WIKI / f"wiki.{split}.tokens")) == expected
+
+
+def test_wikitext_stream_starts_like_the_file():
+    tokens = list(itertools.islice(WIKITEXT.iter_tokens(WIKI / "wiki.valid.tokens"), 8))
+    # The file starts with a blank line, then " = Homarus gammarus = ", then a blank line.
+    assert tokens == ["<eos>", "=", "Homarus", "gammarus", "=", "<eos>", "<eos>", "Homarus"]
+
+
+def test_lines_blank_lines_give_eos_and_final_newline_adds_no_sample():
+    assert WIKITEXT.process("a b\n\n c \n") == [["a", "b", "<eos>"], ["<eos>"], ["c", "<eos>"]]
+    assert WIKITEXT.process("a b\n\nc") == [["a", "b", "<eos>"], ["<eos>"], ["c", "<eos>"]]
+    assert WIKITEXT.process("") == []
+
+
+def test_lines_handle_crlf_and_cr_like_universal_newlines(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"a b\r\n\r\nc\rd\n")
+    expected = [["a", "b", "<eos>"], ["<eos>"], ["c", "<eos>"], ["d", "<eos>"]]
+    assert list(WIKITEXT.iter_processed(path)) == expected
+    assert WIKITEXT.process("a b\r\n\r\nc\rd\n") == expected
+
+
+def test_bos_and_skip_empty():
+    pipeline = TextPipeline(bos="<bos>", skip_empty=True)
+    assert pipeline.process("a\n\n  \nb c\n") == [["<bos>", "a", "<eos>"],
+                                                  ["<bos>", "b", "c", "<eos>"]]
+    assert TextPipeline(eos=None).process("a\n\nb\n") == [["a"], [], ["b"]]
+
+
+def test_text_and_binary_streams_read_like_files(tmp_path):
+    text = "one two\n\nthree\n"
+    path = tmp_path / "f.txt"
+    path.write_text(text)
+    from_path = list(WIKITEXT.iter_tokens(path))
+    assert from_path == list(WIKITEXT.iter_tokens(str(path)))
+    assert from_path == list(WIKITEXT.iter_tokens(io.StringIO(text)))
+    assert from_path == list(WIKITEXT.iter_tokens(io.BytesIO(text.encode())))
+    assert from_path == [t for s in WIKITEXT.process(text) for t in s]
+
+
+def test_sherlock_first_sentences_with_product_default():
+    sentences = RAW.process((SHERLOCK / "sherlockholmes.train.txt").read_text(encoding="utf-8"))
+    assert sentences[0] == FIRST_SENTENCE.format(apos="'").split()
+    assert sentences[1] == SECOND_SENTENCE.split()
+
+
+def test_sherlock_first_sentences_with_tutorial_setting():
+    stream = RAW_TUTORIAL.iter_tokens(SHERLOCK / "sherlockholmes.train.txt")
+    expected = (FIRST_SENTENCE.format(apos="&apos;") + " " + SECOND_SENTENCE).split()
+    assert list(itertools.islice(stream, len(expected))) == expected
+
+
+def test_unk_is_kept_by_default_and_escaped_by_the_tutorial_setting():
+    text = (SHERLOCK / "sherlockholmes.train.txt").read_text(encoding="utf-8")
+    assert 'this ring \n--" he <unk> an <unk> <unk> ring from his' in text
+    default = RAW.process(text)
+    tutorial = RAW_TUTORIAL.process(text)
+    i = next(i for i, s in enumerate(default) if s[:2] == ["this", "ring"])
+    assert default[i][:8] == ["this", "ring", "--", '"', "he", "<unk>", "an", "<unk>"]
+    assert tutorial[i][:9] == ["this", "ring", "--", "&quot;", "he", "&lt;", "unk", "&gt;", "an"]
+    # Every <unk> of the file survives intact by default, none with the tutorial setting.
+    assert sum(s.count("<unk>") for s in default) == text.count("<unk>") > 10_000
+    assert sum(s.count("<unk>") for s in tutorial) == 0
+    assert sum(s.count("unk") for s in tutorial) == text.count("<unk>")
+
+
+def test_protected_tokens_stay_intact_even_with_escaping():
+    pipeline = TextPipeline(split="sentences", tokenizer="moses", escape=True)
+    assert pipeline.tokenize('he said <unk> & "hi" <eos>') == [
+        "he", "said", "<unk>", "&amp;", "&quot;", "hi", "&quot;", "<eos>"]
+    assert RAW.tokenize('a <unk>, "b"') == ["a", "<unk>", ",", '"', "b", '"']
+
+
+def test_more_protected_tokens_than_sacremoses_allows_in_one_call():
+    text = " ".join(["<unk> word ,"] * 1500)
+    assert RAW.tokenize(text) == ["<unk>", "word", ","] * 1500
+
+
+@pytest.mark.parametrize("pipeline", [RAW, RAW_TUTORIAL], ids=["default", "tutorial"])
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_sentence_streaming_equals_whole_file(pipeline, split):
+    path = SHERLOCK / f"sherlockholmes.{split}.txt"
+    whole = [t for s in pipeline.process(path.read_text(encoding="utf-8")) for t in s]
+    assert list(pipeline.iter_tokens(path)) == whole
+    # Small blocks cut the text many times, mid-sentence included.
+    assert list(pipeline.iter_tokens(path, block_chars=3000)) == whole
+
+
+def test_sentence_samples_stream_at_small_blocks():
+    path = SHERLOCK / "sherlockholmes.valid.txt"
+    whole = RAW.samples(path.read_text(encoding="utf-8"))
+    assert list(RAW.iter_samples(path, block_chars=1)) == whole
+
+
+class _EndlessText(io.RawIOBase):
+    """A byte stream that never ends: reading it all would never finish."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = b"the cat sat on the mat . it was happy .\n" * 8
+        n = min(len(buffer), len(chunk))
+        buffer[:n] = chunk[:n]
+        return n
+
+
+@pytest.mark.parametrize("pipeline", [WIKITEXT, RAW], ids=["lines", "sentences"])
+def test_iter_tokens_streams_without_reading_everything(pipeline):
+    stream = io.BufferedReader(_EndlessText())
+    first = list(itertools.islice(pipeline.iter_tokens(stream, block_chars=4096), 12))
+    assert first[:6] == ["the", "cat", "sat", "on", "the", "mat"]
+
+
+def test_invalid_utf8_names_file_byte_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine line\nbad \xff here\n")
+    with pytest.raises(UserError, match=r"bad\.txt: invalid UTF-8 at byte 14 \(line 2\)"):
+        list(WIKITEXT.iter_tokens(path))
+    assert list(WIKITEXT.iter_tokens(path, errors="replace")) == [
+        "fine", "line", "<eos>", "bad", "\ufffd", "here", "<eos>"]
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="file not found: .*nothing.txt"):
+        list(WIKITEXT.iter_tokens(tmp_path / "nothing.txt"))
+
+
+def test_missing_punkt_says_where_it_looked(tmp_path):
+    with pytest.raises(UserError, match=rf"punkt_tab.*not found.*{tmp_path}.*nltk.downloader"):
+        punkt_tokenizer(tmp_path, download=False)
+
+
+def test_punkt_from_an_explicit_folder():
+    tokenizer = punkt_tokenizer(DATA / "nltk_data", download=False)
+    assert tokenizer.tokenize("Mr. Holmes came in. He sat down.") == [
+        "Mr. Holmes came in.", "He sat down."]
+
+
+@pytest.mark.parametrize("pipeline", [WIKITEXT, RAW, RAW_TUTORIAL,
+                                      TextPipeline(bos="<s>", eos=None, skip_empty=True)])
+def test_settings_round_trip_through_json(pipeline):
+    d = json.loads(json.dumps(pipeline.to_dict()))
+    assert TextPipeline.from_dict(d) == pipeline
+
+
+def test_from_dict_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(UserError, match="unknown text pipeline setting.*'lowercase'"):
+        TextPipeline.from_dict({"lowercase": True})
+    with pytest.raises(UserError, match="unknown split 'words'"):
+        TextPipeline.from_dict({"split": "words"})
+    with pytest.raises(UserError, match="unknown tokenizer 'spacy'"):
+        TextPipeline.from_dict({"tokenizer": "spacy"})
+    with pytest.raises(UserError, match="'escape' must be true or false"):
+        TextPipeline.from_dict({"escape": "yes"})
+    with pytest.raises(UserError, match="'protected' must be a list"):
+        TextPipeline.from_dict({"protected": "<unk>"})
+    with pytest.raises(UserError, match="'eos' must be a token"):
+        TextPipeline.from_dict({"eos": "end of sentence"})
+    assert TextPipeline.from_dict({}) == WIKITEXT
+
+
+def test_presets_and_formats():
+    assert pipeline_for_format("tokens") is WIKITEXT
+    assert pipeline_for_format("raw") is RAW
+    assert pipeline_for_format("raw", tutorial=True) is RAW_TUTORIAL
+    assert (RAW.escape, RAW.protected) == (False, ("<unk>", "<eos>"))
+    assert (RAW_TUTORIAL.escape, RAW_TUTORIAL.protected) == (True, ())
+    with pytest.raises(UserError, match="unknown text format 'xml'"):
+        pipeline_for_format("xml")
+
+
+def test_describe_is_one_line_naming_the_settings():
+    assert WIKITEXT.describe() == "one sample per line, whitespace tokens, bos=none, eos=<eos>"
+    assert "escape on" in RAW_TUTORIAL.describe()
+    assert "escape off, protected: <unk> <eos>" in RAW.describe()
+    assert "\n" not in RAW.describe()
