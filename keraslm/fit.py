@@ -42,6 +42,8 @@ class Setup:
     pipeline: TextPipeline
     vocab: Vocab
     splits: dict[str, EncodedSplit]
+    config: object  # LMConfig
+    batches: dict[str, BPTTBatches]
 
 
 def package_versions() -> dict[str, str]:
@@ -113,14 +115,24 @@ def prepare(args: argparse.Namespace, resumed: RunDir | None, is_chief: bool) ->
     else:
         vocab = build_vocab(paths["train"], pipeline, args.min_freq, args.max_vocab)
     splits = {name: encode_file(name, path, pipeline, vocab) for name, path in paths.items()}
+    config = _model_config(args, len(vocab))
+    if config.vocab_size != len(vocab):
+        raise UserError(f"vocabulary has {len(vocab)} tokens but the model expects "
+                        f"{config.vocab_size}")
+    batches = {
+        "train": _batches(splits["train"], args.batch_size, args.bptt, args.last_batch),
+        "valid": _batches(splits["valid"], args.eval_batch_size, args.bptt, "keep"),
+        "test": _batches(splits["test"], args.test_batch_size, args.bptt, "keep"),
+    }
 
+    # Only now, with every input checked, does the run directory appear.
     if resumed is not None:
         run = resumed
     elif is_chief:
         run = RunDir(Path(args.runs_dir) / (args.name or new_run_name())).create()
     else:
         run = RunDir(tempfile.mkdtemp(prefix="keraslm-worker-"))
-    return Setup(args, run, is_chief, pipeline, vocab, splits)
+    return Setup(args, run, is_chief, pipeline, vocab, splits, config, batches)
 
 
 def _model_config(args, vocab_size: int):
@@ -141,13 +153,8 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
     from keraslm.trainer import perplexity as ppl
 
     args, run = setup.args, setup.run
-    config = _model_config(args, len(setup.vocab))
-    if config.vocab_size != len(setup.vocab):
-        raise UserError(f"vocabulary has {len(setup.vocab)} tokens but the model expects "
-                        f"{config.vocab_size}")
-    train = BPTTBatches(setup.splits["train"].ids, args.batch_size, args.bptt, args.last_batch)
-    valid = BPTTBatches(setup.splits["valid"].ids, args.eval_batch_size, args.bptt, "keep")
-    test = BPTTBatches(setup.splits["test"].ids, args.test_batch_size, args.bptt, "keep")
+    config = setup.config
+    train, valid, test = (setup.batches[k] for k in ("train", "valid", "test"))
     tf.keras.utils.set_random_seed(args.seed)
     with strategy.scope():
         model = build_model(config, seed=args.seed)
@@ -263,6 +270,13 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
     if total.tokens:
         _say(f"done | {total.tokens:,} training tokens at {total.tokens_per_second():,.0f} tokens/s"
              f" overall | best valid ppl {math.exp(progress.best_val_loss):.2f} | {run.path}")
+
+
+def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -> BPTTBatches:
+    try:
+        return BPTTBatches(split.ids, batch_size, bptt, last_batch)
+    except UserError as err:
+        raise UserError(f"{split.path} ({split.name} split): {err}") from None
 
 
 def _run_config(setup: Setup, config, argv: list[str]) -> dict:
