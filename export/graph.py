@@ -1,0 +1,216 @@
+"""The scoring graph: a Keras LM as a `tf.function`, converted by tf2onnx, then tidied for serving.
+
+The exported graph scores text instead of returning logits: the [batch, time, vocab] tensor never
+leaves the runtime. Its contract (what `serve/` relies on):
+
+    inputs   tokens   int32   [batch, time]
+             targets  int32   [batch, time]    (< 0 = padding)
+             h0, c0, h1, c1, ...  float32 [batch, nhid]
+    outputs  logprobs float32 [batch, time]    log p(target | prefix); 0 at padding
+             h0_out, c0_out, ...  float32 [batch, nhid]
+             next_logprobs float32 [batch, vocab]   log-distribution after the last position
+
+The opset is the caller's choice (export/to_onnx.py explains its default).
+
+tf2onnx 1.17 rewrites Keras 3 `LSTM(use_cudnn=False)` loops into native ONNX `LSTM` ops
+(its TF2 Keras-LSTM pattern, onnx/tensorflow-onnx#1752); `check_native_lstm` makes the export
+fail rather than ship a slow Loop if a future version stops matching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+import onnx
+import tensorflow as tf
+import tf2onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from keraslm.model import LMConfig
+
+
+def input_names(config: LMConfig) -> list[str]:
+    return ["tokens", "targets", *config.state_names()]
+
+
+def output_names(config: LMConfig) -> list[str]:
+    return ["logprobs", *(f"{name}_out" for name in config.state_names()), "next_logprobs"]
+
+
+def scoring_function(model: keras.Model, config: LMConfig) -> tf.types.experimental.Function:
+    """`(tokens, targets, *state) -> {logprobs, <state>_out..., next_logprobs}` as a tf.function."""
+    signature = [
+        tf.TensorSpec([None, None], tf.int32, name="tokens"),
+        tf.TensorSpec([None, None], tf.int32, name="targets"),
+        *(tf.TensorSpec([None, config.nhid], tf.float32, name=n) for n in config.state_names()),
+    ]
+
+    @tf.function(input_signature=signature)
+    def score(tokens, targets, *state):
+        no_dropout_keys = tf.zeros(tf.shape(tokens)[:1], tf.int32)
+        logits, *new_state = model([tokens, no_dropout_keys, *state], training=False)
+        logprobs = tf.nn.log_softmax(logits)  # [B, T, V]: stays inside the graph
+        is_target = targets >= 0
+        # Mask before gathering: a -1 index would silently read the last word.
+        safe_targets = tf.where(is_target, targets, tf.zeros_like(targets))
+        picked = tf.gather(logprobs, safe_targets, batch_dims=2)
+        outputs = {"logprobs": tf.where(is_target, picked, tf.zeros_like(picked))}
+        for name, value in zip(config.state_names(), new_state):
+            outputs[f"{name}_out"] = value
+        outputs["next_logprobs"] = logprobs[:, -1, :]  # a [B, V] slice of what is computed anyway
+        return outputs
+
+    return score
+
+
+def convert(model: keras.Model, config: LMConfig, opset: int, *,
+            large: bool = False, share_tied: bool = True) -> onnx.ModelProto:
+    """The finished scoring graph: converted, I/O named, LSTMs checked, tied weights shared.
+
+    `large` takes tf2onnx's large-model path (weights outside the 2 GiB protobuf while
+    converting); the returned proto then holds every tensor inline again, so save it with
+    external data. `share_tied=False` keeps tf2onnx's transposed copy of a tied embedding, which
+    int8 quantization wants (it quantizes only a MatMul whose weight is a constant).
+    """
+    function = scoring_function(model, config)
+    with _numpy2_compat_for_tf2onnx():
+        proto, storage = tf2onnx.convert.from_function(
+            function, input_signature=function.input_signature, opset=opset, large_model=large
+        )
+    if storage is not None:
+        inline_external_tensors(proto, storage.name_to_tensor_data)
+    set_io_contract(proto, config)
+    check_native_lstm(proto, config.nlayers)
+    if config.tied and share_tied:
+        share_tied_embedding(proto, embedding_matrix(model))
+    return proto
+
+
+def embedding_matrix(model: keras.Model) -> np.ndarray:
+    return model.get_layer("embedding").embeddings.numpy()
+
+
+@contextlib.contextmanager
+def _numpy2_compat_for_tf2onnx() -> Iterator[None]:
+    """tf2onnx 1.17's large-model path calls `np.product`, which NumPy 2 removed."""
+    missing = not hasattr(np, "product")
+    if missing:
+        np.product = np.prod
+    try:
+        yield
+    finally:
+        if missing:
+            del np.product
+
+
+def inline_external_tensors(proto: onnx.ModelProto, data: dict[str, bytes]) -> None:
+    """Put tf2onnx's externally stored tensors back into the proto (saving moves them out again)."""
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}["location"]
+        tensor.raw_data = data[location]
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def share_tied_embedding(proto: onnx.ModelProto, embedding: np.ndarray) -> None:
+    """Replace tf2onnx's folded copy of embedding.T by a Transpose of the embedding initializer.
+
+    The embedding matrix is then stored once; onnxruntime folds the Transpose when it loads.
+    """
+    graph = proto.graph
+    original = _initializers_equal_to(graph, embedding)
+    copies = _initializers_equal_to(graph, embedding.T)
+    if not copies:
+        return
+    if not original:
+        raise RuntimeError("tied export: the embedding initializer is missing from the graph")
+    transposed = f"{original[0]}__transposed"
+    for node in graph.node:
+        node.input[:] = [transposed if name in copies else name for name in node.input]
+    kept = [t for t in graph.initializer if t.name not in copies]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.node.insert(0, helper.make_node(
+        "Transpose", [original[0]], [transposed], name="tied_decoder_weight", perm=[1, 0]
+    ))
+
+
+def _initializers_equal_to(graph: onnx.GraphProto, value: np.ndarray) -> list[str]:
+    return [
+        t.name for t in graph.initializer
+        if tuple(t.dims) == value.shape and np.array_equal(numpy_helper.to_array(t), value)
+    ]
+
+
+def set_io_contract(proto: onnx.ModelProto, config: LMConfig) -> None:
+    """Order the outputs as documented and give every input/output its declared shape."""
+    graph = proto.graph
+    shapes = io_shapes(config)
+    by_name = {o.name: o for o in graph.output}
+    missing = [name for name in output_names(config) if name not in by_name]
+    if missing or {i.name for i in graph.input} != set(input_names(config)):
+        raise RuntimeError(f"converted graph has unexpected I/O (missing outputs {missing})")
+    ordered = [by_name[name] for name in output_names(config)]
+    del graph.output[:]
+    graph.output.extend(ordered)
+    for value in [*graph.input, *graph.output]:
+        dtype, shape = shapes[value.name]
+        if value.type.tensor_type.elem_type != dtype:
+            raise RuntimeError(f"converted graph: {value.name} has the wrong dtype")
+        value.CopyFrom(helper.make_tensor_value_info(value.name, dtype, shape))
+    del graph.value_info[:]  # stale converter guesses with anonymous dims; runtimes re-infer
+
+
+def io_shapes(config: LMConfig) -> dict[str, tuple[int, list]]:
+    """Every graph input and output: ONNX element type and shape with symbolic batch/time."""
+    shapes = {
+        "tokens": (TensorProto.INT32, ["batch", "time"]),
+        "targets": (TensorProto.INT32, ["batch", "time"]),
+        "logprobs": (TensorProto.FLOAT, ["batch", "time"]),
+        "next_logprobs": (TensorProto.FLOAT, ["batch", config.vocab_size]),
+    }
+    for name in config.state_names():
+        shapes[name] = shapes[f"{name}_out"] = (TensorProto.FLOAT, ["batch", config.nhid])
+    return shapes
+
+
+def check_native_lstm(proto: onnx.ModelProto, nlayers: int) -> None:
+    """Fail unless every recurrent layer became one ONNX LSTM op (no Loop/Scan)."""
+    ops = [node.op_type for node in proto.graph.node]
+    if "Loop" in ops or "Scan" in ops or ops.count("LSTM") != nlayers:
+        raise RuntimeError(
+            f"tf2onnx did not produce {nlayers} native LSTM op(s) (got {ops.count('LSTM')} "
+            f"LSTM, {ops.count('Loop')} Loop, {ops.count('Scan')} Scan)"
+        )
+
+
+def external_data_files(proto: onnx.ModelProto) -> list[str]:
+    """The files (relative to the model) that hold tensors stored outside it."""
+    return sorted({entry.value for tensor in _all_tensors(proto.graph)
+                   if tensor.data_location == TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
+
+
+def describe_io(proto: onnx.ModelProto) -> dict[str, list[dict]]:
+    """The graph's inputs and outputs as bundle.json records them: name, dtype, shape."""
+    def record(value: onnx.ValueInfoProto) -> dict:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in tensor.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    return {"inputs": [record(v) for v in proto.graph.input],
+            "outputs": [record(v) for v in proto.graph.output]}

@@ -1,0 +1,294 @@
+"""Export a training run to a serving bundle: `python -m export.to_onnx [RUN] [--out DIR]`.
+
+    bundles/<run name>/
+        model.onnx        the scoring graph (see export/graph.py for its inputs and outputs)
+        model.onnx.data   its weights, only for models too big for one protobuf (> 1 GiB here)
+        vocab.json        copied from the run
+        bundle.json       schema version, model config, text pipeline, source run, versions,
+                          opset, quantization, and the graph's inputs and outputs
+
+The bundle is built in a temporary folder beside its destination, checked with the ONNX checker,
+and only then renamed into place, so a failed export leaves the previous bundle (or nothing).
+TensorFlow is imported only once the run and the destination are known good: a mistake costs
+one line on stderr, not TensorFlow's start-up time and log noise.
+
+Opset: DEFAULT_OPSET = 17. The graph needs at least 13 (LogSoftmax over one axis instead of a
+flattened 2-D coercion; GatherND with batch_dims). 17 lies inside tf2onnx 1.17's range (it knows
+opsets up to 18), loads in every onnxruntime since 1.12 (2022), so serving hosts need nothing
+recent, and onnxruntime's dynamic quantization handles it. Opsets 13-18 all export the same ops
+here and score identically; a newer one buys this graph nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+
+import keraslm
+from keraslm.corpora import sha1_of
+from keraslm.errors import UserError
+from keraslm.rundir import RunDir, resolve_run, write_json_atomic
+from keraslm.text import TextPipeline
+from keraslm.vocab import Vocab
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+
+    from keraslm.model import LMConfig
+
+SCHEMA_VERSION = 1
+DEFAULT_BUNDLES_ROOT = Path("bundles")
+MODEL_FILE, DATA_FILE, VOCAB_FILE, BUNDLE_FILE = (
+    "model.onnx", "model.onnx.data", "vocab.json", "bundle.json")
+DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 13, 18
+QUANTIZE_CHOICES = ("int8",)
+# Above this many bytes of weights the model goes through tf2onnx's large-model path and is saved
+# with ONNX external data. Protobuf's hard limit is 2 GiB; the margin covers the graph itself and
+# the transposed copy of tied weights that exists until graph.share_tied_embedding removes it.
+LARGE_MODEL_BYTES = 1 << 30
+
+
+def export_run(run: RunDir | str | os.PathLike | None, out: str | os.PathLike | None = None, *,
+               opset: int = DEFAULT_OPSET, quantize: str | None = None,
+               external_data: bool | None = None) -> Path:
+    """Export `run` (a RunDir, a path, a name under runs/, or None for the newest) to a bundle.
+
+    `out` defaults to bundles/<run name>. `quantize="int8"` stores a dynamically quantized model
+    and records its measured perplexity and speed change. `external_data` forces (True) or
+    forbids (False) ONNX external data; by default only models over 1 GiB of weights use it.
+    Returns the bundle directory.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise UserError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    run = run if isinstance(run, RunDir) else resolve_run(run)
+    run_config, pipeline, vocab = read_run(run)
+    out = Path(out) if out is not None else DEFAULT_BUNDLES_ROOT / run.name
+    _check_replaceable(out)
+    work = _work_dir(out)
+    try:
+        model_fields = _write_model(work, run, run_config, vocab, opset, quantize, external_data)
+        shutil.copyfile(run.vocab_path, work / VOCAB_FILE)
+        write_json_atomic(work / BUNDLE_FILE, {
+            "schema_version": SCHEMA_VERSION,
+            "pipeline": pipeline.to_dict(),
+            "source_run": _source_run(run),
+            "versions": _versions(),
+            "opset": opset,
+            **model_fields,
+        })
+        _replace_dir(work, out)
+    except OSError as err:
+        raise UserError(f"cannot write the bundle {out}: {err.strerror or err}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def read_run(run: RunDir) -> tuple[dict, TextPipeline, Vocab]:
+    """What export needs from a run, validated without TensorFlow: config, pipeline, vocab."""
+    run_config = run.read_config()
+    if not isinstance(run_config.get("model"), dict):
+        raise UserError(f"{run.config_path}: no model config")
+    if not isinstance(run_config.get("pipeline"), dict):
+        raise UserError(f"{run.config_path}: no text pipeline")
+    pipeline = TextPipeline.from_dict(run_config["pipeline"])
+    _check_best_weights(run)
+    vocab = Vocab.load(run.vocab_path)
+    if len(vocab) != run_config["model"].get("vocab_size"):
+        raise UserError(f"{run.vocab_path}: {len(vocab)} tokens but the run's model has "
+                        f"{run_config['model'].get('vocab_size')}: vocabulary and run do not match")
+    return run_config, pipeline, vocab
+
+
+def _check_best_weights(run: RunDir) -> None:
+    if not run.best_weights_path.is_file():
+        raise UserError(f"{run.path}: no {run.best_weights_path.name} "
+                        "(the run has not finished an epoch)")
+
+
+def load_keras_model(run: RunDir | str | os.PathLike) -> tuple[keras.Model, LMConfig]:
+    """The run's model with its best weights, and its config."""
+    from keraslm.model import LMConfig, build_model
+
+    run = run if isinstance(run, RunDir) else resolve_run(run)
+    run_config = run.read_config()
+    if not isinstance(run_config.get("model"), dict):
+        raise UserError(f"{run.config_path}: no model config")
+    config = LMConfig.from_dict(run_config["model"])
+    _check_best_weights(run)
+    model = build_model(config)
+    try:
+        model.load_weights(run.best_weights_path)
+    except (ValueError, OSError, KeyError) as err:  # what Keras raises for a bad file
+        raise UserError(f"{run.best_weights_path}: cannot load the weights "
+                        f"({_first_line(err)})") from None
+    return model, config
+
+
+def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset: int,
+                 quantize: str | None, external_data: bool | None) -> dict:
+    """Convert the run's model into work/MODEL_FILE (checked); its fields of bundle.json."""
+    from export import graph  # TensorFlow starts here
+
+    model, config = load_keras_model(run)
+    if external_data is None:
+        external_data = 4 * config.num_parameters() > LARGE_MODEL_BYTES
+    proto = graph.convert(model, config, opset, large=external_data, share_tied=not quantize)
+    if quantize:
+        tied_embedding = graph.embedding_matrix(model) if config.tied else None
+        quantization = _write_quantized(work, proto, tied_embedding, external_data,
+                                        run_config, vocab)
+    else:
+        _save_checked(proto, work / MODEL_FILE, external_data)
+        quantization = None
+    written = onnx.load(work / MODEL_FILE, load_external_data=False)
+    return {
+        "model": config.to_dict(),
+        "external_data": graph.external_data_files(written),
+        "quantization": quantization,
+        **graph.describe_io(written),
+    }
+
+
+def _source_run(run: RunDir) -> dict:
+    return {
+        "name": run.name,
+        "path": str(run.path.resolve()),
+        "config_sha1": sha1_of(run.config_path),
+        "weights_sha1": sha1_of(run.best_weights_path),
+    }
+
+
+def _write_quantized(work: Path, proto: onnx.ModelProto, tied_embedding: np.ndarray | None,
+                     external_data: bool, run_config: dict, vocab: Vocab) -> dict:
+    """Quantize `proto` (tied weights not yet shared) into work/model.onnx, checked, and measure
+    it against the float model a plain export would ship."""
+    from export import graph
+    from export import quantize as q  # onnxruntime: needed only here
+
+    fp32 = unshared = work / "unshared" / MODEL_FILE
+    _save_checked(proto, unshared, external_data)
+    info = q.quantize_int8(unshared, work / MODEL_FILE, external_data=external_data)
+    onnx.checker.check_model(str(work / MODEL_FILE))
+    if tied_embedding is not None:
+        fp32 = work / "fp32" / MODEL_FILE
+        shared = onnx.load(unshared)  # saving with external data emptied `proto`
+        graph.share_tied_embedding(shared, tied_embedding)
+        _save_checked(shared, fp32, external_data)
+    info["measured"] = q.compare(fp32, work / MODEL_FILE, *q.sample_ids(run_config, vocab))
+    for folder in {unshared.parent, fp32.parent}:
+        shutil.rmtree(folder)
+    return info
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Save (weights in DATA_FILE beside it if `external_data`; that moves them out of `proto`)
+    and run the ONNX checker on the file, which also works beyond 2 GiB."""
+    path.parent.mkdir(exist_ok=True)
+    onnx.save_model(proto, path, save_as_external_data=external_data,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace anything but an earlier bundle or an empty folder."""
+    if out.is_file() or out.is_symlink():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / BUNDLE_FILE).is_file():
+        raise UserError(f"{out}: exists and is not a bundle; refusing to replace it")
+
+
+def _work_dir(out: Path) -> Path:
+    """An empty temporary folder beside `out` (same file system, so the final rename is atomic)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700; give the bundle the usual mode
+        return work
+    except OSError as err:
+        raise UserError(f"cannot write the bundle {out}: {err.strerror or err}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` onto `target`, moving an existing bundle aside first and deleting it after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"keraslm": keraslm.__version__}
+    for package in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.to_onnx",
+        description="Export a training run's best weights to an ONNX bundle for serving.",
+    )
+    parser.add_argument("run", nargs="?", default=None,
+                        help="run folder or name under runs/ (default: the newest run)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="bundle folder to write (default: bundles/<run name>)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET})")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                        help="store a dynamically quantized model and report its effect")
+    parser.add_argument("--external-data", action="store_true", default=None,
+                        help=f"store the weights in {DATA_FILE} (automatic above 1 GiB)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        bundle = export_run(args.run, args.out, opset=args.opset, quantize=args.quantize,
+                            external_data=args.external_data)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {bundle}")
+    if args.quantize:
+        from export.quantize import summary
+
+        bundle_info = json.loads((bundle / BUNDLE_FILE).read_text(encoding="utf-8"))
+        print(summary(bundle_info["quantization"]["measured"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
