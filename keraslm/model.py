@@ -178,3 +178,16 @@ def build_model(config: LMConfig, seed: int | None = None) -> keras.Model:
             config.vocab_size, kernel_initializer=glorot(99), name="decoder"
         )(x)
     return keras.Model([tokens, keys, *states], [logits, *new_states], name="lstm_lm")
+
+
+def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.Variable, keras.Variable, bool]:
+    """The model up to the decoder's input, and the decoder's (kernel, bias, transposed).
+
+    Training applies the decoder fused with its loss (see `keraslm.losses`), so it needs the
+    features and the decoder weights apart; both share the model's variables.
+    """
+    decoder = model.get_layer("decoder")
+    features = keras.Model(model.inputs, [decoder.input, *model.outputs[1:]], name="features")
+    if isinstance(decoder, TiedOutput):
+        return features, decoder.embedding.embeddings, decoder.bias, True
+    return features, decoder.kernel, decoder.bias, False

@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from keraslm.batching import PAD_TARGET
 from keraslm.errors import UserError
+from keraslm.losses import decoder_nll_sum
+from keraslm.model import split_decoder
 
 
 class TrainingDiverged(UserError):
@@ -79,6 +81,7 @@ class Trainer:
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
                  *, clip: float = 0.25, jit_compile: bool = True):
         self.model = model
+        self.features, *self.decoder = split_decoder(model)
         self.optimizer = optimizer
         self.strategy = strategy
         self.clip = float(clip)
@@ -123,9 +126,10 @@ class Trainer:
     # ---- steps ---------------------------------------------------------------------------
     def _forward_backward_impl(self, inputs, targets, keys, state, num_targets):
         variables = self.model.trainable_variables
+        kernel, bias, transposed = self.decoder
         with tf.GradientTape() as tape:
-            logits, *new_state = self.model([inputs, keys, *state], training=True)
-            nll_sum = masked_nll_sum(logits, targets)
+            hidden, *new_state = self.features([inputs, keys, *state], training=True)
+            nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
             loss = nll_sum / num_targets
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         return grads, nll_sum, tuple(new_state)

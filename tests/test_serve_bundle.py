@@ -26,8 +26,9 @@ class TinyBundle(NamedTuple):
 
 def make_bundle(root: Path, name: str = "tiny", *, seed: int = 0) -> TinyBundle:
     """A run with random weights under root/runs/<name>, exported to root/bundles/<name>."""
-    from export.to_onnx import export_run
     from helpers_runs import make_run, wikitext_tokens
+
+    from export.to_onnx import export_run
     from keraslm.model import LMConfig
     from keraslm.vocab import Vocab
 

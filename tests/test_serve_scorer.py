@@ -20,8 +20,8 @@ from serve.scorer import Scorer, choose_providers
 TEXTS = [
     "the game began in 1998 .",
     "",
-    "a much longer text , longer than several bptt chunks , with words like zyzzyva and "
-    "flibbertigibbet that the vocabulary has never seen , on two\nlines",
+    ("a much longer text , longer than several bptt chunks , with words like zyzzyva and "
+     "flibbertigibbet that the vocabulary has never seen , on two\nlines"),
     "= Valkyria =",
     "\n\n",
     "one",
@@ -54,8 +54,8 @@ def reference(scorer: Scorer, path: Path, batch_size: int, bptt: int, pipeline=N
         is_unk = targets == scorer.vocab.unk_id
         nll_unk -= logprobs[is_unk].sum(dtype=np.float64)
         unk += int(is_unk.sum())
-    return dict(num_tokens=batches.num_targets, num_oov=oov, nll_sum=nll, nll_sum_unk=nll_unk,
-                num_unk=unk, num_stream_tokens=ids.size)
+    return {"num_tokens": batches.num_targets, "num_oov": oov, "nll_sum": nll,
+            "nll_sum_unk": nll_unk, "num_unk": unk, "num_stream_tokens": ids.size}
 
 
 # ---- texts on their own --------------------------------------------------------------------------
@@ -124,12 +124,12 @@ def test_score_file_raw_text_in_sentences(tiny_bundle, data_root, tmp_path):  # 
     assert "punkt sentences" in result.pipeline
 
 
-def test_score_file_keeps_a_tiny_corpus_with_fewer_columns(scorer, tmp_path):
+def test_score_file_scores_a_corpus_shorter_than_the_batch_as_one_stream(scorer, tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("the cat sat\n", encoding="utf-8")  # 4 tokens with <eos>
-    result = scorer.score_file(path, 20, 35)
-    assert result.batch_size == 3 and result.num_tokens == 2
-    ref = reference(scorer, path, 3, 35)
+    result = scorer.score_file(path, 4, 35)
+    assert result.batch_size == 1 and result.num_tokens == 3
+    ref = reference(scorer, path, 1, 35)
     assert result.nll_sum == pytest.approx(ref["nll_sum"], rel=1e-9)
 
 
@@ -190,7 +190,7 @@ def test_providers_ask_onnxruntime_first(monkeypatch):
         choose_providers("tpu")
 
 
-@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(bptt=-1), dict(threads=0)])
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"bptt": -1}, {"threads": 0}])
 def test_scorer_rejects_non_positive_sizes(tiny_bundle, kwargs):  # noqa: F811
     with pytest.raises(UserError, match="must be a positive integer"):
         Scorer(tiny_bundle.bundle, **kwargs)

@@ -1,0 +1,195 @@
+"""Benchmark: corpus-scoring speed of the ONNX scorer vs Keras/TensorFlow, for one model.
+
+    python bench/bench_score.py [--run RUN] [--tokens 20000] [--batch-sizes 1 20] [--bptt 35]
+
+Scores the same WikiText-2 valid prefix with `serve.scorer.Scorer.score_file` (onnxruntime) and
+with keraslm's `Evaluator` (Keras on TensorFlow, XLA as `keraslm.evaluate` uses it) at each batch
+size, in this one process, and prints tokens/s, the achieved GFLOP/s and that as a fraction of a
+measured fp32 matmul peak (the faster of numpy and onnxruntime on 2048x2048, all cores). Compile/warm-up time is excluded on
+both sides. The model is standard_lstm_lm_200 over the WikiText-2 vocabulary (33,278 tokens):
+`--run`, else the newest run under runs/ if it is that model, else an untrained one (speed does
+not depend on the weights). Both sides must report the same perplexity: the table shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+PRESET = "standard_lstm_lm_200"
+WIKITEXT2_VOCAB = 33_278
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, str]:
+    """Best fp32 GFLOP/s of an n x n matmul, all cores: numpy (BLAS) and onnxruntime (MLAS)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    candidates = {"numpy": lambda: a @ b,
+                  "onnxruntime MatMul": lambda: session.run(None, {"a": a, "b": b})}
+    best = {}
+    for name, fn in candidates.items():
+        fn()  # warm up
+        best[name] = 2 * n ** 3 / min(_timed(fn) for _ in range(repeats)) / 1e9
+    name = max(best, key=best.get)
+    return best[name], f"{name} {n}x{n}; " + ", ".join(f"{k} {v:.1f}" for k, v in best.items())
+
+
+def flops_per_token(model: dict) -> float:
+    """Multiply-adds x 2 of one token through the LSTMs and the decoder (softmax not counted)."""
+    h, v, e = model["nhid"], model["vocab_size"], model["emsize"]
+    lstm = sum(4 * h * ((e if layer == 0 else h) + h) for layer in range(model["nlayers"]))
+    return 2.0 * (lstm + h * v)
+
+
+def pick_run(spec: str | None, work: Path, data_root: Path):
+    """The run to benchmark: given, the newest standard_lstm_lm_200 run, or an untrained one."""
+    from keraslm.errors import UserError
+    from keraslm.rundir import resolve_run
+
+    if spec is not None:
+        return resolve_run(spec), "trained run"
+    try:
+        run = resolve_run(None)
+        model = run.read_config().get("model", {})
+        if (model.get("nhid"), model.get("nlayers"), model.get("vocab_size")) == (
+                200, 2, WIKITEXT2_VOCAB) and run.best_weights_path.is_file():
+            return run, "newest run"
+    except UserError:
+        pass
+    return untrained_run(work / "run", data_root), "untrained"
+
+
+def untrained_run(path: Path, data_root: Path):
+    """A run folder holding an untrained standard_lstm_lm_200 over the WikiText-2 vocabulary."""
+    from keraslm.data import build_vocab
+    from keraslm.model import build_model, preset_config
+    from keraslm.rundir import RunDir
+    from keraslm.text import WIKITEXT
+
+    vocab = build_vocab(data_root / "wikitext-2" / "wiki.train.tokens", WIKITEXT)
+    config = preset_config(PRESET, len(vocab))
+    run = RunDir(path).create()
+    run.write_config({"model": config.to_dict(), "pipeline": WIKITEXT.to_dict()})
+    vocab.save(run.vocab_path)
+    build_model(config, seed=0).save_weights(run.best_weights_path)
+    return run
+
+
+def text_prefix(source: Path, tokens: int, out: Path) -> Path:
+    """The first whole lines of `source` holding at least `tokens` tokens (with <eos>)."""
+    count = 0
+    with source.open(encoding="utf-8") as f, out.open("w", encoding="utf-8") as g:
+        for line in f:
+            g.write(line)
+            count += len(line.split()) + 1
+            if count >= tokens:
+                break
+    return out
+
+
+def bench_onnx(bundle: Path, text: Path, batch_size: int, bptt: int) -> tuple[float, float]:
+    """(tokens/s, perplexity) of Scorer.score_file, after a warm-up on a few batches."""
+    from serve.scorer import Scorer
+
+    scorer = Scorer(bundle, device="auto", batch_size=batch_size, bptt=bptt)
+    warm = text.with_suffix(".warm")
+    warm.write_text("".join(itertools.islice(text.open(encoding="utf-8"), 20)), "utf-8")
+    scorer.score_file(warm)
+    result = scorer.score_file(text)
+    return result.tokens_per_second, result.perplexity
+
+
+def bench_keras(run, text: Path, batch_size: int, bptt: int) -> tuple[float, float]:
+    """(tokens/s, perplexity) of keraslm's Evaluator (as keraslm.evaluate runs it), compiled."""
+    from keraslm.batching import BPTTBatches
+    from keraslm.model import LMConfig, build_model
+    from keraslm.text import TextPipeline
+    from keraslm.trainer import Evaluator, perplexity
+    from keraslm.vocab import Vocab
+
+    config = run.read_config()
+    model = build_model(LMConfig.from_dict(config["model"]))
+    model.load_weights(run.best_weights_path)
+    vocab = Vocab.load(run.vocab_path)
+    pipeline = TextPipeline.from_dict(config["pipeline"])
+    batches = BPTTBatches(vocab.encode(pipeline.iter_tokens(text)), batch_size, bptt, "keep")
+    evaluator = Evaluator(model)
+    evaluator([batches[0], batches[1]])  # compile
+    started = time.perf_counter()
+    nll, count = evaluator(batches)
+    return count / (time.perf_counter() - started), perplexity(nll, count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None, help="run to benchmark (default: see module doc)")
+    p.add_argument("--tokens", type=int, default=20_000, help="WikiText-2 valid tokens to score")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 20])
+    p.add_argument("--bptt", type=int, default=35)
+    p.add_argument("--data-root", type=Path,
+                   default=Path(os.environ.get("KERASLM_DATA", "~/.keraslm/datasets")))
+    args = p.parse_args(argv)
+    data_root = args.data_root.expanduser()
+
+    from export.to_onnx import export_run
+
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        work = Path(tmp)
+        run, origin = pick_run(args.run, work, data_root)
+        bundle = export_run(run, work / "bundle")
+        model = run.read_config()["model"]
+        text = text_prefix(data_root / "wikitext-2" / "wiki.valid.tokens", args.tokens,
+                           work / "valid.tokens")
+        load = os.getloadavg()[0]
+        peak, peak_source = matmul_peak()
+        per_token = flops_per_token(model)
+        rows = []
+        for batch_size in args.batch_sizes:
+            for engine, bench in (("onnxruntime (serve)", lambda b: bench_onnx(
+                    bundle, text, b, args.bptt)), ("keras/tensorflow", lambda b: bench_keras(
+                    run, text, b, args.bptt))):
+                tps, ppl = bench(batch_size)
+                rows.append((engine, batch_size, tps, tps * per_token / 1e9, ppl))
+        # Measured again after the runs: on a shared machine the best of both is nearer the truth.
+        peak, peak_source = max((peak, peak_source), matmul_peak())
+
+    print(f"{PRESET} ({origin}: {model['nlayers']}x{model['nhid']} LSTM, vocab "
+          f"{model['vocab_size']:,}), {args.tokens:,}+ tokens of WikiText-2 valid, bptt "
+          f"{args.bptt}, {os.cpu_count()} CPUs (load average {load:.1f} before starting)")
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({peak_source}); model: "
+          f"{per_token / 1e6:.2f} MFLOP/token")
+    print(f"{'engine':<22}{'batch':>6}{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+          f"{'perplexity':>12}")
+    for engine, batch_size, tps, gflops, ppl in rows:
+        print(f"{engine:<22}{batch_size:>6}{tps:>11,.0f}{gflops:>9.1f}"
+              f"{100 * gflops / peak:>7.1f}%{ppl:>12.3f}")
+    return 0
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""`python serve/score.py`: as a script, as a module, its outputs, and one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_serve_bundle import edit_json, tiny_bundle  # noqa: F401 - the shared session fixture
+
+from serve import score as score_cli
+from serve.scorer import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "serve" / "score.py"
+TEXT = "the game began in 1998 .\n\n= Valkyria Chronicles =\nzyzzyva and flibbertigibbet\n" * 5
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bundle(tiny_bundle) -> str:  # noqa: F811
+    return str(tiny_bundle.bundle)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = score_cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---- how it runs ---------------------------------------------------------------------------------
+
+def test_serving_never_imports_tensorflow(bundle, corpus):
+    check = textwrap.dedent(f"""
+        import sys
+        import serve.bundle, serve.scorer, serve.score
+        from serve.scorer import Scorer
+        result = Scorer({bundle!r}).score_file({str(corpus)!r})
+        assert result.num_tokens > 0
+        assert serve.score.main([{str(corpus)!r}, "--model", {bundle!r}, "--json"]) == 0
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras",
+                                                                      "tf2onnx"))
+        assert not loaded, loaded
+    """)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_script_path_reads_stdin_with_the_newest_bundle(tiny_bundle, tmp_path):  # noqa: F811
+    """`python serve/score.py -` from a folder whose bundles/ holds the bundle: no flags needed."""
+    shutil.copytree(tiny_bundle.bundle, tmp_path / "bundles" / "tiny")
+    result = subprocess.run([sys.executable, str(SCRIPT), "-"], input=TEXT, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":\t", 1) for line in result.stdout.splitlines())
+    assert fields["Text"].startswith("<stdin> (one sample per line")
+    assert fields["Bundle"].startswith("bundles/tiny")
+    assert float(fields["Perplexity including <unk>"]) > 1
+
+
+def test_module_run_prints_json_equal_to_the_library(bundle, corpus):
+    result = subprocess.run([sys.executable, "-m", "serve.score", str(corpus), "--model", bundle,
+                             "--json", "--batch-size", "3", "--bptt", "7", "--threads", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = Scorer(bundle, device="cpu").score_file(corpus, 3, 7)
+    assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-12)
+    assert report["num_tokens"] == expected.num_tokens and report["batch_size"] == 3
+    assert report["num_oov"] == expected.num_oov > 0
+    assert report["perplexity_excl_unk"] < report["perplexity"]
+
+
+# ---- outputs ---------------------------------------------------------------------------------------
+
+def test_summary_reads_like_kenlm_query(capsys, bundle, corpus):
+    code, out, err = run_cli(capsys, corpus, "--model", bundle)
+    assert code == 0 and err == ""
+    fields = dict(line.split(":\t", 1) for line in out.splitlines())
+    for key in ("Perplexity including <unk>", "Perplexity excluding <unk>", "OOVs", "Tokens",
+                "Layout", "Speed"):
+        assert key in fields
+    assert fields["Layout"].startswith("20 streams x bptt 35")
+    expected = Scorer(bundle).score_file(corpus)
+    assert fields["OOVs"].startswith(f"{expected.num_oov} (")
+    assert fields["Tokens"] == f"{expected.num_tokens} scored of {expected.num_stream_tokens}"
+    assert fields["Perplexity including <unk>"] == f"{expected.perplexity:.2f}"
+
+
+def test_per_line_scores_every_line_on_its_own(capsys, bundle, corpus, tmp_path):
+    out_path = tmp_path / "lines.jsonl"
+    code, out, _ = run_cli(capsys, corpus, "--model", bundle, "--per-line", out_path, "--json")
+    assert code == 0 and json.loads(out)["num_tokens"] > 0
+    records = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
+    lines = TEXT.splitlines()
+    assert [r["index"] for r in records] == list(range(len(lines)))
+    expected = Scorer(bundle).score([line + "\n" for line in lines])  # "" alone has no sample
+    for record, score in zip(records, expected):
+        assert record["num_tokens"] == score.num_tokens and record["num_oov"] == score.num_oov
+        assert record["log_likelihood"] == pytest.approx(score.log_likelihood, rel=1e-6)
+        assert record["perplexity"] == pytest.approx(score.perplexity, rel=1e-6)
+    assert records[1]["num_tokens"] == 1  # an empty line is its <eos>
+
+
+def test_raw_format_scores_sentences(capsys, bundle, tmp_path):
+    path = tmp_path / "raw.txt"
+    path.write_text("Mr. Holmes sat down. He was\nquiet. It rained!\n", encoding="utf-8")
+    out_path = tmp_path / "sentences.jsonl"
+    code, out, _ = run_cli(capsys, path, "--model", bundle, "--format", "raw", "--per-line",
+                           out_path)
+    assert code == 0 and "punkt sentences" in out
+    assert len(out_path.read_text(encoding="utf-8").splitlines()) == 3
+
+
+# ---- bad input: one line on stderr, exit status 1 -----------------------------------------------
+
+def _corrupt_bundle(bundle: Path) -> None:
+    (bundle / "model.onnx").write_bytes(b"not a model")
+
+
+def _mismatched_vocab(bundle: Path) -> None:
+    edit_json(bundle / "vocab.json", lambda v: v["tokens"].pop())
+
+
+BAD_INPUTS = {
+    "missing file": ("missing.txt", None, None, "file not found: "),
+    "directory": (".", None, None, "is a directory"),
+    "empty file": ("empty.txt", b"", None, "no tokens to score"),
+    "no tokens": ("blank.txt", b"   \n \n", "raw", "no tokens to score"),
+    "invalid UTF-8": ("latin1.txt", "caf\u00e9 ok\nna\u00efve\n".encode("latin-1"), None,
+                      "invalid UTF-8 at byte 3 (line 1)"),
+    "binary file": ("data.bin", b"\x7fELF\x02\x01\x01\x00\x00\x00", None, "binary file"),
+    "missing bundle": ("corpus.txt", TEXT.encode(), "no-such-bundle", "no such bundle"),
+    "corrupt bundle": ("corpus.txt", TEXT.encode(), _corrupt_bundle,
+                       "onnxruntime cannot load it"),
+    "vocab does not match model": ("corpus.txt", TEXT.encode(), _mismatched_vocab,
+                                   "vocabulary and model do not match"),
+}
+
+
+@pytest.mark.parametrize("name, content, variant, expected", BAD_INPUTS.values(),
+                         ids=BAD_INPUTS.keys())
+def test_bad_input_is_one_line_and_status_1(capsys, tiny_bundle, tmp_path, monkeypatch,  # noqa: F811
+                                            name, content, variant, expected):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    model = Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundle"))
+    extra = []
+    if variant == "raw":
+        extra = ["--format", "raw"]
+    elif isinstance(variant, str):
+        model = tmp_path / variant
+    elif variant is not None:
+        variant(model)
+    code, out, err = run_cli(capsys, name, "--model", model, *extra)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err and "Traceback" not in err
+
+
+def test_invalid_utf8_names_the_flag_that_goes_on(capsys, bundle, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("na\u00efve text\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, path, "--model", bundle)
+    assert code == 1 and "pass --errors replace" in err
+    code, out, _ = run_cli(capsys, path, "--model", bundle, "--errors", "replace")
+    assert code == 0 and "Tokens:\t2 scored of 3" in out
+
+
+def test_bad_flag_values_exit_2(capsys, bundle, corpus):
+    with pytest.raises(SystemExit) as exit_:
+        score_cli.main([str(corpus), "--model", bundle, "--batch-size", "0"])
+    assert exit_.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
