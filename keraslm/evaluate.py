@@ -38,7 +38,7 @@ class EvalResult:
 def evaluate_run(run, source: str, split: str = "valid", *, batch_size: int = 10, bptt: int = 35,
                  data_root: str | None = None, fmt: str | None = None,
                  moses_tutorial: bool = False, runs_root: str = "runs",
-                 jit_compile: bool = True) -> EvalResult:
+                 jit_compile: bool = False) -> EvalResult:
     """Perplexity of `run`'s best weights on a corpus split or a file, with the run's vocab."""
     from keraslm.batching import BPTTBatches
     from keraslm.corpora import CORPORA

@@ -21,6 +21,7 @@ import numpy as np
 
 from keraslm import __version__, checkpoint
 from keraslm.batching import BPTTBatches
+from keraslm.corpora import CORPORA
 from keraslm.data import EncodedSplit, build_vocab, encode_file, make_pipeline, resolve_paths
 from keraslm.errors import UserError
 from keraslm.rundir import RunDir, atomic_path, new_run_name, resolve_run
@@ -102,16 +103,20 @@ def prepare(args: argparse.Namespace, resumed: RunDir | None, is_chief: bool) ->
     """Resolve data, vocabulary and the run directory (failing early on any user mistake)."""
     corpus = args.corpus or (None if args.train else "wikitext-2")
     pipeline = make_pipeline(corpus, args.format, args.moses_tutorial)
+    # A named corpus or an explicit format decides the tokenization; your own files with neither
+    # are read the way the run you resume or fine-tune from read its text.
+    inherit_pipeline = not (args.format or args.moses_tutorial or corpus in CORPORA)
     overrides = {"train": args.train, "valid": args.valid, "test": args.test}
     paths = resolve_paths(corpus, overrides, args.data_root)
 
     if resumed is not None:
         vocab = Vocab.load(resumed.vocab_path)
+        pipeline = TextPipeline.from_dict(resumed.read_config()["pipeline"])
     elif args.finetune_from:
         source = resolve_run(args.finetune_from, args.runs_dir)
         vocab = Vocab.load(source.vocab_path)
-        pipeline = TextPipeline.from_dict(source.read_config()["pipeline"]) if not (
-            args.format or args.moses_tutorial) else pipeline
+        if inherit_pipeline:
+            pipeline = TextPipeline.from_dict(source.read_config()["pipeline"])
     else:
         vocab = build_vocab(paths["train"], pipeline, args.min_freq, args.max_vocab)
     splits = {name: encode_file(name, path, pipeline, vocab) for name, path in paths.items()}
@@ -175,7 +180,7 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
             setup.vocab.save(run.vocab_path)
     writer = tf.summary.create_file_writer(str(run.logs_dir)) if setup.is_chief else None
     n_batches = len(train) if args.max_batches is None else min(len(train), args.max_batches)
-    total = Throughput()
+    trained_tokens, trained_seconds = 0, 0.0
 
     def save_checkpoint(state) -> None:
         if setup.is_chief:
@@ -211,7 +216,6 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
                 window_nll += result.nll_sum
                 window_targets += result.num_targets
                 window.add(result.num_targets, inputs.shape[0])
-                total.add(result.num_targets, inputs.shape[0])
                 if bar is not None:
                     bar.update(1)
                 if args.log_interval and progress.batch % args.log_interval == 0:
@@ -233,6 +237,8 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - epoch_clock
+        trained_tokens += progress.epoch_tokens
+        trained_seconds += seconds
         train_ppl = ppl(progress.epoch_nll, progress.epoch_targets)
         val_nll, val_count = trainer.evaluate(valid)
         val_loss = val_nll / val_count
@@ -267,9 +273,10 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
         progress.epoch_nll, progress.epoch_targets = 0.0, 0
         progress.epoch_tokens, progress.epoch_seconds = 0, 0.0
         save_checkpoint(None)
-    if total.tokens:
-        _say(f"done | {total.tokens:,} training tokens at {total.tokens_per_second():,.0f} tokens/s"
-             f" overall | best valid ppl {math.exp(progress.best_val_loss):.2f} | {run.path}")
+    if trained_tokens:
+        _say(f"done | {trained_tokens:,} training tokens at {trained_tokens / trained_seconds:,.0f}"
+             f" tokens/s (training time only) | best valid ppl "
+             f"{math.exp(progress.best_val_loss):.2f} | {run.path}")
 
 
 def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -> BPTTBatches:

@@ -79,12 +79,13 @@ class Trainer:
     """Runs train and eval steps of one model on one strategy, carrying per-replica state."""
 
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
-                 *, clip: float = 0.25, jit_compile: bool = True):
+                 *, clip: float = 0.25, jit_compile: bool = False, fused_decoder: bool = True):
         self.model = model
         self.features, *self.decoder = split_decoder(model)
         self.optimizer = optimizer
         self.strategy = strategy
         self.clip = float(clip)
+        self.fused_decoder = fused_decoder
         self.num_replicas = strategy.num_replicas_in_sync
         self.nhid = model.get_layer("lstm0").units
         self.num_states = len(model.inputs) - 2
@@ -128,8 +129,13 @@ class Trainer:
         variables = self.model.trainable_variables
         kernel, bias, transposed = self.decoder
         with tf.GradientTape() as tape:
-            hidden, *new_state = self.features([inputs, keys, *state], training=True)
-            nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
+            if self.fused_decoder:
+                hidden, *new_state = self.features([inputs, keys, *state], training=True)
+                nll_sum = decoder_nll_sum(hidden, kernel, bias, targets,
+                                          transposed_kernel=transposed)
+            else:
+                logits, *new_state = self.model([inputs, keys, *state], training=True)
+                nll_sum = masked_nll_sum(logits, targets)
             loss = nll_sum / num_targets
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         return grads, nll_sum, tuple(new_state)
@@ -172,16 +178,19 @@ class Evaluator:
     way any batch size works whatever the number of replicas.
     """
 
-    def __init__(self, model: keras.Model, *, jit_compile: bool = True):
+    def __init__(self, model: keras.Model, *, jit_compile: bool = False):
         self.model = model
+        self.features, *self.decoder = split_decoder(model)
         self.nhid = model.get_layer("lstm0").units
         self.num_states = len(model.inputs) - 2
         self._step = tf.function(self._step_impl, jit_compile=jit_compile)
 
     def _step_impl(self, inputs, targets, state):
         keys = tf.zeros(tf.shape(inputs)[:1], tf.int32)
-        logits, *new_state = self.model([inputs, keys, *state], training=False)
-        return masked_nll_sum(logits, targets), tuple(new_state)
+        hidden, *new_state = self.features([inputs, keys, *state], training=False)
+        kernel, bias, transposed = self.decoder
+        nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
+        return nll_sum, tuple(new_state)
 
     def __call__(self, batches) -> tuple[float, int]:
         state = None

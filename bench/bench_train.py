@@ -1,0 +1,123 @@
+"""Benchmark: training tokens/s of standard_lstm_lm_200 (batch 20, bptt 35) vs the PyTorch example.
+
+    python bench/bench_train.py [--batches 30] [--variants fused,fused+jit,unfused] [--no-torch]
+
+Times the real `keraslm.trainer.Trainer` step (fp32, full softmax, SGD, global-norm clipping,
+carried state, dropout) on the first WikiText-2 training batches, and the PyTorch
+`word_language_model` equivalent (bench/torch_word_lm.py, in its own process) on the same ids,
+in the same run. Prints tokens/s, achieved GFLOP/s (3x the forward FLOPs: forward + backward)
+and that as a fraction of the machine's measured fp32 matmul peak (measured before and after,
+the higher kept). Variants:
+  fused       the default: decoder + cross-entropy fused (keraslm.losses), no whole-step XLA
+  fused+jit   the same with the whole per-replica step XLA-compiled (--jit)
+  unfused     Keras logits + tf.nn.sparse_softmax_cross_entropy_with_logits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import flops_per_token, matmul_peak  # noqa: E402
+
+VARIANTS = {"fused": dict(jit_compile=False, fused_decoder=True),
+            "fused+jit": dict(jit_compile=True, fused_decoder=True),
+            "unfused": dict(jit_compile=False, fused_decoder=False)}
+
+
+def wikitext_ids(data_root: str | None, tokens: int) -> tuple[np.ndarray, int]:
+    """The first `tokens` ids of WikiText-2 train under its full vocabulary."""
+    from keraslm.data import build_vocab, resolve_paths
+    from keraslm.text import WIKITEXT
+
+    path = resolve_paths("wikitext-2", {}, data_root, splits=("train",))["train"]
+    vocab = build_vocab(path, WIKITEXT)
+    stream = (t for _, t in zip(range(tokens), WIKITEXT.iter_tokens(path)))
+    return vocab.encode(stream), len(vocab)
+
+
+def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, **options) -> float:
+    from keraslm.batching import BPTTBatches
+    from keraslm.devices import make_strategy
+    from keraslm.model import preset_config, build_model
+    from keraslm.trainer import Trainer, make_optimizer, noise_keys
+
+    strategy = make_strategy()
+    with strategy.scope():
+        model = build_model(preset_config("standard_lstm_lm_200", vocab_size), seed=0)
+        optimizer = make_optimizer("sgd", 20.0)
+    trainer = Trainer(model, optimizer, strategy, clip=0.25, **options)
+    data = BPTTBatches(ids, 20, 35, "discard")
+    state = trainer.zero_state(20)
+    for i in range(warmup):
+        _, state = trainer.train_step(*data[i], noise_keys(0, 0, i, 20), state)
+    started, tokens = time.perf_counter(), 0
+    for i in range(warmup, warmup + batches):
+        result, state = trainer.train_step(*data[i], noise_keys(0, 0, i, 20), state)
+        tokens += result.num_targets
+    return tokens / (time.perf_counter() - started)
+
+
+def bench_torch(ids: np.ndarray, vocab_size: int, batches: int, warmup: int) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "ids.npy", ids)
+        command = [sys.executable, str(ROOT / "bench" / "torch_word_lm.py"), "--ids",
+                   str(Path(tmp) / "ids.npy"), "--vocab", str(vocab_size),
+                   "--batches", str(batches), "--warmup", str(warmup)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        print(f"PyTorch baseline did not run: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=30, help="timed batches per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="fused,fused+jit,unfused")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--data-root", default=None)
+    args = p.parse_args(argv)
+
+    ids, vocab_size = wikitext_ids(args.data_root, (args.batches + args.warmup + 1) * 20 * 35 + 20)
+    model = {"nhid": 200, "emsize": 200, "nlayers": 2, "vocab_size": vocab_size}
+    train_flops = 3 * flops_per_token(model)
+    peak, peak_source = matmul_peak()
+    results = {}
+    if not args.no_torch:
+        baseline = bench_torch(ids, vocab_size, args.batches, args.warmup)
+        if baseline:
+            results[f"PyTorch {baseline['torch']} word_language_model"] = baseline["tokens_per_s"]
+    for name in args.variants.split(","):
+        results[f"keraslm {name}"] = bench_keraslm(ids, vocab_size, args.batches, args.warmup,
+                                                   **VARIANTS[name])
+    peak, peak_source = max((peak, peak_source), matmul_peak())
+
+    print(f"standard_lstm_lm_200, vocab {vocab_size:,}, batch 20, bptt 35, fp32, full softmax; "
+          f"{args.batches} timed batches after {args.warmup} warm-up")
+    print(f"training FLOPs/token {train_flops / 1e6:.1f} M; matmul peak {peak:.1f} GFLOP/s "
+          f"({peak_source})")
+    base = next((v for k, v in results.items() if k.startswith("PyTorch")), None)
+    print(f"{'implementation':<40} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8} {'vs PyTorch':>11}")
+    for name, tps in results.items():
+        gflops = tps * train_flops / 1e9
+        ratio = f"{tps / base:.2f}x" if base else "-"
+        print(f"{name:<40} {tps:>10,.0f} {gflops:>9.1f} {gflops / peak:>8.1%} {ratio:>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
