@@ -30,11 +30,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import flops_per_token, matmul_peak  # noqa: E402
+from bench.common import flops_per_token, matmul_peak
 
-VARIANTS = {"fused": dict(jit_compile=False, fused_decoder=True),
-            "fused+jit": dict(jit_compile=True, fused_decoder=True),
-            "unfused": dict(jit_compile=False, fused_decoder=False)}
+VARIANTS = {"fused": {"jit_compile": False, "fused_decoder": True},
+            "fused+jit": {"jit_compile": True, "fused_decoder": True},
+            "unfused": {"jit_compile": False, "fused_decoder": False}}
 
 
 def wikitext_ids(data_root: str | None, tokens: int) -> tuple[np.ndarray, int]:
@@ -51,7 +51,7 @@ def wikitext_ids(data_root: str | None, tokens: int) -> tuple[np.ndarray, int]:
 def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, **options) -> float:
     from keraslm.batching import BPTTBatches
     from keraslm.devices import make_strategy
-    from keraslm.model import preset_config, build_model
+    from keraslm.model import build_model, preset_config
     from keraslm.trainer import Trainer, make_optimizer, noise_keys
 
     strategy = make_strategy()
@@ -76,7 +76,7 @@ def bench_torch(ids: np.ndarray, vocab_size: int, batches: int, warmup: int) -> 
         command = [sys.executable, str(ROOT / "bench" / "torch_word_lm.py"), "--ids",
                    str(Path(tmp) / "ids.npy"), "--vocab", str(vocab_size),
                    "--batches", str(batches), "--warmup", str(warmup)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         print(f"PyTorch baseline did not run: {done.stderr.strip().splitlines()[-1:]}")
         return None

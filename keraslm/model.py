@@ -65,9 +65,9 @@ class LMConfig:
 
 # GluonNLP's standard_lstm_lm_* models: embedding = hidden size, 2 layers, tied weights.
 PRESETS: dict[str, dict] = {
-    "standard_lstm_lm_200": dict(emsize=200, nhid=200, nlayers=2, dropout=0.2, tied=True),
-    "standard_lstm_lm_650": dict(emsize=650, nhid=650, nlayers=2, dropout=0.5, tied=True),
-    "standard_lstm_lm_1500": dict(emsize=1500, nhid=1500, nlayers=2, dropout=0.65, tied=True),
+    "standard_lstm_lm_200": {"emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2, "tied": True},
+    "standard_lstm_lm_650": {"emsize": 650, "nhid": 650, "nlayers": 2, "dropout": 0.5, "tied": True},
+    "standard_lstm_lm_1500": {"emsize": 1500, "nhid": 1500, "nlayers": 2, "dropout": 0.65, "tied": True},
 }
 
 
