@@ -5,6 +5,12 @@ A corpus file is trusted only once its SHA-1 matches the registry. Files live un
 file names. A missing file is downloaded (and unzipped) under a temporary name beside its final
 place, verified, then renamed into place: a failed download leaves nothing behind, and a file
 that is already present and correct is only read, never written.
+
+A corpus published as one file (Tiny Shakespeare) gets its train/valid/test splits carved out by
+line ranges (`LINE_SPLITS`: first 90 % of the lines, next 5 %, last 5 %). The split files are
+written to a cache folder (`$KERASLM_CACHE` > `$XDG_CACHE_HOME/keraslm` > `~/.cache/keraslm`),
+never into the data root, which may be read-only; like the corpus files they are written
+atomically and trusted only once their SHA-1 matches the registry.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +33,7 @@ from keraslm.errors import UserError
 
 DATA_ENV = "KERASLM_DATA"
 DEFAULT_DATA_ROOT = "~/.keraslm/datasets"
+CACHE_ENV = "KERASLM_CACHE"
 _CHUNK = 1 << 20
 
 
@@ -54,12 +61,17 @@ class Corpus:
 
     `format` is "tokens" (one sample per line, whitespace tokens: WikiText) or "raw" (running text,
     split into sentences and tokenized by Moses: Sherlock Holmes, Tiny Shakespeare).
+
+    `line_splits` is for a corpus published as one file, `files["train"]` (the whole text): the
+    SHA-1 of each split `split_by_lines` carves out of it (see LINE_SPLITS). `resolve_split` then
+    gives each split as its own cached file; `corpus_file(..., "train")` stays the whole text.
     """
 
     name: str
     folder: str
     format: Literal["tokens", "raw"]
     files: Mapping[str, CorpusFile]
+    line_splits: Mapping[str, str] = field(default_factory=dict)
 
 
 # WikiText (Merity et al. 2016), CC BY-SA. Archive and member SHA-1s as in GluonNLP
@@ -102,11 +114,14 @@ CORPORA: dict[str, Corpus] = {
                             ("valid", "71133db736a0ff6d5f024bb64b4a0672b31fc6b3"),
                             ("test", "b7ccc4778fd3296c515a3c21ed79e9c2ee249f70")]
     }),
-    # One file; `split_by_lines` carves deterministic train/valid/test parts out of it.
+    # One file of 40,000 lines; `split_by_lines` carves train/valid/test out of it (LINE_SPLITS:
+    # lines 1-36,000 / 36,001-38,000 / 38,001-40,000), each split verified by its SHA-1 below.
     "tinyshakespeare": Corpus("tinyshakespeare", "tinyshakespeare", "raw", {
         "train": CorpusFile("input.txt", "04486597058d11dcc2c556b1d0433891eb639d2e",
                             (f"{_DMLC}tinyshakespeare/input.txt", f"{_CHAR_RNN}input.txt")),
-    }),
+    }, line_splits={"train": "4ce7b65ee2fe00125a2f9823acedcac4c8f8513a",
+                    "valid": "f6cde1cba27ce0866346e55e77832b1a701027f4",
+                    "test": "8c75839c2e6a8e78164486731f995f2e93554645"}),
 }
 
 # Line ranges, in percent of the lines, for single-file corpora: first 90% / next 5% / last 5%.
@@ -116,6 +131,16 @@ LINE_SPLITS: dict[str, tuple[int, int]] = {"train": (0, 90), "valid": (90, 95), 
 def data_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The data root: `explicit` (from `--data-root`) > `$KERASLM_DATA` > `~/.keraslm/datasets`."""
     chosen = explicit or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT
+    return Path(chosen).expanduser().absolute()
+
+
+def cache_root() -> Path:
+    """Where derived files (split files) go: `$KERASLM_CACHE` > `$XDG_CACHE_HOME/keraslm` >
+    `~/.cache/keraslm`."""
+    chosen = os.environ.get(CACHE_ENV)
+    if not chosen:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        chosen = os.path.join(xdg, "keraslm") if xdg else "~/.cache/keraslm"
     return Path(chosen).expanduser().absolute()
 
 
@@ -192,8 +217,11 @@ def resolve_split(
     """The file for `split` of `spec`: a registered corpus name, or the path of your own file.
 
     An existing file path is used as is (whatever `split` is); anything else must be a known corpus.
+    A corpus published as one file gives each split as its own cached file (see `split_file`).
     """
     if isinstance(spec, str) and spec in CORPORA:
+        if CORPORA[spec].line_splits:
+            return split_file(spec, split, root, download=download, timeout=timeout)
         return corpus_file(spec, split, root, download=download, timeout=timeout)
     path = Path(spec).expanduser()
     if path.is_file():
@@ -202,6 +230,47 @@ def resolve_split(
         raise DataError(f"{split} corpus {path} is not a regular file")
     raise DataError(f"{split} corpus {str(spec)!r} is neither an existing file "
                     f"({path.absolute()} not found) nor a known corpus ({', '.join(CORPORA)})")
+
+
+def split_file(
+    corpus: str | Corpus,
+    split: str,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    timeout: float = 30.0,
+) -> Path:
+    """The verified file of `split` carved out of a single-file corpus, made once and cached.
+
+    It lives at `<cache_root()>/<folder>/<SHA-1 of the source>/<split>.txt`, so a different source
+    file never reuses another's splits. A cached file is used only if its SHA-1 matches the
+    registry; otherwise the source is fetched and verified as by `corpus_file`, split, checked, and
+    written atomically (temporary file, then rename). Nothing is written under the data root
+    unless the source itself has to be downloaded.
+    """
+    spec = get_corpus(corpus) if isinstance(corpus, str) else corpus
+    if split not in spec.line_splits:
+        raise UserError(f"corpus {spec.name!r} has no split {split!r}; "
+                        f"its splits: {', '.join(spec.line_splits) or 'none carved by lines'}")
+    expected = spec.line_splits[split]
+    source_entry = spec.files["train"]
+    path = cache_root() / spec.folder / source_entry.sha1 / f"{split}.txt"
+    if path.is_file() and sha1_of(path) == expected:
+        return path
+    source = corpus_file(spec, "train", root, download=download, timeout=timeout)
+    data = split_by_lines(source.read_bytes().decode("utf-8"), split).encode("utf-8")
+    actual = hashlib.sha1(data).hexdigest()
+    if actual != expected:
+        raise DataError(f"the {spec.name} {split} split carved out of {source} has sha1 {actual}, "
+                        f"expected {expected} (LINE_SPLITS and the registry disagree)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _temp_file(path) as tmp:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"cache not writable: cannot write {path} ({e.strerror or e}); "
+                        f"set {CACHE_ENV} to a writable folder") from None
+    return path
 
 
 def split_by_lines(text: str, split: str) -> str:
@@ -373,6 +442,7 @@ def _progress(url: str, size: int | None) -> Iterator[Callable[[int], object]]:
 
 
 __all__ = [
-    "CORPORA", "DATA_ENV", "LINE_SPLITS", "Corpus", "CorpusFile", "DataError", "corpus_file",
-    "data_root", "get_corpus", "nltk_data_dirs", "resolve_split", "sha1_of", "split_by_lines",
+    "CACHE_ENV", "CORPORA", "DATA_ENV", "LINE_SPLITS", "Corpus", "CorpusFile", "DataError",
+    "cache_root", "corpus_file", "data_root", "get_corpus", "nltk_data_dirs", "resolve_split",
+    "sha1_of", "split_by_lines", "split_file",
 ]
