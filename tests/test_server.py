@@ -1,0 +1,471 @@
+"""The scoring service over real HTTP: `python -m serve.server` in a subprocess on a free port.
+
+The numbers must be the library's (`Scorer.score`) and the CLI's (`score.py --per-line`), whether
+requests come one by one or together. Overload, timeouts, readiness and draining need a model
+that is slow on demand: `LAUNCHER` starts the same server with `Scorer.__init__` and
+`Scorer.step` waiting while a gate file exists, so a test holds a batch as long as it needs to.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
+
+from serve import score as score_cli
+from serve import server as server_module
+from serve.scorer import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT = 60  # seconds: the bound on every wait for the server
+
+TEXTS = [
+    "the game began in 1998 .",
+    "",
+    "\n",
+    ("a much longer text , longer than several bptt chunks , with words like zyzzyva and "
+     "flibbertigibbet that the vocabulary has never seen , on two\nlines . " * 6),
+    "= Valkyria =",
+    "one",
+]
+
+LAUNCHER = textwrap.dedent("""
+    import os, sys, time
+    from serve import scorer
+
+    def gated(fn, variable):
+        gate = os.environ.get(variable)
+        def wait_then(*args, **kwargs):
+            deadline = time.monotonic() + 60
+            while gate and os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return fn(*args, **kwargs)
+        return wait_then
+
+    scorer.Scorer.__init__ = gated(scorer.Scorer.__init__, "TEST_LOAD_GATE")
+    scorer.Scorer.step = gated(scorer.Scorer.step, "TEST_STEP_GATE")
+    from serve.server import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+# ---- a server in a subprocess --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=WAIT, trust_env=False, **kwargs)
+
+    def post(self, path: str = "/v1/score", **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=WAIT, trust_env=False, **kwargs)
+
+    def score(self, texts: list[str], **fields) -> list[dict]:
+        response = self.post(json={"texts": texts, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["results"]
+
+    def metrics(self) -> dict[str, float]:
+        text = self.get("/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    def wait_for(self, what: Callable[[], bool], message: str) -> None:
+        deadline = time.monotonic() + WAIT
+        while not what():
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {message}"
+            time.sleep(0.02)
+
+    def wait_metric(self, name: str, value: float) -> None:
+        self.wait_for(lambda: self.metrics().get(name) == value, f"{name} == {value}")
+
+    def wait_ready(self) -> None:
+        self.wait_for(lambda: self._status("/readyz") == 200, "/readyz")
+
+    def _status(self, path: str) -> int | None:
+        try:
+            return self.get(path).status_code
+        except httpx.TransportError:
+            return None
+
+
+
+def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, gated: bool = False,
+                 cwd: Path = REPO) -> Server:
+    """The server on a free loopback port, in its own session; `gated`: through LAUNCHER."""
+    port = free_port()
+    command = ([sys.executable, "-c", LAUNCHER] if gated else
+               [sys.executable, "-m", "serve.server"])
+    log = tmp / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*command, "--port", str(port), "--threads", "1", "--log-level", "warning", *args],
+            cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                 "PYTHONPATH": str(REPO), **(env or {})})
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server.wait_for(lambda: server._status("/healthz") == 200, "/healthz")
+    return server
+
+
+def stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:  # noqa: F811
+    s = start_server(tmp_path_factory.mktemp("server"), "--model", str(tiny_bundle.bundle),
+                     "--max-batch", "8", "--max-texts", "16", "--max-tokens-per-text", "300",
+                     "--max-body-bytes", "20000")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        stop(s)
+
+
+@dataclass
+class Gated:
+    """A server whose model loads (`load`) and steps (`step`) only while the gate file is gone."""
+
+    server: Server
+    load: Path
+    step: Path
+
+
+@pytest.fixture
+def gated(tiny_bundle, tmp_path, request) -> Iterator[Gated]:  # noqa: F811
+    """Started with loading held; extra flags by indirect parametrization."""
+    load, step = tmp_path / "load.gate", tmp_path / "step.gate"
+    load.touch()
+    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), *getattr(request, "param", ()),
+                     gated=True, env={"TEST_LOAD_GATE": str(load), "TEST_STEP_GATE": str(step)})
+    try:
+        yield Gated(s, load, step)
+    finally:
+        load.unlink(missing_ok=True)
+        step.unlink(missing_ok=True)
+        stop(s)
+
+
+def ready(g: Gated) -> Server:
+    g.load.unlink()
+    g.server.wait_ready()
+    return g.server
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+    return Scorer(tiny_bundle.bundle, device="cpu", threads=1)
+
+
+def assert_same(results: list[dict], expected) -> None:
+    """Server results equal TextScores (or --per-line records) to float32 round-off."""
+    assert len(results) == len(expected)
+    for got, want in zip(results, expected):
+        want = want if isinstance(want, dict) else want.to_dict()
+        assert (got["tokens"], got["oov"]) == (want["num_tokens"], want["num_oov"])
+        assert got["log_likelihood"] == pytest.approx(want["log_likelihood"], rel=1e-6, abs=1e-9)
+        if want["perplexity"] is None:
+            assert got["perplexity"] is None
+        else:
+            assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+
+
+def in_thread(pool: concurrent.futures.Executor, server: Server, texts: list[str]):
+    return pool.submit(server.post, json={"texts": texts})
+
+
+# ---- the numbers -----------------------------------------------------------------------------------
+
+def test_scores_equal_the_scorer_and_score_py_per_line(server, scorer, tiny_bundle, tmp_path,  # noqa: F811
+                                                       capsys):
+    response = server.post(json={"texts": TEXTS})
+    assert response.status_code == 200 and response.json()["bundle"] == "tiny"
+    results = response.json()["results"]
+    assert_same(results, scorer.score(TEXTS))
+    assert results[1] == {"tokens": 0, "oov": 0, "log_likelihood": 0.0, "perplexity": None}
+    assert results[3]["oov"] >= 2 and results[3]["tokens"] > 4 * scorer.bptt
+
+    lines = [line for text in TEXTS for line in text.splitlines()]
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "lines.jsonl"
+    corpus.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert score_cli.main([str(corpus), "--model", str(tiny_bundle.bundle),
+                           "--per-line", str(out)]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert_same(server.score([line + "\n" for line in lines]), records)
+
+
+def test_per_token_logprobs_add_up_to_the_text_score(server, scorer):
+    text = TEXTS[3]
+    (plain,) = server.score([text])
+    (detailed,) = server.score([text], per_token=True)
+    assert "per_token" not in plain
+    assert {k: v for k, v in detailed.items() if k != "per_token"} == plain
+    per_token = detailed["per_token"]
+    tokens = [t for sample in scorer.pipeline.process(text) for t in sample]
+    assert [p["token"] for p in per_token] == tokens
+    assert sum(p["oov"] for p in per_token) == plain["oov"]
+    assert [p["token"] for p in per_token if p["oov"]] == [t for t in tokens
+                                                           if t not in scorer.vocab]
+    assert sum(p["logprob"] for p in per_token) == pytest.approx(plain["log_likelihood"],
+                                                                  rel=1e-6)
+    assert all(p["logprob"] < 0 for p in per_token)
+
+
+def test_concurrent_requests_score_exactly_as_one_by_one(server):
+    requests = [[TEXTS[i % len(TEXTS)], f"text number {i} of the game"] for i in range(16)]
+    requests += [[TEXTS[3]] * 5]
+    alone = [server.score(texts) for texts in requests]
+    start = threading.Barrier(len(requests))
+
+    def together(texts: list[str]) -> list[dict]:
+        start.wait(timeout=WAIT)
+        return server.score(texts)
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        concurrent_results = list(pool.map(together, requests))
+    for got, want in zip(concurrent_results, alone):
+        assert [(r["tokens"], r["oov"]) for r in got] == [(r["tokens"], r["oov"]) for r in want]
+        np.testing.assert_allclose([r["log_likelihood"] for r in got],
+                                   [r["log_likelihood"] for r in want], rtol=1e-6)
+
+
+# ---- the API around the numbers ---------------------------------------------------------------------
+
+def test_openapi_documents_the_score_endpoint(server):
+    spec = server.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/score"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ScoreRequest")
+    assert {"200", "400", "413", "422", "503", "504"} <= set(operation["responses"])
+    request = spec["components"]["schemas"]["ScoreRequest"]
+    assert set(request["properties"]) == {"texts", "per_token"}
+    assert set(spec["components"]["schemas"]["TextResult"]["properties"]) == {
+        "tokens", "oov", "log_likelihood", "perplexity", "per_token"}
+    assert {"/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+
+
+def test_health_readiness_and_prometheus_metrics(server):
+    assert server.get("/healthz").json() == {"status": "alive"}
+    assert server.get("/readyz").json() == {"status": "ready", "bundle": "tiny"}
+    server.score(["the game began ."])
+    response = server.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    sample = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? (-?[0-9.e+-]+|\+Inf|NaN)$')
+    typed = set()
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif not line.startswith("# HELP "):
+            assert sample.match(line), line
+            assert re.sub(r"(_total|_bucket|_sum|_count)?(\{.*)?$", "", line.split()[0]) \
+                in typed, line
+    m = server.metrics()
+    assert m['keraslm_requests_total{path="/v1/score",status="200"}'] >= 1
+    assert m["keraslm_tokens_scored_total"] >= 4 and m["keraslm_texts_scored_total"] >= 1
+    assert m["keraslm_queue_depth"] == 0 and m["keraslm_ready"] == 1
+    assert m["keraslm_batch_size_texts_count"] >= 1
+    assert m['keraslm_batch_size_texts_bucket{le="+Inf"}'] == m["keraslm_batch_size_texts_count"]
+    assert m['keraslm_request_duration_seconds_count{path="/v1/score"}'] >= 1
+    for name in ("keraslm_request_errors", "keraslm_batch_size_requests",
+                 "keraslm_batch_duration_seconds", "keraslm_requests_in_progress"):
+        assert name in typed
+
+
+@pytest.mark.parametrize("send, status, code, limit", [
+    ({"content": b'{"texts": ["a"', "headers": {"content-type": "application/json"}},
+     400, "invalid_json", None),
+    ({"json": {"texts": "one text"}}, 422, "invalid_request", None),
+    ({"json": {"texts": ["fine", 3]}}, 422, "invalid_request", None),
+    ({"json": {"texts": ["a"], "per_token": "yes"}}, 422, "invalid_request", None),
+    ({"json": {"text": ["a"]}}, 422, "invalid_request", None),
+    ({"content": b'{"texts": ["a"]}', "headers": {"content-type": "text/plain"}},
+     415, "unsupported_media_type", None),
+    ({"json": {"texts": ["a"] * 17}}, 413, "too_many_texts", ("max_texts", 16)),
+    ({"json": {"texts": ["fine", "word " * 300]}}, 413, "too_many_tokens",
+     ("max_tokens_per_text", 300)),
+    ({"json": {"texts": ["word " * 5000]}}, 413, "body_too_large", ("max_body_bytes", 20000)),
+    ({"content": iter([b'{"texts": ["', b"word " * 5000, b'"]}']),  # chunked: no length
+          "headers": {"content-type": "application/json"}},
+     413, "body_too_large", ("max_body_bytes", 20000)),
+], ids=["bad-json", "texts-not-list", "text-not-str", "per-token-not-bool", "unknown-field",
+        "not-json-type", "too-many-texts", "too-many-tokens", "body-too-large", "chunked-too-large"])
+def test_bad_requests_get_a_json_error_naming_the_limit(server, send, status, code, limit):
+    before = server.metrics().get(f'keraslm_request_errors_total{{code="{code}"}}', 0)
+    response = server.post(**send)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if limit is not None:
+        assert (error["limit"], error["max"]) == limit and limit[0] in error["message"]
+    if code == "too_many_tokens":
+        assert error["message"].startswith("texts[1] has 301 tokens")
+    if code == "invalid_request" and "texts" in send.get("json", {}):
+        assert "texts" in error["message"] or "per_token" in error["message"]
+    assert server.metrics()[f'keraslm_request_errors_total{{code="{code}"}}'] == before + 1
+    assert server.score(["still fine"])[0]["tokens"] == 3
+
+
+def test_unknown_paths_and_methods_answer_json(server):
+    assert server.get("/nope").status_code == 404
+    response = server.get("/v1/score")
+    assert response.status_code == 405 and response.json()["error"]["code"] == (
+        "method_not_allowed")
+    assert "POST" in response.headers["allow"]
+
+
+# ---- load, overload, timeouts, stopping -----------------------------------------------------------
+
+def test_readyz_is_503_until_the_model_is_loaded(gated):
+    s = gated.server
+    assert s.get("/healthz").status_code == 200
+    response = s.get("/readyz")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "loading"
+    response = s.post(json={"texts": ["too early"]})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert s.metrics()["keraslm_ready"] == 0
+    ready(gated)
+    assert s.score(["now ready"])[0]["tokens"] == 3
+
+
+@pytest.mark.parametrize("gated", [("--queue-size", "3", "--max-batch", "8")], indirect=True,
+                         ids=["queue-3"])
+def test_full_queue_answers_503_and_the_queued_requests_share_one_batch(gated, scorer):
+    s = ready(gated)
+    gated.step.touch()
+    queued = [[TEXTS[0], TEXTS[3]], [TEXTS[4], "one more text"], [TEXTS[5], TEXTS[2]]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        held = in_thread(pool, s, ["held in the model"])
+        s.wait_metric("keraslm_batch_running_requests", 1)
+        waiting = []
+        for texts in queued:
+            waiting.append(in_thread(pool, s, texts))
+            s.wait_metric("keraslm_queue_depth", len(waiting))
+        response = s.post(json={"texts": ["one too many"]})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"] == {
+            "code": "overloaded", "limit": "queue_size", "max": 3,
+            "message": "3 requests are already waiting (queue_size); retry shortly"}
+        gated.step.unlink()
+        assert held.result(WAIT).status_code == 200
+        for texts, future in zip(queued, waiting):
+            assert_same(future.result(WAIT).json()["results"], scorer.score(texts))
+    m = s.metrics()
+    # the three queued requests (6 texts) were gathered into one batch behind the held one
+    assert m['keraslm_batch_size_requests_bucket{le="2"}'] < m[
+        'keraslm_batch_size_requests_bucket{le="4"}']
+    assert m['keraslm_batch_size_texts_bucket{le="4"}'] < m[
+        'keraslm_batch_size_texts_bucket{le="8"}']
+    assert m['keraslm_request_errors_total{code="overloaded"}'] == 1
+
+
+@pytest.mark.parametrize("gated", [("--timeout", "0.5")], indirect=True, ids=["timeout-0.5"])
+def test_a_request_not_answered_in_time_gets_504(gated):
+    s = ready(gated)
+    gated.step.touch()
+    started = time.monotonic()
+    response = s.post(json={"texts": ["stuck in the model"]})
+    assert response.status_code == 504
+    assert 0.5 <= time.monotonic() - started < 10
+    assert response.json()["error"]["limit"] == "timeout"
+    gated.step.unlink()
+    assert s.score(["free again"])[0]["tokens"] == 3
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(gated, scorer):
+    s = ready(gated)
+    gated.step.touch()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = in_thread(pool, s, TEXTS)
+        s.wait_metric("keraslm_batch_running_requests", 1)
+        s.proc.send_signal(signal.SIGTERM)
+        s.wait_for(lambda: s._status("/healthz") is None, "the listener to close")
+        assert s.proc.poll() is None  # still draining
+        gated.step.unlink()
+        response = in_flight.result(WAIT)
+    assert response.status_code == 200
+    assert_same(response.json()["results"], scorer.score(TEXTS))
+    assert s.proc.wait(timeout=WAIT) == 0
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+def test_bad_bundle_address_or_flags_are_one_line(capsys, tiny_bundle, tmp_path):  # noqa: F811
+    assert server_module.main(["--model", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing" in err and err.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert server_module.main(["--model", str(tiny_bundle.bundle), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+    with pytest.raises(SystemExit) as exit_info:
+        server_module.main(["--max-batch", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_newest_bundle_is_served_and_a_broken_one_stops_with_status_1(tiny_bundle, tmp_path):  # noqa: F811
+    """No --model: the newest bundle under ./bundles; it cannot load, so one error and exit 1."""
+    broken = Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundles" / "broken"))
+    (broken / "model.onnx").write_bytes(b"not a model")
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "serve.server", "--port", str(port)],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=WAIT, check=False)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: bundles/broken/model.onnx: onnxruntime cannot load it")
+
+
+def test_serving_never_imports_tensorflow(tiny_bundle):  # noqa: F811
+    check = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from fastapi.testclient import TestClient
+        from serve.server import Settings, create_app
+        with TestClient(create_app(Settings(Path({str(tiny_bundle.bundle)!r})))) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            response = client.post("/v1/score", json={{"texts": ["a b c"], "per_token": True}})
+            assert response.status_code == 200, response.text
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras",
+                                                                      "tf2onnx"))
+        assert not loaded, loaded
+    """)
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
+                            text=True, timeout=WAIT, check=False)
+    assert result.returncode == 0, result.stderr
