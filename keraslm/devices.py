@@ -50,12 +50,12 @@ def make_strategy(kind: str = "mirrored", cpu_replicas: int | None = None) -> tf
 
 def _new_strategy(kind: str, cpu_replicas: int | None) -> tf.distribute.Strategy:
     if kind == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multiworker needs the TF_CONFIG environment variable")
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except json.JSONDecodeError as err:
-            raise UserError(f"TF_CONFIG is not valid JSON: {err}") from None
+        _check_tf_config()
+        if cpu_replicas and cpu_replicas > 1:
+            raise UserError("--cpu-replicas does not apply to --strategy multiworker: each worker "
+                            "uses its GPUs, or one CPU replica when it has none")
+        # TensorFlow's collective all-reduce; peer failures are detected by the coordination
+        # service's heartbeats, which abort the collectives of the surviving workers.
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind != "mirrored":
         raise UserError(f"unknown strategy {kind!r}; choose 'mirrored' or 'multiworker'")
@@ -69,3 +69,35 @@ def _new_strategy(kind: str, cpu_replicas: int | None) -> tf.distribute.Strategy
     if len(cpus) < count:
         raise UserError(f"asked for {count} CPU replicas but only {len(cpus)} logical CPUs exist")
     return tf.distribute.MirroredStrategy([d.name for d in cpus])
+
+
+def _check_tf_config() -> None:
+    """Fail with one line on a missing or malformed TF_CONFIG (TensorFlow's errors are obscure)."""
+    if "TF_CONFIG" not in os.environ:
+        raise UserError("--strategy multiworker needs the TF_CONFIG environment variable")
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+    except json.JSONDecodeError as err:
+        raise UserError(f"TF_CONFIG is not valid JSON: {err}") from None
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError('TF_CONFIG needs a "cluster" and a "task", e.g. {"cluster": {"worker": '
+                        '["host0:port", "host1:port"]}, "task": {"type": "worker", "index": 0}}')
+    hosts = cluster.get(task.get("type"))
+    if not isinstance(hosts, list) or not 0 <= task.get("index", -1) < len(hosts):
+        raise UserError(f"TF_CONFIG task {task} is not in its cluster {cluster}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True for the one process that writes: the chief, else worker 0, else a single process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def is_multiworker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)

@@ -2,13 +2,20 @@
 
 The loop reads top to bottom: reset state, train with carried state, validate, keep the best
 weights (and report test perplexity) or decay the learning rate, record the epoch.
+
+A multi-worker run executes this same loop on every worker in lock step: each collective (the
+gradient all-reduce, gathering the LSTM state for a checkpoint, agreeing on validation figures)
+is reached by every worker at the same point. Only the chief writes the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +35,16 @@ from keraslm.rundir import RunDir, atomic_path, new_run_name, resolve_run
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
-
-# What `--resume` may change; everything else comes from the interrupted run's config.
-RESUME_OVERRIDES = ("epochs", "quiet", "log_interval", "checkpoint_every")
+# What `--resume` may change when given again; everything else comes from the interrupted run's
+# config. The global batch is what matters, so a run may resume on other devices or workers.
+RESUME_OVERRIDES = ("epochs", "quiet", "log_interval", "checkpoint_every", "strategy",
+                    "cpu_replicas")
+# This process's own debug output: never inherited from the run.
+PER_PROCESS = ("log_losses",)
+# What every worker of a multi-worker run must share, or their collectives would not line up.
+SHARED_ARGS = ("epochs", "batch_size", "bptt", "lr", "clip", "lr_decay", "optimizer", "momentum",
+               "weight_decay", "last_batch", "eval_batch_size", "test_batch_size", "seed",
+               "max_batches", "checkpoint_every")
 
 
 @dataclass
@@ -40,6 +54,7 @@ class Setup:
     args: argparse.Namespace
     run: RunDir
     is_chief: bool
+    scratch: Path | None  # a non-chief worker's private folder, removed at the end
     pipeline: TextPipeline
     vocab: Vocab
     splits: dict[str, EncodedSplit]
@@ -58,7 +73,7 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+                             cwd=Path(__file__).parent, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -66,37 +81,56 @@ def git_commit() -> str | None:
 
 def run_training(args: argparse.Namespace, argv: list[str]) -> RunDir:
     """Train as the command line says; returns the run directory."""
-    from keraslm.devices import make_strategy
+    import tensorflow as tf
+
+    from keraslm.devices import is_chief, is_multiworker, make_strategy
+    from keraslm.train import build_parser
 
     resumed = None
     if args.resume:
         resumed = resolve_run(args.resume, args.runs_dir)
         saved = resumed.read_config()["args"]
-        from keraslm.train import build_parser
-
+        given = _flags_given(argv)
+        overrides = {k: v for k, v in vars(args).items() if k in RESUME_OVERRIDES and k in given}
+        own = {k: getattr(args, k) for k in PER_PROCESS}
         defaults = vars(build_parser().parse_args([]))
-        overrides = {k: v for k, v in vars(args).items()  # flags given again on the command line
-                     if k in RESUME_OVERRIDES and v != defaults[k]}
-        args = argparse.Namespace(**{**saved, **overrides, "resume": args.resume})
+        args = argparse.Namespace(**{**defaults, **saved, **overrides, **own,
+                                     "resume": args.resume})
     strategy = make_strategy(args.strategy, args.cpu_replicas)
-    is_chief = _is_chief(strategy)
-    setup = prepare(args, resumed, is_chief)
+    setup = prepare(args, resumed, is_chief(strategy))
     try:
         _train(setup, strategy, argv, resumed is not None)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError) as err:
+        if not is_multiworker(strategy):
+            raise
+        raise UserError(_peer_failure(err, strategy, setup)) from None
     finally:
-        if not is_chief:
-            shutil.rmtree(setup.run.path, ignore_errors=True)
+        if setup.scratch is not None:
+            shutil.rmtree(setup.scratch, ignore_errors=True)
     return setup.run
 
 
-def _is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return not has_chief and resolver.task_type == "worker" and resolver.task_id == 0
+def _flags_given(argv: list[str]) -> set[str]:
+    """The options present on the command line, whatever their values."""
+    from keraslm.train import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _peer_failure(err: Exception, strategy, setup: Setup) -> str:
+    """One line for collectives aborted because another worker died or cannot be reached."""
+    resolver = strategy.cluster_resolver
+    me = (resolver.task_type, str(resolver.task_id))
+    peers = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", str(err))) - {me})
+    who = ", ".join(f"{job} {task}" for job, task in peers) or "another worker"
+    run = "<run>" if setup.scratch is not None else str(setup.run.path)
+    return (f"multi-worker training stopped: {who} failed or cannot be reached "
+            f"({type(err).__name__}); restart every worker with --resume {run} to continue "
+            f"from the last checkpoint")
 
 
 def prepare(args: argparse.Namespace, resumed: RunDir | None, is_chief: bool) -> Setup:
@@ -130,14 +164,53 @@ def prepare(args: argparse.Namespace, resumed: RunDir | None, is_chief: bool) ->
         "test": _batches(splits["test"], args.test_batch_size, args.bptt, "keep"),
     }
 
-    # Only now, with every input checked, does the run directory appear.
+    # Only now, with every input checked, does the run directory appear. The other workers of a
+    # multi-worker run read the chief's (on a shared filesystem) but never write it.
+    scratch = None
     if resumed is not None:
         run = resumed
+        if is_chief:
+            _check_free_space(run.path, config, args, fresh=False)
     elif is_chief:
-        run = RunDir(Path(args.runs_dir) / (args.name or new_run_name())).create()
+        path = Path(args.runs_dir) / (args.name or new_run_name())
+        _check_free_space(path, config, args, fresh=True)
+        run = RunDir(path).create()
     else:
-        run = RunDir(tempfile.mkdtemp(prefix="keraslm-worker-"))
-    return Setup(args, run, is_chief, pipeline, vocab, splits, config, batches)
+        scratch = Path(tempfile.mkdtemp(prefix="keraslm-worker-"))
+        run = RunDir(scratch)
+    return Setup(args, run, is_chief, scratch, pipeline, vocab, splits, config, batches)
+
+
+def checkpoint_bytes(config, args: argparse.Namespace) -> tuple[int, int]:
+    """Approximate sizes of (a checkpoint, the best weights) for this model and optimizer."""
+    slots = 2 if args.optimizer == "adam" else (1 if args.momentum else 0)
+    weights = 4 * config.num_parameters()
+    state = 4 * args.batch_size * config.nhid * 2 * config.nlayers
+    return weights * (1 + slots) + state, weights
+
+
+def _check_free_space(path: Path, config, args: argparse.Namespace, *, fresh: bool) -> None:
+    """Fail before training, not an hour into it, when the disk cannot take the checkpoints.
+
+    Every file is written beside its previous version before the rename: a fresh run needs room
+    for two copies of the checkpoint and of the best weights, a resumed one for one more of each.
+    """
+    ckpt, weights = checkpoint_bytes(config, args)
+    need = (ckpt + weights) * (2 if fresh else 1)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # not a folder: RunDir.create reports it
+    if free < need:
+        raise UserError(f"not enough free disk space for {path}: checkpoints and best weights "
+                        f"need about {_mb(need)}, only {_mb(free)} free")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB"
 
 
 def _model_config(args, vocab_size: int):
@@ -153,6 +226,7 @@ def _model_config(args, vocab_size: int):
 def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
     import tensorflow as tf
 
+    from keraslm.devices import is_multiworker
     from keraslm.model import build_model
     from keraslm.trainer import Throughput, Trainer, TrainingDiverged, make_optimizer, noise_keys
     from keraslm.trainer import perplexity as ppl
@@ -173,18 +247,40 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
     saved_state = None
     if resuming:
         progress, saved_state = checkpoint.load(ckpt_path, model, optimizer)
+        if setup.is_chief:
+            _remove_temporaries(run)
     else:
         progress = checkpoint.Progress()
         if setup.is_chief:
             run.write_config(_run_config(setup, config, argv))
             setup.vocab.save(run.vocab_path)
+    if is_multiworker(strategy):
+        mine = _fingerprint(setup, progress)
+        if not np.array_equal(trainer.agree(mine), mine):
+            raise UserError("this worker's corpus, vocabulary, settings or checkpoint differ from "
+                            "the chief's: every worker must run the same command on the same files")
     writer = tf.summary.create_file_writer(str(run.logs_dir)) if setup.is_chief else None
     n_batches = len(train) if args.max_batches is None else min(len(train), args.max_batches)
     trained_tokens, trained_seconds = 0, 0.0
 
-    def save_checkpoint(state) -> None:
+    def last_good() -> str:
+        if not ckpt_path.is_file():
+            return "no checkpoint was saved before"
+        with np.load(ckpt_path) as saved:
+            at = json.loads(saved["progress"].tobytes())
+        return (f"the last good checkpoint (epoch {at['epoch'] + 1}, batch {at['batch']}) "
+                f"is in {run.checkpoint_dir}")
+
+    def require_finite_weights(where: str) -> None:
+        """All workers check (their weights are identical), so all stop together."""
+        if not all(np.isfinite(w).all() for w in model.get_weights()):
+            raise TrainingDiverged(f"the weights are not finite at {where}; they were not "
+                                   f"saved and {last_good()}")
+
+    def save_checkpoint(state, where: str) -> None:
+        lstm = trainer.state_to_numpy(state) if state is not None else None  # every worker
+        require_finite_weights(where)
         if setup.is_chief:
-            lstm = trainer.state_to_numpy(state) if state is not None else None
             checkpoint.save(ckpt_path, model, optimizer, progress, lstm)
 
     _say(f"run {run.path} | {config.num_parameters():,} parameters | {strategy.num_replicas_in_sync}"
@@ -206,9 +302,13 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
                 keys = noise_keys(args.seed, epoch, i, args.batch_size)
                 result, state = trainer.train_step(inputs, targets, keys, state)
                 if not math.isfinite(result.nll_sum):
-                    raise TrainingDiverged(
-                        f"loss became {result.nll_sum} at epoch {epoch + 1}, batch {i + 1}; "
-                        f"the last good checkpoint is in {run.checkpoint_dir}")
+                    raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
+                                           f"batch {i + 1}; {last_good()}")
+                if args.log_losses:
+                    _append_line(args.log_losses, {
+                        "epoch": epoch + 1, "batch": i + 1, "lr": trainer.learning_rate,
+                        "loss": result.nll_sum / max(result.num_targets, 1),
+                        "grad_norm": result.grad_norm})
                 progress.batch = i + 1
                 progress.epoch_nll += result.nll_sum
                 progress.epoch_targets += result.num_targets
@@ -228,10 +328,14 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
                     window_nll, window_targets = 0.0, 0
                 if args.checkpoint_every and progress.batch % args.checkpoint_every == 0:
                     progress.epoch_seconds = time.perf_counter() - epoch_clock
-                    save_checkpoint(state)
+                    save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
         except KeyboardInterrupt:
+            if is_multiworker(strategy):
+                # A save needs every worker (the state is gathered); the others are not stopping.
+                raise KeyboardInterrupt("no checkpoint is saved on an interrupt in a multi-worker "
+                                        "run; --resume continues from the last periodic one") from None
             progress.epoch_seconds = time.perf_counter() - epoch_clock
-            save_checkpoint(state)
+            save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
             raise
         finally:
             if bar is not None:
@@ -240,7 +344,8 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
         trained_tokens += progress.epoch_tokens
         trained_seconds += seconds
         train_ppl = ppl(progress.epoch_nll, progress.epoch_targets)
-        val_nll, val_count = trainer.evaluate(valid)
+        val_nll, val_count = trainer.agree(trainer.evaluate(valid))  # the chief's, everywhere
+        val_count = int(val_count)
         val_loss = val_nll / val_count
         record = {"epoch": epoch + 1, "lr": trainer.learning_rate, "train_ppl": train_ppl,
                   "val_ppl": ppl(val_nll, val_count), "val_tokens": val_count,
@@ -249,10 +354,12 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
                   "eval_batch_size": args.eval_batch_size, "test_batch_size": args.test_batch_size}
         if val_loss < progress.best_val_loss:
             progress.best_val_loss = val_loss
+            require_finite_weights(f"the end of epoch {epoch + 1}")
             if setup.is_chief:
                 with atomic_path(run.best_weights_path) as tmp:
                     model.save_weights(tmp)
-            test_nll, test_count = trainer.evaluate(test)
+            test_nll, test_count = trainer.agree(trainer.evaluate(test))
+            test_count = int(test_count)
             record.update(test_ppl=ppl(test_nll, test_count), test_tokens=test_count, best=True)
         else:
             trainer.learning_rate = trainer.learning_rate * args.lr_decay
@@ -272,11 +379,37 @@ def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
         progress.epoch, progress.batch = epoch + 1, 0
         progress.epoch_nll, progress.epoch_targets = 0.0, 0
         progress.epoch_tokens, progress.epoch_seconds = 0, 0.0
-        save_checkpoint(None)
+        save_checkpoint(None, f"the end of epoch {epoch + 1}")
     if trained_tokens:
         _say(f"done | {trained_tokens:,} training tokens at {trained_tokens / trained_seconds:,.0f}"
              f" tokens/s (training time only) | best valid ppl "
              f"{math.exp(progress.best_val_loss):.2f} | {run.path}")
+
+
+def _fingerprint(setup: Setup, progress: checkpoint.Progress) -> np.ndarray:
+    """What must be identical on every worker, hashed: data, vocabulary, settings, position."""
+    digest = hashlib.sha1()
+    settings = {k: getattr(setup.args, k) for k in SHARED_ARGS}
+    digest.update(json.dumps([settings, setup.config.to_dict(), progress.epoch, progress.batch,
+                              len(setup.vocab)], sort_keys=True).encode())
+    for name in ("train", "valid", "test"):
+        digest.update(np.ascontiguousarray(setup.splits[name].ids).tobytes())
+    return np.array([int(digest.hexdigest()[:12], 16)], np.float64)  # exact in a float64
+
+
+def _append_line(path: str, record: dict) -> None:
+    """One JSON line, flushed at once (a debug log that must survive a kill)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _remove_temporaries(run: RunDir) -> None:
+    """Temporary files a killed process left beside the checkpoint and the best weights."""
+    for folder, final in ((run.checkpoint_dir, checkpoint.CHECKPOINT_FILE),
+                          (run.path, run.best_weights_path.name)):
+        stem = final.split(".")[0]
+        for leftover in folder.glob(f".{stem}.*"):
+            leftover.unlink(missing_ok=True)
 
 
 def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -> BPTTBatches:

@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-interval", type=int, default=200)
     run.add_argument("--cpu-replicas", type=int, default=None,
                      help="split the CPU into N replicas (when there is no GPU)")
-    run.add_argument("--strategy", choices=("mirrored", "multiworker"), default="mirrored")
+    run.add_argument("--strategy", choices=("mirrored", "multiworker"), default="mirrored",
+                     help="multiworker: MultiWorkerMirroredStrategy over the hosts in $TF_CONFIG "
+                          "(run the same command on every host; only the chief writes the run)")
+    run.add_argument("--log-losses", metavar="PATH", default=None,
+                     help="debug: append every step's loss, lr and gradient norm to PATH (JSON "
+                          "lines; each process its own file, not inherited by --resume)")
     run.add_argument("--jit", action="store_true",
                      help="XLA-compile the whole per-replica step (measured slower on CPU; "
                           "the decoder's element-wise work is always compiled)")
@@ -85,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: a resumable checkpoint was saved", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"interrupted: {err or 'a resumable checkpoint was saved'}", file=sys.stderr)
         return 130
     return 0
 

@@ -115,14 +115,30 @@ class Trainer:
         return tuple(self.distribute(zeros) for _ in range(self.num_states))
 
     def state_to_numpy(self, state) -> list[np.ndarray]:
-        """Gather a distributed state back into global [batch, nhid] arrays (this worker's replicas)."""
-        return [
-            np.concatenate([t.numpy() for t in self.strategy.experimental_local_results(s)])
-            for s in state
-        ]
+        """Gather a distributed state back into global [batch, nhid] arrays, every replica's columns.
+
+        A collective under MultiWorkerMirroredStrategy: every worker must call it at the same point.
+        """
+        return [np.asarray(self.strategy.gather(s, axis=0)) for s in state]
 
     def state_from_numpy(self, arrays: list[np.ndarray]):
         return tuple(self.distribute(np.asarray(a, np.float32)) for a in arrays)
+
+    def agree(self, values) -> np.ndarray:
+        """The chief's `values` (as float64) on every worker, so that all take the same decisions.
+
+        Workers hold identical weights (the all-reduce hands each the same sum), but different
+        CPUs may round a long evaluation differently; broadcasting the chief's figures (a sum to
+        which only global replica 0 contributes) keeps learning-rate and best-epoch decisions in
+        step. A collective under MultiWorkerMirroredStrategy; a no-op within one process.
+        """
+        values = np.asarray(values, np.float64)
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return values
+        zeros = np.zeros_like(values)
+        shared = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(values if ctx.replica_id_in_sync_group == 0 else zeros))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, shared, axis=None).numpy()
 
     # ---- steps ---------------------------------------------------------------------------
     def _forward_backward_impl(self, inputs, targets, keys, state, num_targets):

@@ -203,6 +203,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(corpus, tmp_path):
         proc.wait(timeout=30)
     assert not (runs / "killed" / "metrics.jsonl").exists()
     assert train_cli.main(["--resume", "killed", "--runs-dir", str(runs)]) == 0
+    assert not [p for p in (runs / "killed").rglob(".*") if p.is_file()]  # a killed save's leftovers
     whole, resumed = metrics(runs / "whole"), metrics(runs / "killed")
     for a, b in zip(whole, resumed, strict=True):
         for key in ("train_ppl", "val_ppl", "test_ppl", "lr"):
@@ -287,6 +288,8 @@ def test_nan_loss_stops_with_the_batch_and_keeps_the_last_good_checkpoint(corpus
     assert train_cli.main(args) != 0
     line = _error_line(capsys)
     assert "epoch 1, batch" in line and "checkpoint" in line
-    progress = json.loads(np.load(runs / "nan" / "checkpoint" / "latest.npz")["progress"].tobytes())
+    with np.load(runs / "nan" / "checkpoint" / "latest.npz") as saved:
+        progress = json.loads(saved["progress"].tobytes())
+        assert all(np.isfinite(saved[k]).all() for k in saved.files if k.startswith("weight_"))
     assert progress["batch"] >= 1
     assert np.isfinite(progress["epoch_nll"])
