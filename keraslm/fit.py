@@ -11,27 +11,23 @@ is reached by every worker at the same point. Only the chief writes the run dire
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import platform
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from keraslm import __version__, checkpoint
+from keraslm import __version__
 from keraslm.batching import BPTTBatches
 from keraslm.corpora import CORPORA
 from keraslm.data import EncodedSplit, build_vocab, encode_file, make_pipeline, resolve_paths
 from keraslm.errors import UserError
-from keraslm.rundir import RunDir, atomic_path, new_run_name, resolve_run
+from keraslm.rundir import RunDir, new_run_name, resolve_run
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
@@ -41,12 +37,6 @@ RESUME_OVERRIDES = ("epochs", "quiet", "log_interval", "checkpoint_every", "stra
                     "cpu_replicas")
 # This process's own debug output: never inherited from the run.
 PER_PROCESS = ("log_losses",)
-# What every worker of a multi-worker run must share, or their collectives would not line up.
-SHARED_ARGS = ("epochs", "batch_size", "bptt", "lr", "clip", "lr_decay", "optimizer", "momentum",
-               "weight_decay", "last_batch", "eval_batch_size", "test_batch_size", "seed",
-               "max_batches", "checkpoint_every")
-
-
 @dataclass
 class Setup:
     """Everything a training run needs, resolved from the command line."""
@@ -84,6 +74,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> RunDir:
     import tensorflow as tf
 
     from keraslm.devices import is_chief, is_multiworker, make_strategy
+    from keraslm.loop import EpochLoop
     from keraslm.train import build_parser
 
     resumed = None
@@ -99,7 +90,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> RunDir:
     strategy = make_strategy(args.strategy, args.cpu_replicas)
     setup = prepare(args, resumed, is_chief(strategy))
     try:
-        _train(setup, strategy, argv, resumed is not None)
+        EpochLoop(setup, strategy, argv, resuming=resumed is not None).run()
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
             tf.errors.CancelledError) as err:
         if not is_multiworker(strategy):
@@ -223,195 +214,6 @@ def _model_config(args, vocab_size: int):
                          nlayers=args.nlayers, dropout=args.dropout, tied=args.tied)
 
 
-def _train(setup: Setup, strategy, argv: list[str], resuming: bool) -> None:
-    import tensorflow as tf
-
-    from keraslm.devices import is_multiworker
-    from keraslm.model import build_model
-    from keraslm.trainer import Throughput, Trainer, TrainingDiverged, make_optimizer, noise_keys
-    from keraslm.trainer import perplexity as ppl
-
-    args, run = setup.args, setup.run
-    config = setup.config
-    train, valid, test = (setup.batches[k] for k in ("train", "valid", "test"))
-    tf.keras.utils.set_random_seed(args.seed)
-    with strategy.scope():
-        model = build_model(config, seed=args.seed)
-        optimizer = make_optimizer(args.optimizer, args.lr, args.momentum, args.weight_decay)
-    if args.finetune_from and not resuming:
-        source = resolve_run(args.finetune_from, args.runs_dir)
-        model.load_weights(source.best_weights_path)
-    trainer = Trainer(model, optimizer, strategy, clip=args.clip, jit_compile=args.jit)
-
-    ckpt_path = run.checkpoint_dir / checkpoint.CHECKPOINT_FILE
-    saved_state = None
-    if resuming:
-        progress, saved_state = checkpoint.load(ckpt_path, model, optimizer)
-        if setup.is_chief:
-            _remove_temporaries(run)
-    else:
-        progress = checkpoint.Progress()
-        if setup.is_chief:
-            run.write_config(_run_config(setup, config, argv))
-            setup.vocab.save(run.vocab_path)
-    if is_multiworker(strategy):
-        mine = _fingerprint(setup, progress)
-        if not np.array_equal(trainer.agree(mine), mine):
-            raise UserError("this worker's corpus, vocabulary, settings or checkpoint differ from "
-                            "the chief's: every worker must run the same command on the same files")
-    writer = tf.summary.create_file_writer(str(run.logs_dir)) if setup.is_chief else None
-    n_batches = len(train) if args.max_batches is None else min(len(train), args.max_batches)
-    trained_tokens, trained_seconds = 0, 0.0
-
-    def last_good() -> str:
-        if not ckpt_path.is_file():
-            return "no checkpoint was saved before"
-        with np.load(ckpt_path) as saved:
-            at = json.loads(saved["progress"].tobytes())
-        return (f"the last good checkpoint (epoch {at['epoch'] + 1}, batch {at['batch']}) "
-                f"is in {run.checkpoint_dir}")
-
-    def require_finite_weights(where: str) -> None:
-        """All workers check (their weights are identical), so all stop together."""
-        if not all(np.isfinite(w).all() for w in model.get_weights()):
-            raise TrainingDiverged(f"the weights are not finite at {where}; they were not "
-                                   f"saved and {last_good()}")
-
-    def save_checkpoint(state, where: str) -> None:
-        lstm = trainer.state_to_numpy(state) if state is not None else None  # every worker
-        require_finite_weights(where)
-        if setup.is_chief:
-            checkpoint.save(ckpt_path, model, optimizer, progress, lstm)
-
-    _say(f"run {run.path} | {config.num_parameters():,} parameters | {strategy.num_replicas_in_sync}"
-         f" replica(s) | {n_batches} batches/epoch | vocab {len(setup.vocab):,}")
-    while progress.epoch < args.epochs:
-        epoch = progress.epoch
-        if progress.batch > 0 and saved_state is not None:
-            state = trainer.state_from_numpy(saved_state)
-        else:
-            state = trainer.zero_state(args.batch_size)
-        saved_state = None
-        window = Throughput()
-        window_nll, window_targets = 0.0, 0
-        bar = _progress_bar(n_batches, progress.batch, epoch, args.quiet)
-        epoch_clock = time.perf_counter() - progress.epoch_seconds
-        try:
-            for i in range(progress.batch, n_batches):
-                inputs, targets = train[i]
-                keys = noise_keys(args.seed, epoch, i, args.batch_size)
-                result, state = trainer.train_step(inputs, targets, keys, state)
-                if not math.isfinite(result.nll_sum):
-                    raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
-                                           f"batch {i + 1}; {last_good()}")
-                if args.log_losses:
-                    _append_line(args.log_losses, {
-                        "epoch": epoch + 1, "batch": i + 1, "lr": trainer.learning_rate,
-                        "loss": result.nll_sum / max(result.num_targets, 1),
-                        "grad_norm": result.grad_norm})
-                progress.batch = i + 1
-                progress.epoch_nll += result.nll_sum
-                progress.epoch_targets += result.num_targets
-                progress.epoch_tokens += result.num_targets
-                window_nll += result.nll_sum
-                window_targets += result.num_targets
-                window.add(result.num_targets, inputs.shape[0])
-                if bar is not None:
-                    bar.update(1)
-                if args.log_interval and progress.batch % args.log_interval == 0:
-                    loss = window_nll / window_targets
-                    _say(f"epoch {epoch + 1} | batch {progress.batch}/{n_batches} | "
-                         f"lr {trainer.learning_rate:.4g} | loss {loss:.2f} | ppl {math.exp(loss):.2f}"
-                         f" | {window.tokens_per_second():,.0f} tokens/s | "
-                         f"{window.samples_per_second():,.1f} samples/s", bar)
-                    window.reset()
-                    window_nll, window_targets = 0.0, 0
-                if args.checkpoint_every and progress.batch % args.checkpoint_every == 0:
-                    progress.epoch_seconds = time.perf_counter() - epoch_clock
-                    save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
-        except KeyboardInterrupt:
-            if is_multiworker(strategy):
-                # A save needs every worker (the state is gathered); the others are not stopping.
-                raise KeyboardInterrupt("no checkpoint is saved on an interrupt in a multi-worker "
-                                        "run; --resume continues from the last periodic one") from None
-            progress.epoch_seconds = time.perf_counter() - epoch_clock
-            save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - epoch_clock
-        trained_tokens += progress.epoch_tokens
-        trained_seconds += seconds
-        train_ppl = ppl(progress.epoch_nll, progress.epoch_targets)
-        val_nll, val_count = trainer.agree(trainer.evaluate(valid))  # the chief's, everywhere
-        val_count = int(val_count)
-        val_loss = val_nll / val_count
-        record = {"epoch": epoch + 1, "lr": trainer.learning_rate, "train_ppl": train_ppl,
-                  "val_ppl": ppl(val_nll, val_count), "val_tokens": val_count,
-                  "tokens_per_s": progress.epoch_tokens / seconds, "seconds": seconds,
-                  "batch_size": args.batch_size, "bptt": args.bptt,
-                  "eval_batch_size": args.eval_batch_size, "test_batch_size": args.test_batch_size}
-        if val_loss < progress.best_val_loss:
-            progress.best_val_loss = val_loss
-            require_finite_weights(f"the end of epoch {epoch + 1}")
-            if setup.is_chief:
-                with atomic_path(run.best_weights_path) as tmp:
-                    model.save_weights(tmp)
-            test_nll, test_count = trainer.agree(trainer.evaluate(test))
-            test_count = int(test_count)
-            record.update(test_ppl=ppl(test_nll, test_count), test_tokens=test_count, best=True)
-        else:
-            trainer.learning_rate = trainer.learning_rate * args.lr_decay
-            record.update(best=False)
-        _say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
-             f"{record['val_ppl']:.2f}" + (f" | test ppl {record['test_ppl']:.2f} (new best)"
-                                           if record["best"] else
-                                           f" | lr -> {trainer.learning_rate:.4g}"))
-        if setup.is_chief:
-            run.append_metrics(record)
-            with writer.as_default(step=epoch + 1):
-                for key in ("train_ppl", "val_ppl", "test_ppl", "lr", "tokens_per_s"):
-                    if key in record:
-                        tf.summary.scalar(key, record[key])
-            writer.flush()
-        progress.history.append(record)
-        progress.epoch, progress.batch = epoch + 1, 0
-        progress.epoch_nll, progress.epoch_targets = 0.0, 0
-        progress.epoch_tokens, progress.epoch_seconds = 0, 0.0
-        save_checkpoint(None, f"the end of epoch {epoch + 1}")
-    if trained_tokens:
-        _say(f"done | {trained_tokens:,} training tokens at {trained_tokens / trained_seconds:,.0f}"
-             f" tokens/s (training time only) | best valid ppl "
-             f"{math.exp(progress.best_val_loss):.2f} | {run.path}")
-
-
-def _fingerprint(setup: Setup, progress: checkpoint.Progress) -> np.ndarray:
-    """What must be identical on every worker, hashed: data, vocabulary, settings, position."""
-    digest = hashlib.sha1()
-    settings = {k: getattr(setup.args, k) for k in SHARED_ARGS}
-    digest.update(json.dumps([settings, setup.config.to_dict(), progress.epoch, progress.batch,
-                              len(setup.vocab)], sort_keys=True).encode())
-    for name in ("train", "valid", "test"):
-        digest.update(np.ascontiguousarray(setup.splits[name].ids).tobytes())
-    return np.array([int(digest.hexdigest()[:12], 16)], np.float64)  # exact in a float64
-
-
-def _append_line(path: str, record: dict) -> None:
-    """One JSON line, flushed at once (a debug log that must survive a kill)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _remove_temporaries(run: RunDir) -> None:
-    """Temporary files a killed process left beside the checkpoint and the best weights."""
-    for folder, final in ((run.checkpoint_dir, checkpoint.CHECKPOINT_FILE),
-                          (run.path, run.best_weights_path.name)):
-        stem = final.split(".")[0]
-        for leftover in folder.glob(f".{stem}.*"):
-            leftover.unlink(missing_ok=True)
-
-
 def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -> BPTTBatches:
     try:
         return BPTTBatches(split.ids, batch_size, bptt, last_batch)
@@ -419,12 +221,13 @@ def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -
         raise UserError(f"{split.path} ({split.name} split): {err}") from None
 
 
-def _run_config(setup: Setup, config, argv: list[str]) -> dict:
+def run_config(setup: Setup, argv: list[str]) -> dict:
+    """What config.json records: enough to understand and reproduce the run."""
     from keraslm.corpora import sha1_of
 
     args = setup.args
     return {
-        "model": config.to_dict(),
+        "model": setup.config.to_dict(),
         "pipeline": setup.pipeline.to_dict(),
         "args": vars(args),
         "corpora": {name: {"path": str(s.path), "sha1": sha1_of(s.path), "tokens": s.num_tokens,
@@ -433,21 +236,3 @@ def _run_config(setup: Setup, config, argv: list[str]) -> dict:
         "git_commit": git_commit(),
         "versions": package_versions(),
     }
-
-
-def _progress_bar(total: int, initial: int, epoch: int, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
-
-
-def _say(message: str, bar=None) -> None:
-    if bar is not None:
-        bar.write(message)
-    else:
-        print(message, flush=True)
-
