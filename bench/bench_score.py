@@ -109,6 +109,20 @@ def bench_keras(run, text: Path, batch_size: int, bptt: int) -> tuple[float, flo
     return count / (time.perf_counter() - started), perplexity(nll, count)
 
 
+def compare_engines(run, bundle: Path, text: Path, batch_sizes: list[int],
+                    bptt: int) -> list[dict]:
+    """onnxruntime (serve) and Keras/TensorFlow on the same text at each batch size: one row
+    each with engine, batch, tokens_per_s and perplexity."""
+    rows = []
+    for batch_size in batch_sizes:
+        for engine, bench in (("onnxruntime (serve)", lambda b: bench_onnx(bundle, text, b, bptt)),
+                              ("keras/tensorflow", lambda b: bench_keras(run, text, b, bptt))):
+            tps, ppl = bench(batch_size)
+            rows.append({"engine": engine, "batch": batch_size, "tokens_per_s": tps,
+                         "perplexity": ppl})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="run to benchmark (default: see module doc)")
@@ -132,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         peak, peak_source = matmul_peak()
         per_token = flops_per_token(model)
-        rows = []
-        for batch_size in args.batch_sizes:
-            for engine, bench in (("onnxruntime (serve)", lambda b: bench_onnx(
-                    bundle, text, b, args.bptt)), ("keras/tensorflow", lambda b: bench_keras(
-                    run, text, b, args.bptt))):
-                tps, ppl = bench(batch_size)
-                rows.append((engine, batch_size, tps, tps * per_token / 1e9, ppl))
+        rows = compare_engines(run, bundle, text, args.batch_sizes, args.bptt)
         # Measured again after the runs: on a shared machine the best of both is nearer the truth.
         peak, peak_source = max((peak, peak_source), matmul_peak())
 
@@ -149,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{per_token / 1e6:.2f} MFLOP/token")
     print(f"{'engine':<22}{'batch':>6}{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'perplexity':>12}")
-    for engine, batch_size, tps, gflops, ppl in rows:
-        print(f"{engine:<22}{batch_size:>6}{tps:>11,.0f}{gflops:>9.1f}"
-              f"{100 * gflops / peak:>7.1f}%{ppl:>12.3f}")
+    for row in rows:
+        gflops = row["tokens_per_s"] * per_token / 1e9
+        print(f"{row['engine']:<22}{row['batch']:>6}{row['tokens_per_s']:>11,.0f}{gflops:>9.1f}"
+              f"{100 * gflops / peak:>7.1f}%{row['perplexity']:>12.3f}")
     return 0
 
 
