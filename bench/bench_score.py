@@ -88,8 +88,11 @@ def bench_onnx(bundle: Path, text: Path, batch_size: int, bptt: int) -> tuple[fl
     return result.tokens_per_second, result.perplexity
 
 
-def bench_keras(run, text: Path, batch_size: int, bptt: int) -> tuple[float, float]:
-    """(tokens/s, perplexity) of keraslm's Evaluator (as keraslm.evaluate runs it), compiled."""
+def bench_keras(run, text: Path, batch_size: int, bptt: int,
+                fused: bool = True) -> tuple[float, float]:
+    """(tokens/s, perplexity) of keraslm's Evaluator, compiled: as keraslm.evaluate runs it
+    (fused: XLA log-sum-exp beside the decoder matmul), or plain Keras logits followed by
+    tf.nn.sparse_softmax_cross_entropy_with_logits (fused=False)."""
     from keraslm.batching import BPTTBatches
     from keraslm.model import LMConfig, build_model
     from keraslm.text import TextPipeline
@@ -102,7 +105,7 @@ def bench_keras(run, text: Path, batch_size: int, bptt: int) -> tuple[float, flo
     vocab = Vocab.load(run.vocab_path)
     pipeline = TextPipeline.from_dict(config["pipeline"])
     batches = BPTTBatches(vocab.encode(pipeline.iter_tokens(text)), batch_size, bptt, "keep")
-    evaluator = Evaluator(model)
+    evaluator = Evaluator(model, fused_decoder=fused)
     evaluator([batches[0], batches[1]])  # compile
     started = time.perf_counter()
     nll, count = evaluator(batches)
@@ -115,8 +118,10 @@ def compare_engines(run, bundle: Path, text: Path, batch_sizes: list[int],
     each with engine, batch, tokens_per_s and perplexity."""
     rows = []
     for batch_size in batch_sizes:
-        for engine, bench in (("onnxruntime (serve)", lambda b: bench_onnx(bundle, text, b, bptt)),
-                              ("keras/tensorflow", lambda b: bench_keras(run, text, b, bptt))):
+        for engine, bench in (
+                ("onnxruntime (serve)", lambda b: bench_onnx(bundle, text, b, bptt)),
+                ("tensorflow keraslm", lambda b: bench_keras(run, text, b, bptt)),
+                ("tensorflow plain keras", lambda b: bench_keras(run, text, b, bptt, False))):
             tps, ppl = bench(batch_size)
             rows.append({"engine": engine, "batch": batch_size, "tokens_per_s": tps,
                          "perplexity": ppl})
@@ -155,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.bptt}, {os.cpu_count()} CPUs (load average {load:.1f} before starting)")
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({peak_source}); model: "
           f"{per_token / 1e6:.2f} MFLOP/token")
-    print(f"{'engine':<22}{'batch':>6}{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
+    print(f"{'engine':<24}{'batch':>6}{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'perplexity':>12}")
     for row in rows:
         gflops = row["tokens_per_s"] * per_token / 1e9
-        print(f"{row['engine']:<22}{row['batch']:>6}{row['tokens_per_s']:>11,.0f}{gflops:>9.1f}"
+        print(f"{row['engine']:<24}{row['batch']:>6}{row['tokens_per_s']:>11,.0f}{gflops:>9.1f}"
               f"{100 * gflops / peak:>7.1f}%{row['perplexity']:>12.3f}")
     return 0
 

@@ -194,8 +194,10 @@ class Evaluator:
     way any batch size works whatever the number of replicas.
     """
 
-    def __init__(self, model: keras.Model, *, jit_compile: bool = False):
+    def __init__(self, model: keras.Model, *, jit_compile: bool = False,
+                 fused_decoder: bool = True):
         self.model = model
+        self.fused_decoder = fused_decoder
         self.features, *self.decoder = split_decoder(model)
         self.nhid = model.get_layer("lstm0").units
         self.num_states = len(model.inputs) - 2
@@ -203,6 +205,9 @@ class Evaluator:
 
     def _step_impl(self, inputs, targets, state):
         keys = tf.zeros(tf.shape(inputs)[:1], tf.int32)
+        if not self.fused_decoder:
+            logits, *new_state = self.model([inputs, keys, *state], training=False)
+            return masked_nll_sum(logits, targets), tuple(new_state)
         hidden, *new_state = self.features([inputs, keys, *state], training=False)
         kernel, bias, transposed = self.decoder
         nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
