@@ -53,3 +53,15 @@ def make_run(path: Path, config: LMConfig, vocab: Vocab, *, seed: int = 0,
                            for w in model.get_weights()])
         model.save_weights(run.best_weights_path)
     return run
+
+
+def wikitext_slices(folder: Path, sizes: dict[str, int], data_root: Path = DATA_ROOT
+                    ) -> dict[str, Path]:
+    """Small real corpus files: the first whole lines (about `sizes[split]` characters) of each
+    WikiText-2 split, written under `folder`."""
+    paths = {}
+    for split, size in sizes.items():
+        text = (data_root / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
+        paths[split] = folder / f"{split}.txt"
+        paths[split].write_text(text[: text.index("\n", size) + 1], encoding="utf-8")
+    return paths

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_runs import wikitext_slices
 
 from keraslm import train as train_cli
 
@@ -27,13 +28,7 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
     """Tiny train/valid/test files cut from WikiText-2 (whole lines)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    paths = {}
-    for split, size in {"train": 20_000, "valid": 3_000, "test": 3_000}.items():
-        text = (data_root / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
-        paths[split] = folder / f"{split}.txt"
-        paths[split].write_text(text[: text.index("\n", size) + 1], encoding="utf-8")
-    return paths
+    return wikitext_slices(tmp_path_factory.mktemp("corpus"), {"train": 20_000, "valid": 3_000, "test": 3_000}, data_root)
 
 
 def tiny_args(corpus, runs: Path, *extra: str) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers_runs import wikitext_slices
 
 from keraslm import train as train_cli
 from keraslm.devices import make_strategy
@@ -27,14 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
     """Small real train/valid/test files cut from WikiText-2 (whole lines)."""
-    folder = tmp_path_factory.mktemp("corpus")
-    sizes = {"train": 60_000, "valid": 12_000, "test": 12_000}
-    paths = {}
-    for split, size in sizes.items():
-        text = (data_root / "wikitext-2" / f"wiki.{split}.tokens").read_text(encoding="utf-8")
-        paths[split] = folder / f"{split}.txt"
-        paths[split].write_text(text[: text.index("\n", size) + 1], encoding="utf-8")
-    return paths
+    return wikitext_slices(tmp_path_factory.mktemp("corpus"), {"train": 60_000, "valid": 12_000, "test": 12_000}, data_root)
 
 
 def tiny_args(corpus, runs: Path, *extra: str) -> list[str]:
