@@ -15,6 +15,11 @@ import numpy as np
 from keraslm import train as train_cli
 
 REPO = Path(__file__).resolve().parents[1]
+# A shell's background job (CI may be one) ignores SIGINT and its children inherit that, so Python
+# installs no KeyboardInterrupt handler. Run the trainer with the SIGINT of a terminal.
+TRAIN_WITH_TERMINAL_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'keraslm.train'; runpy.run_module('keraslm.train', run_name='__main__')")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_completes_the_run(tmp_path, data_root):
@@ -26,7 +31,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_completes_the_run(tmp_path, data_r
             "--emsize", "8", "--nhid", "8", "--batch-size", "4", "--bptt", "5", "--epochs", "1",
             "--checkpoint-every", "10", "--runs-dir", str(runs), "--name", "c", "--quiet",
             "--log-interval", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "keraslm.train", *args],
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_WITH_TERMINAL_SIGINT, *args],
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
