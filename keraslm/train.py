@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from keraslm.errors import UserError
@@ -79,10 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), handled like Ctrl-C: save a checkpoint, then stop."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         from keraslm.fit import run_training
 
@@ -91,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"interrupted: {err or 'a resumable checkpoint was saved'}", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}: {err or 'a resumable checkpoint was saved'}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

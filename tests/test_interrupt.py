@@ -1,4 +1,5 @@
-"""Ctrl-C during training saves a resumable checkpoint, exits cleanly, and --resume finishes the run."""
+"""Ctrl-C or SIGTERM during training saves a resumable checkpoint, exits cleanly, and --resume
+finishes the run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from keraslm import train as train_cli
 
@@ -22,7 +24,10 @@ TRAIN_WITH_TERMINAL_SIGINT = (
     "sys.argv[0] = 'keraslm.train'; runpy.run_module('keraslm.train', run_name='__main__')")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_completes_the_run(tmp_path, data_root):
+@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_completes_the_run(
+        tmp_path, data_root, signum, status, word):
     text = (data_root / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:40_000]
     corpus = tmp_path / "text.txt"
     corpus.write_text(text[: text.rindex("\n") + 1], encoding="utf-8")
@@ -41,14 +46,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_completes_the_run(tmp_path, data_r
         while time.time() < deadline and proc.poll() is None and not checkpoint.is_file():
             time.sleep(0.05)
         assert proc.poll() is None, "training ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert proc.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == status
+    assert word in err and "Traceback" not in err
     progress = json.loads(np.load(checkpoint)["progress"].tobytes())
     assert progress["epoch"] == 0 and progress["batch"] >= 10
     assert not (runs / "c" / "metrics.jsonl").exists()
