@@ -81,19 +81,19 @@ class Trainer:
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
                  *, clip: float = 0.25, jit_compile: bool = False, fused_decoder: bool = True):
         self.model = model
-        self.features, *self.decoder = split_decoder(model)
+        self.evaluate = Evaluator(model, jit_compile=jit_compile)
+        # The model's parts as the evaluator split them: shared, not derived twice.
+        self.features, self.decoder = self.evaluate.features, self.evaluate.decoder
+        self.nhid, self.num_states = self.evaluate.nhid, self.evaluate.num_states
         self.optimizer = optimizer
         self.strategy = strategy
         self.clip = float(clip)
         self.fused_decoder = fused_decoder
         self.num_replicas = strategy.num_replicas_in_sync
-        self.nhid = model.get_layer("lstm0").units
-        self.num_states = len(model.inputs) - 2
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
         self._train_step = tf.function(self._distributed_train_step)
-        self.evaluate = Evaluator(model, jit_compile=jit_compile)
 
     # ---- learning rate -------------------------------------------------------------------
     @property

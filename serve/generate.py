@@ -32,6 +32,7 @@ import numpy as np
 
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
+from serve.argtypes import float_at_least, int_at_least
 from serve.bundle import (
     DEFAULT_BUNDLES_ROOT,
     MODEL_FILE,
@@ -214,17 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bundle folder or name under {DEFAULT_BUNDLES_ROOT}/ "
                         "(default: the newest bundle there)")
     p.add_argument("--prompt", default="", help="text to continue (default: none)")
-    p.add_argument("--tokens", type=_int_at_least(1), default=50,
+    p.add_argument("--tokens", type=int_at_least(1), default=50,
                    help="tokens to generate per sample (default 50)")
-    p.add_argument("--temperature", type=_float_at_least(0.0), default=1.0,
+    p.add_argument("--temperature", type=float_at_least(0.0), default=1.0,
                    help="0: greedy; above 1 flatter, below 1 sharper (default 1)")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0,
+    p.add_argument("--top-k", type=int_at_least(0), default=0,
                    help="draw only from the k most likely tokens (default 0: off)")
     p.add_argument("--top-p", type=_top_p, default=1.0,
                    help="nucleus sampling: draw only from the most likely tokens that together "
                         "reach this probability (default 1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
-    p.add_argument("--num-samples", type=_int_at_least(1), default=1,
+    p.add_argument("--num-samples", type=int_at_least(1), default=1,
                    help="samples, generated together as one batch (default 1)")
     p.add_argument("--allow-unk", action="store_true", help="let <unk> be generated")
     p.add_argument("--json", action="store_true",
@@ -232,30 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="onnxruntime device (auto: CUDA when installed and present)")
     return p
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def _float_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (np.isfinite(value) and value >= low):
-            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
-        return value
-    return parse
 
 
 def _top_p(text: str) -> float:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keraslm.errors import UserError
+from serve.argtypes import float_at_least, int_at_least
 from serve.batcher import Batcher, QueueFull, score_rows
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.metrics import CONTENT_TYPE, Registry
@@ -500,55 +501,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the newest bundle there)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_count(0), default=8080, help="TCP port (default 8080; 0: any)")
+    p.add_argument("--port", type=int_at_least(0), default=8080, help="TCP port (default 8080; 0: any)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="onnxruntime device (auto: CUDA when installed and present)")
-    p.add_argument("--threads", type=_count(1), default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--max-batch", type=_count(1), default=s.max_batch,
+    p.add_argument("--max-batch", type=int_at_least(1), default=s.max_batch,
                    help=f"texts per onnxruntime batch (default {s.max_batch})")
-    p.add_argument("--max-wait-ms", type=_seconds(0), default=s.max_wait_ms,
+    p.add_argument("--max-wait-ms", type=float_at_least(0), default=s.max_wait_ms,
                    help="how long a batch may wait for requests already arriving "
                         f"(default {s.max_wait_ms:g})")
-    p.add_argument("--queue-size", type=_count(1), default=s.queue_size,
+    p.add_argument("--queue-size", type=int_at_least(1), default=s.queue_size,
                    help=f"requests that may wait for a batch; more get 503 "
                         f"(default {s.queue_size})")
-    p.add_argument("--max-texts", type=_count(1), default=s.max_texts,
+    p.add_argument("--max-texts", type=int_at_least(1), default=s.max_texts,
                    help=f"texts per request (default {s.max_texts})")
-    p.add_argument("--max-tokens-per-text", type=_count(1), default=s.max_tokens_per_text,
+    p.add_argument("--max-tokens-per-text", type=int_at_least(1), default=s.max_tokens_per_text,
                    help=f"tokens per text, <eos> included (default {s.max_tokens_per_text})")
-    p.add_argument("--max-body-bytes", type=_count(1), default=s.max_body_bytes,
+    p.add_argument("--max-body-bytes", type=int_at_least(1), default=s.max_body_bytes,
                    help=f"request body size (default {s.max_body_bytes})")
-    p.add_argument("--timeout", type=_seconds(1e-3), default=s.timeout,
+    p.add_argument("--timeout", type=float_at_least(1e-3), default=s.timeout,
                    help=f"seconds to answer a request before giving up with 504 "
                         f"(default {s.timeout:g})")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
-def _seconds(minimum: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {text!r}")
-        return value
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
