@@ -211,7 +211,8 @@ def _model_config(args, vocab_size: int):
         source = resolve_run(args.finetune_from, args.runs_dir)
         return LMConfig.from_dict(source.read_config()["model"])
     return preset_config(args.preset, vocab_size, emsize=args.emsize, nhid=args.nhid,
-                         nlayers=args.nlayers, dropout=args.dropout, tied=args.tied)
+                         nlayers=args.nlayers, dropout=args.dropout, tied=args.tied,
+                         two_biases=args.two_biases)
 
 
 def _batches(split: EncodedSplit, batch_size: int, bptt: int, last_batch: str) -> BPTTBatches:

@@ -60,7 +60,7 @@ class EpochLoop:
             self.model.load_weights(resolve_run(args.finetune_from, args.runs_dir)
                                     .best_weights_path)
         self.trainer = Trainer(self.model, self.optimizer, strategy, clip=args.clip,
-                               jit_compile=args.jit)
+                               two_biases=setup.config.two_biases, jit_compile=args.jit)
         self.checkpoint_path = self.run_dir.checkpoint_dir / checkpoint.CHECKPOINT_FILE
         self.saved_state = None
         if resuming:

@@ -26,6 +26,10 @@ class LMConfig:
     nlayers: int = 2
     dropout: float = 0.2
     tied: bool = True
+    # MXNet's LSTM keeps two summed biases (i2h + h2h) that both get the same gradient: the
+    # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
+    # reproduces that exactly (see keraslm.training.step); on for the GluonNLP presets.
+    two_biases: bool = False
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -63,11 +67,14 @@ class LMConfig:
         return v * e + lstm + decoder
 
 
-# GluonNLP's standard_lstm_lm_* models: embedding = hidden size, 2 layers, tied weights.
+# GluonNLP's standard_lstm_lm_* models: embedding = hidden size, 2 layers, tied weights, and
+# MXNet's two LSTM biases.
 PRESETS: dict[str, dict] = {
-    "standard_lstm_lm_200": {"emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.2, "tied": True},
-    "standard_lstm_lm_650": {"emsize": 650, "nhid": 650, "nlayers": 2, "dropout": 0.5, "tied": True},
-    "standard_lstm_lm_1500": {"emsize": 1500, "nhid": 1500, "nlayers": 2, "dropout": 0.65, "tied": True},
+    name: {"emsize": size, "nhid": size, "nlayers": 2, "dropout": dropout, "tied": True,
+           "two_biases": True}
+    for name, size, dropout in (("standard_lstm_lm_200", 200, 0.2),
+                                ("standard_lstm_lm_650", 650, 0.5),
+                                ("standard_lstm_lm_1500", 1500, 0.65))
 }
 
 
@@ -97,28 +104,32 @@ class KeyedDropout(keras.layers.Layer):
     Each batch row (a BPTT column) brings its own int32 key, derived by the trainer from
     (seed, epoch, batch, global column). The mask therefore does not depend on which replica
     holds the column, replicas draw different masks, and a resumed run draws exactly the masks
-    the uninterrupted run would have.
+    the uninterrupted run would have. With `shared_over_time` one mask per (column, unit) is used
+    at every time step (GluonNLP's output dropout, `Dropout(axes=(0,))` on time-major data).
     """
 
-    def __init__(self, rate: float, salt: int, **kwargs):
+    def __init__(self, rate: float, salt: int, shared_over_time: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.rate = float(rate)
         self.salt = int(salt)
+        self.shared_over_time = bool(shared_over_time)
 
     def call(self, x, keys, training=None):
         if not training or self.rate == 0.0:
             return x
         shape = tf.shape(x)
-        time, width = shape[1], shape[2]
+        time = 1 if self.shared_over_time else shape[1]
+        width = shape[2]
         position = tf.cast(tf.range(time)[:, None] * width + tf.range(width)[None, :], tf.int64)
         row = _fmix32(tf.cast(keys, tf.int64) % (1 << 32) ^ (self.salt * 0x9E3779B9 % (1 << 32)))
         bits = _fmix32(tf.bitwise.bitwise_xor(row[:, None, None], position[None]) % (1 << 32))
         uniform = tf.cast(bits, tf.float32) * (1.0 / 4294967296.0)
-        keep = tf.cast(uniform >= self.rate, x.dtype)
+        keep = tf.cast(uniform >= self.rate, x.dtype)  # [batch, time or 1, width]
         return x * keep / (1.0 - self.rate)
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "salt": self.salt}
+        return {**super().get_config(), "rate": self.rate, "salt": self.salt,
+                "shared_over_time": self.shared_over_time}
 
 
 @keras.saving.register_keras_serializable("keraslm")
@@ -138,11 +149,16 @@ class TiedOutput(keras.layers.Layer):
         return tf.matmul(x, self.embedding.embeddings, transpose_b=True) + self.bias
 
 
+EMBEDDING_INIT_RANGE = 0.1  # GluonNLP's and PyTorch's examples: Uniform(-0.1, 0.1)
+
+
 def build_model(config: LMConfig, seed: int | None = None) -> keras.Model:
     """The functional LM: inputs `tokens` [B, T], `noise_keys` [B] and the state; outputs logits.
 
-    Every weight starts Glorot-uniform (GluonNLP's Xavier) and every bias at zero; Keras'
-    differing defaults (orthogonal recurrent kernels, unit forget bias) are overridden.
+    As GluonNLP's `StandardRNN`: the embedding (and so a tied decoder) starts Uniform(-0.1, 0.1),
+    the LSTM kernels Glorot-uniform (MXNet's Xavier), every bias at zero (Keras' differing
+    defaults, orthogonal recurrent kernels and unit forget bias, are overridden). Dropout is
+    element-wise on the embedding and between layers, and shared over time on the last output.
     """
     def glorot(offset: int):
         return keras.initializers.GlorotUniform(seed=None if seed is None else seed + offset)
@@ -152,7 +168,9 @@ def build_model(config: LMConfig, seed: int | None = None) -> keras.Model:
     states = [keras.Input(shape=(config.nhid,), name=name) for name in config.state_names()]
 
     embedding = keras.layers.Embedding(
-        config.vocab_size, config.emsize, embeddings_initializer=glorot(0), name="embedding"
+        config.vocab_size, config.emsize, name="embedding",
+        embeddings_initializer=keras.initializers.RandomUniform(
+            -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE, seed=None if seed is None else seed),
     )
     x = KeyedDropout(config.dropout, salt=0, name="embedding_dropout")(embedding(tokens), keys)
     new_states = []
@@ -169,7 +187,9 @@ def build_model(config: LMConfig, seed: int | None = None) -> keras.Model:
             name=f"lstm{layer}",
         )
         x, h, c = lstm(x, initial_state=states[2 * layer : 2 * layer + 2])
-        x = KeyedDropout(config.dropout, salt=layer + 1, name=f"lstm{layer}_dropout")(x, keys)
+        last = layer == config.nlayers - 1
+        x = KeyedDropout(config.dropout, salt=layer + 1, shared_over_time=last,
+                         name=f"lstm{layer}_dropout")(x, keys)
         new_states += [h, c]
     if config.tied:
         logits = TiedOutput(embedding, name="decoder")(x)
@@ -178,6 +198,12 @@ def build_model(config: LMConfig, seed: int | None = None) -> keras.Model:
             config.vocab_size, kernel_initializer=glorot(99), name="decoder"
         )(x)
     return keras.Model([tokens, keys, *states], [logits, *new_states], name="lstm_lm")
+
+
+def lstm_biases(model: keras.Model) -> list[keras.Variable]:
+    """The bias variable of every LSTM layer, in layer order."""
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
+    return [layer.cell.bias for layer in layers]
 
 
 def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.Variable, keras.Variable, bool]:

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--nlayers", type=int, default=None)
     model.add_argument("--dropout", type=float, default=None)
     model.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None)
+    model.add_argument("--two-biases", action=argparse.BooleanOptionalAction, default=None,
+                       help="MXNet's twin LSTM biases (on for the GluonNLP presets)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from keraslm.batching import PAD_TARGET
 from keraslm.errors import UserError
 from keraslm.losses import decoder_nll_sum
-from keraslm.model import split_decoder
+from keraslm.model import lstm_biases, split_decoder
 
 
 class TrainingDiverged(UserError):
@@ -57,6 +57,17 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0, weight_decay: fl
     raise UserError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
 
 
+def gradient_copies(model: keras.Model, two_biases: bool) -> list[float]:
+    """How many parameters each trainable variable stands for: 2 for MXNet's twin LSTM biases.
+
+    MXNet's LSTM adds an i2h and an h2h bias. Both start at zero and always get the same gradient,
+    so they stay equal: one variable holding their sum is exact if its gradient counts twice in
+    the global norm (two copies of it) and its update is doubled (both copies move).
+    """
+    twins = {id(v) for v in lstm_biases(model)} if two_biases else set()
+    return [2.0 if id(v) in twins else 1.0 for v in model.trainable_variables]
+
+
 def distribute_columns(strategy: tf.distribute.Strategy, array: np.ndarray):
     """Split `array` by rows (batch columns) into equal consecutive slices, one per replica.
 
@@ -79,7 +90,8 @@ class Trainer:
     """Runs train and eval steps of one model on one strategy, carrying per-replica state."""
 
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
-                 *, clip: float = 0.25, jit_compile: bool = False, fused_decoder: bool = True):
+                 *, clip: float = 0.25, two_biases: bool = False, jit_compile: bool = False,
+                 fused_decoder: bool = True):
         self.model = model
         self.evaluate = Evaluator(model, jit_compile=jit_compile)
         # The model's parts as the evaluator split them: shared, not derived twice.
@@ -90,6 +102,7 @@ class Trainer:
         self.clip = float(clip)
         self.fused_decoder = fused_decoder
         self.num_replicas = strategy.num_replicas_in_sync
+        self.copies = gradient_copies(model, two_biases)
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
@@ -160,10 +173,10 @@ class Trainer:
         grads, nll_sum, new_state = self._forward_backward(inputs, targets, keys, state, num_targets)
         ctx = tf.distribute.get_replica_context()
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads) if self.num_replicas > 1 else grads
-        norm = tf.linalg.global_norm(total)
-        if self.clip > 0:
-            scale = tf.minimum(1.0, self.clip / tf.maximum(norm, 1e-12))
-            grads = [g * scale for g in grads]
+        norm = tf.sqrt(tf.add_n([copies * tf.reduce_sum(tf.square(g))
+                                 for g, copies in zip(total, self.copies)]))
+        scale = tf.minimum(1.0, self.clip / tf.maximum(norm, 1e-12)) if self.clip > 0 else 1.0
+        grads = [g * (scale * copies) for g, copies in zip(grads, self.copies)]
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return nll_sum, norm, new_state
 
