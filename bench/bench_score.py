@@ -94,16 +94,13 @@ def bench_keras(run, text: Path, batch_size: int, bptt: int,
     (fused: XLA log-sum-exp beside the decoder matmul), or plain Keras logits followed by
     tf.nn.sparse_softmax_cross_entropy_with_logits (fused=False)."""
     from keraslm.batching import BPTTBatches
-    from keraslm.model import LMConfig, build_model
+    from keraslm.evaluation import Evaluator, perplexity
+    from keraslm.model import load_run_model
     from keraslm.text import TextPipeline
-    from keraslm.trainer import Evaluator, perplexity
-    from keraslm.vocab import Vocab
 
-    config = run.read_config()
-    model = build_model(LMConfig.from_dict(config["model"]))
-    model.load_weights(run.best_weights_path)
-    vocab = Vocab.load(run.vocab_path)
-    pipeline = TextPipeline.from_dict(config["pipeline"])
+    model, model_config = load_run_model(run)
+    vocab = run.read_vocab(model_config.vocab_size)
+    pipeline = TextPipeline.from_dict(run.read_config()["pipeline"])
     batches = BPTTBatches(vocab.encode(pipeline.iter_tokens(text)), batch_size, bptt, "keep")
     evaluator = Evaluator(model, fused_decoder=fused)
     evaluator([batches[0], batches[1]])  # compile

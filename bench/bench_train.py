@@ -50,15 +50,17 @@ def wikitext_ids(data_root: str | None, tokens: int) -> tuple[np.ndarray, int]:
 
 def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, **options) -> float:
     from keraslm.batching import BPTTBatches
-    from keraslm.devices import make_strategy
     from keraslm.model import build_model, preset_config
-    from keraslm.trainer import Trainer, make_optimizer, noise_keys
+    from keraslm.training.devices import make_strategy
+    from keraslm.training.step import Trainer, make_optimizer, noise_keys
 
     strategy = make_strategy()
+    config = preset_config("standard_lstm_lm_200", vocab_size)
     with strategy.scope():
-        model = build_model(preset_config("standard_lstm_lm_200", vocab_size), seed=0)
+        model = build_model(config, seed=0)
         optimizer = make_optimizer("sgd", 20.0)
-    trainer = Trainer(model, optimizer, strategy, clip=0.25, **options)
+    trainer = Trainer(model, optimizer, strategy, clip=0.25, two_biases=config.two_biases,
+                      **options)
     data = BPTTBatches(ids, 20, 35, "discard")
     state = trainer.zero_state(20)
     for i in range(warmup):

@@ -41,10 +41,7 @@ from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
 if TYPE_CHECKING:
-    import keras
     import numpy as np
-
-    from keraslm.model import LMConfig
 
 SCHEMA_VERSION = 1
 DEFAULT_BUNDLES_ROOT = Path("bundles")
@@ -99,50 +96,23 @@ def export_run(run: RunDir | str | os.PathLike | None, out: str | os.PathLike | 
 def read_run(run: RunDir) -> tuple[dict, TextPipeline, Vocab]:
     """What export needs from a run, validated without TensorFlow: config, pipeline, vocab."""
     run_config = run.read_config()
-    if not isinstance(run_config.get("model"), dict):
-        raise UserError(f"{run.config_path}: no model config")
+    model_config = run.model_config()
     if not isinstance(run_config.get("pipeline"), dict):
         raise UserError(f"{run.config_path}: no text pipeline")
     pipeline = TextPipeline.from_dict(run_config["pipeline"])
-    _check_best_weights(run)
-    vocab = Vocab.load(run.vocab_path)
-    if len(vocab) != run_config["model"].get("vocab_size"):
-        raise UserError(f"{run.vocab_path}: {len(vocab)} tokens but the run's model has "
-                        f"{run_config['model'].get('vocab_size')}: vocabulary and run do not match")
-    return run_config, pipeline, vocab
-
-
-def _check_best_weights(run: RunDir) -> None:
     if not run.best_weights_path.is_file():
         raise UserError(f"{run.path}: no {run.best_weights_path.name} "
                         "(the run has not finished an epoch)")
-
-
-def load_keras_model(run: RunDir | str | os.PathLike) -> tuple[keras.Model, LMConfig]:
-    """The run's model with its best weights, and its config."""
-    from keraslm.model import LMConfig, build_model
-
-    run = run if isinstance(run, RunDir) else resolve_run(run)
-    run_config = run.read_config()
-    if not isinstance(run_config.get("model"), dict):
-        raise UserError(f"{run.config_path}: no model config")
-    config = LMConfig.from_dict(run_config["model"])
-    _check_best_weights(run)
-    model = build_model(config)
-    try:
-        model.load_weights(run.best_weights_path)
-    except (ValueError, OSError, KeyError) as err:  # what Keras raises for a bad file
-        raise UserError(f"{run.best_weights_path}: cannot load the weights "
-                        f"({_first_line(err)})") from None
-    return model, config
+    return run_config, pipeline, run.read_vocab(model_config.vocab_size)
 
 
 def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset: int,
                  quantize: str | None, external_data: bool | None) -> dict:
     """Convert the run's model into work/MODEL_FILE (checked); its fields of bundle.json."""
     from export import graph  # TensorFlow starts here
+    from keraslm.model import load_run_model
 
-    model, config = load_keras_model(run)
+    model, config = load_run_model(run)
     if external_data is None:
         external_data = 4 * config.num_parameters() > LARGE_MODEL_BYTES
     proto = graph.convert(model, config, opset, large=external_data, share_tied=not quantize)
@@ -246,11 +216,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -144,12 +144,6 @@ def cache_root() -> Path:
     return Path(chosen).expanduser().absolute()
 
 
-def nltk_data_dirs(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Folders to search for NLTK data (punkt): those in `$NLTK_DATA`, then `<root>/nltk_data`."""
-    env = [Path(p).expanduser() for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
-    return [*env, data_root(root) / "nltk_data"]
-
-
 def sha1_of(path: str | os.PathLike[str]) -> str:
     """The hex SHA-1 of a file, read in chunks so large corpora need little memory."""
     digest = hashlib.sha1()
@@ -443,6 +437,6 @@ def _progress(url: str, size: int | None) -> Iterator[Callable[[int], object]]:
 
 __all__ = [
     "CACHE_ENV", "CORPORA", "DATA_ENV", "LINE_SPLITS", "Corpus", "CorpusFile", "DataError",
-    "cache_root", "corpus_file", "data_root", "get_corpus", "nltk_data_dirs", "resolve_split",
+    "cache_root", "corpus_file", "data_root", "get_corpus", "resolve_split",
     "sha1_of", "split_by_lines", "split_file",
 ]

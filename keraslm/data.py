@@ -46,6 +46,20 @@ def make_pipeline(corpus: str | None, fmt: str | None, tutorial_moses: bool = Fa
     return pipeline_for_format(corpus_format(corpus, fmt), tutorial=tutorial_moses)
 
 
+def choose_pipeline(corpus: str | None, fmt: str | None, moses_tutorial: bool = False, *,
+                    inherited: TextPipeline | None = None) -> TextPipeline:
+    """How to tokenize a text: the one rule for training, fine-tuning and evaluation.
+
+    A named corpus, an explicit `fmt` or the tutorial's Moses settings decide the tokenization;
+    your own files with none of these are read as `inherited` (the run you continue, fine-tune
+    or evaluate) when there is one, else as whitespace tokens.
+    """
+    decided = fmt is not None or moses_tutorial or corpus in corpora.CORPORA
+    if inherited is not None and not decided:
+        return inherited
+    return make_pipeline(corpus, fmt, moses_tutorial)
+
+
 def resolve_paths(corpus: str | None, overrides: dict[str, str | None],
                   root: str | os.PathLike | None = None,
                   splits: tuple[str, ...] = SPLITS) -> dict[str, Path]:

@@ -10,72 +10,9 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from keraslm.errors import UserError
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Perplexity of one run on one text, and exactly what was scored."""
-
-    run: str
-    source: str
-    path: str
-    num_tokens: int      # targets scored
-    num_oov: int         # stream tokens not in the vocabulary (mapped to <unk>)
-    nll_sum: float
-    perplexity: float
-    batch_size: int
-    bptt: int
-    pipeline: str
-
-    @property
-    def oov_rate(self) -> float:
-        return self.num_oov / max(self.num_tokens, 1)
-
-
-def evaluate_run(run, source: str, split: str = "valid", *, batch_size: int = 10, bptt: int = 35,
-                 data_root: str | None = None, fmt: str | None = None,
-                 moses_tutorial: bool = False, runs_root: str = "runs",
-                 jit_compile: bool = False) -> EvalResult:
-    """Perplexity of `run`'s best weights on a corpus split or a file, with the run's vocab."""
-    from keraslm.batching import BPTTBatches
-    from keraslm.corpora import CORPORA
-    from keraslm.data import encode_file, make_pipeline, resolve_paths
-    from keraslm.model import LMConfig, build_model
-    from keraslm.rundir import RunDir, resolve_run
-    from keraslm.text import TextPipeline
-    from keraslm.trainer import Evaluator, perplexity
-    from keraslm.vocab import Vocab
-
-    run = run if isinstance(run, RunDir) else resolve_run(run, runs_root)
-    config = run.read_config()
-    vocab = Vocab.load(run.vocab_path)
-    model_config = LMConfig.from_dict(config["model"])
-    if model_config.vocab_size != len(vocab):
-        raise UserError(f"{run.vocab_path}: {len(vocab)} tokens but the run's model has "
-                        f"{model_config.vocab_size}: vocabulary and run do not match")
-    if not run.best_weights_path.is_file():
-        raise UserError(f"{run.path}: no best weights yet ({run.best_weights_path.name} missing)")
-    # A named corpus brings its own text format; your own file is read like the run's corpus.
-    if fmt or moses_tutorial or source in CORPORA:
-        pipeline = make_pipeline(source, fmt, moses_tutorial)
-    else:
-        pipeline = TextPipeline.from_dict(config["pipeline"])
-    path = resolve_paths(None, {split: source}, data_root, splits=(split,))[split]
-    encoded = encode_file(split, path, pipeline, vocab)
-    batches = BPTTBatches(encoded.ids, batch_size, bptt, "keep")
-    model = build_model(model_config)
-    try:
-        model.load_weights(run.best_weights_path)
-    except (ValueError, OSError) as err:
-        raise UserError(f"{run.best_weights_path}: cannot load weights ({err})") from None
-    nll_sum, count = Evaluator(model, jit_compile=jit_compile)(batches)
-    return EvalResult(run=str(run.path), source=source, path=str(path), num_tokens=count,
-                      num_oov=encoded.num_oov, nll_sum=nll_sum,
-                      perplexity=perplexity(nll_sum, count), batch_size=batch_size, bptt=bptt,
-                      pipeline=pipeline.describe())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        from keraslm.evaluation import evaluate_run  # TensorFlow: only once the flags are good
+
         result = evaluate_run(args.run, args.corpus, args.split, batch_size=args.batch_size,
                               bptt=args.bptt, data_root=args.data_root, fmt=args.format,
                               moses_tutorial=args.moses_tutorial, runs_root=args.runs_dir)

@@ -7,84 +7,17 @@ per replica, evaluate at any batch size, and export the same graph.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import os
 
 import keras
 import tensorflow as tf
 
+from keraslm.config import PRESETS, LMConfig, preset_config
 from keraslm.errors import UserError
+from keraslm.rundir import RunDir, resolve_run
 
-
-@dataclass(frozen=True)
-class LMConfig:
-    """Shape of an LSTM language model."""
-
-    vocab_size: int
-    emsize: int = 200
-    nhid: int = 200
-    nlayers: int = 2
-    dropout: float = 0.2
-    tied: bool = True
-    # MXNet's LSTM keeps two summed biases (i2h + h2h) that both get the same gradient: the
-    # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
-    # reproduces that exactly (see keraslm.training.step); on for the GluonNLP presets.
-    two_biases: bool = False
-
-    def __post_init__(self) -> None:
-        if self.vocab_size < 2:
-            raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
-        if min(self.emsize, self.nhid, self.nlayers) < 1:
-            raise UserError("--emsize, --nhid and --nlayers must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.tied and self.emsize != self.nhid:
-            raise UserError(
-                f"tied embeddings need --emsize == --nhid (got {self.emsize} and {self.nhid}); "
-                "use --no-tied for different sizes"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def state_names(self) -> list[str]:
-        """Names of the state tensors, in the order the model takes and returns them."""
-        return [f"{kind}{layer}" for layer in range(self.nlayers) for kind in ("h", "c")]
-
-    def num_parameters(self) -> int:
-        """Trainable parameters (tied weights counted once)."""
-        v, e, h = self.vocab_size, self.emsize, self.nhid
-        lstm = sum(4 * h * ((e if i == 0 else h) + h + 1) for i in range(self.nlayers))
-        decoder = v + (0 if self.tied else v * h)
-        return v * e + lstm + decoder
-
-
-# GluonNLP's standard_lstm_lm_* models: embedding = hidden size, 2 layers, tied weights, and
-# MXNet's two LSTM biases.
-PRESETS: dict[str, dict] = {
-    name: {"emsize": size, "nhid": size, "nlayers": 2, "dropout": dropout, "tied": True,
-           "two_biases": True}
-    for name, size, dropout in (("standard_lstm_lm_200", 200, 0.2),
-                                ("standard_lstm_lm_650", 650, 0.5),
-                                ("standard_lstm_lm_1500", 1500, 0.65))
-}
-
-
-def preset_config(name: str, vocab_size: int, **overrides) -> LMConfig:
-    """The preset `name` for a vocabulary, with any fields overridden (None means keep)."""
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name])
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return LMConfig(vocab_size=vocab_size, **fields)
+__all__ = ["PRESETS", "KeyedDropout", "LMConfig", "TiedOutput", "build_model", "load_run_model",
+           "lstm_biases", "preset_config", "split_decoder"]
 
 
 def _fmix32(h: tf.Tensor) -> tf.Tensor:
@@ -217,3 +150,19 @@ def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.Variable, kera
     if isinstance(decoder, TiedOutput):
         return features, decoder.embedding.embeddings, decoder.bias, True
     return features, decoder.kernel, decoder.bias, False
+
+
+def load_run_model(run: RunDir | str | os.PathLike) -> tuple[keras.Model, LMConfig]:
+    """A run's model with its best weights (what evaluation and export use), and its config."""
+    run = run if isinstance(run, RunDir) else resolve_run(run)
+    config = run.model_config()
+    if not run.best_weights_path.is_file():
+        raise UserError(f"{run.path}: no {run.best_weights_path.name} "
+                        "(the run has not finished an epoch)")
+    model = build_model(config)
+    try:
+        model.load_weights(run.best_weights_path)
+    except (ValueError, OSError, KeyError) as err:  # what Keras raises for a bad file
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{run.best_weights_path}: cannot load the weights ({first_line})") from None
+    return model, config

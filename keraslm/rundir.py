@@ -8,20 +8,24 @@
     logs/              TensorBoard event files
 
 This module does not import TensorFlow; weight files are written by callers through
-`atomic_path`, which hands out a temporary name and renames it into place on success.
+`atomic_path` (keraslm.files), which hands out a temporary name and renames it into place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from keraslm.config import LMConfig
 from keraslm.errors import UserError
+from keraslm.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from keraslm.vocab import Vocab
+
+__all__ = ["RunDir", "atomic_path", "new_run_name", "newest", "read_json", "resolve_run",
+           "write_json_atomic", "write_text_atomic"]
 
 DEFAULT_RUNS_ROOT = Path("runs")
 CONFIG = "config.json"
@@ -30,55 +34,6 @@ BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 LOGS = "logs"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    The temporary name keeps the final suffix (Keras insists on `.weights.h5`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a mix."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON object, turning a missing or corrupt file into a one-line UserError."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
 class RunDir:
@@ -110,6 +65,21 @@ class RunDir:
 
     def read_config(self) -> dict:
         return read_json(self.config_path)
+
+    def model_config(self) -> LMConfig:
+        """The model the run trains, from its config.json."""
+        model = self.read_config().get("model")
+        if not isinstance(model, dict):
+            raise UserError(f"{self.config_path}: no model config")
+        return LMConfig.from_dict(model)
+
+    def read_vocab(self, expected_size: int) -> Vocab:
+        """The run's vocabulary, checked against the model's `expected_size`."""
+        vocab = Vocab.load(self.vocab_path)
+        if len(vocab) != expected_size:
+            raise UserError(f"{self.vocab_path}: {len(vocab)} tokens but the run's model has "
+                            f"{expected_size}: vocabulary and run do not match")
+        return vocab
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.config_path, config)

@@ -247,15 +247,6 @@ def _moses_tokenize(text: str, escape: bool, protected: tuple[str, ...]) -> list
 
 # --- punkt ------------------------------------------------------------------------------------
 
-_nltk_data_override: tuple[Path, ...] | None = None
-
-
-def use_nltk_data(nltk_data: NltkDirs) -> None:
-    """Make every pipeline in this process look for punkt only in ``nltk_data`` (None: defaults)."""
-    global _nltk_data_override
-    _nltk_data_override = None if nltk_data is None else _as_dirs(nltk_data)
-
-
 def default_nltk_dirs() -> list[Path]:
     """Where punkt is looked for by default: ``$NLTK_DATA`` entries, then ``<data root>/nltk_data``.
 
@@ -270,15 +261,13 @@ def default_nltk_dirs() -> list[Path]:
 def punkt_tokenizer(nltk_data: NltkDirs = None, *, download: bool = True) -> Any:
     """The NLTK punkt ``english`` sentence tokenizer (``punkt_tab``, no pickles), cached.
 
-    Looks in ``nltk_data`` (a folder or list of folders) if given, else in the folders set by
-    ``use_nltk_data``, else in ``default_nltk_dirs()`` and then NLTK's own search path. If it is
+    Looks in ``nltk_data`` (a folder or list of folders) if given, else in
+    ``default_nltk_dirs()`` and then NLTK's own search path. If it is
     missing, downloads it into the last folder searched (``download=True``); failing that, raises
     UserError saying where it looked and how to install it offline.
     """
     if nltk_data is not None:
         dirs, explicit = _as_dirs(nltk_data), True
-    elif _nltk_data_override is not None:
-        dirs, explicit = _nltk_data_override, True
     else:
         dirs, explicit = tuple(default_nltk_dirs()), False
     return _load_punkt(dirs, explicit, download)

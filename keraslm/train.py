@@ -1,113 +1,96 @@
 """CLI: train an LSTM language model — `python -m keraslm.train`.
 
 With no flags: GluonNLP's tutorial (standard_lstm_lm_200 on WikiText-2, batch 20, bptt 35,
-lr 20, clip 0.25, 3 epochs) into `runs/<name>/`.
+lr 20, clip 0.25, 3 epochs) into `runs/<name>/`. The flags are the fields of
+`keraslm.config.TrainConfig`; `--resume RUN` continues a run with its saved settings and the
+flags given again (those a resumed run may change: epochs, logging, devices, data root).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import signal
 import sys
+import types
+import typing
+from typing import Any
 
+from keraslm.config import FIELDS, SECTIONS, TrainConfig, flag_name, resume_config
 from keraslm.errors import UserError
+from keraslm.rundir import resolve_run
+
+TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m keraslm.train", description=__doc__.splitlines()[0])
-    data = p.add_argument_group("data")
-    data.add_argument("--corpus", default=None, help="named corpus (default wikitext-2)")
-    for split in ("train", "valid", "test"):
-        data.add_argument(f"--{split}", metavar="PATH", help=f"your own {split} file")
-    data.add_argument("--format", choices=("tokens", "raw"), default=None,
-                      help="tokens: one sample per line, whitespace tokens; raw: sentences + Moses")
-    data.add_argument("--moses-tutorial", action="store_true",
-                      help="the tutorial's Moses settings (XML escaping on, <unk> not protected)")
-    data.add_argument("--data-root", default=None, help="corpora folder (default $KERASLM_DATA)")
-    data.add_argument("--min-freq", type=int, default=1)
-    data.add_argument("--max-vocab", type=int, default=None)
-
-    model = p.add_argument_group("model")
-    model.add_argument("--preset", default="standard_lstm_lm_200")
-    model.add_argument("--emsize", type=int, default=None)
-    model.add_argument("--nhid", type=int, default=None)
-    model.add_argument("--nlayers", type=int, default=None)
-    model.add_argument("--dropout", type=float, default=None)
-    model.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None)
-    model.add_argument("--two-biases", action=argparse.BooleanOptionalAction, default=None,
-                       help="MXNet's twin LSTM biases (on for the GluonNLP presets)")
-
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=3)
-    opt.add_argument("--batch-size", type=int, default=20)
-    opt.add_argument("--bptt", type=int, default=35)
-    opt.add_argument("--lr", type=float, default=20.0)
-    opt.add_argument("--clip", type=float, default=0.25, help="global gradient norm (0: off)")
-    opt.add_argument("--lr-decay", type=float, default=0.25,
-                     help="learning-rate factor when validation perplexity does not improve")
-    opt.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    opt.add_argument("--momentum", type=float, default=0.0)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--last-batch", choices=("discard", "keep"), default="discard",
-                     help="training batches: drop the incomplete tail (tutorial) or pad it")
-    opt.add_argument("--eval-batch-size", type=int, default=10)
-    opt.add_argument("--test-batch-size", type=int, default=1)
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--max-batches", type=int, default=None,
-                     help="stop each epoch after this many batches (quick trials)")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--runs-dir", default="runs")
-    run.add_argument("--name", default=None, help="run name (default run-<timestamp>)")
-    run.add_argument("--resume", metavar="RUN", default=None,
-                     help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--finetune-from", metavar="RUN", default=None,
-                     help="start from a run's best weights and vocabulary")
-    run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                     help="also save a resumable checkpoint every N batches")
-    run.add_argument("--log-interval", type=int, default=200)
-    run.add_argument("--cpu-replicas", type=int, default=None,
-                     help="split the CPU into N replicas (when there is no GPU)")
-    run.add_argument("--strategy", choices=("mirrored", "multiworker"), default="mirrored",
-                     help="multiworker: MultiWorkerMirroredStrategy over the hosts in $TF_CONFIG "
-                          "(run the same command on every host; only the chief writes the run)")
-    run.add_argument("--log-losses", metavar="PATH", default=None,
-                     help="debug: append every step's loss, lr and gradient norm to PATH (JSON "
-                          "lines; each process its own file, not inherited by --resume)")
-    run.add_argument("--jit", action="store_true",
-                     help="XLA-compile the whole per-replica step (measured slower on CPU; "
-                          "the decoder's element-wise work is always compiled)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    """One option per config field; an option not given is absent from the parsed namespace."""
+    parser = argparse.ArgumentParser(prog="python -m keraslm.train",
+                                     description=__doc__.splitlines()[0],
+                                     argument_default=argparse.SUPPRESS)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(TITLES[section])
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            group.add_argument(flag_name(field.name), dest=field.name,
+                               **_argument(field, hints[field.name]))
+    return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or `kill`), handled like Ctrl-C: save a checkpoint, then stop."""
+def _argument(field: dataclasses.Field, hint: Any) -> dict:
+    meta = field.metadata
+    help_text = meta["help"] + ("" if field.default is None or isinstance(field.default, bool)
+                                else f" (default {field.default})")
+    options: dict[str, Any] = {"help": help_text}
+    kind = _base_type(hint)
+    if kind is bool:
+        options["action"] = ("store_true" if field.default is False
+                             else argparse.BooleanOptionalAction)
+        return options
+    options["type"] = kind
+    if meta["choices"]:
+        options["choices"] = meta["choices"]
+    if meta["metavar"]:
+        options["metavar"] = meta["metavar"]
+    return options
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+def _base_type(hint: Any) -> type:
+    """int for `int`, `int | None` and `Optional[int]`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def config_from_argv(argv: list[str] | None) -> TrainConfig:
+    """The run's configuration from the command line (the saved one, for --resume)."""
+    given = vars(build_parser().parse_args(argv))
+    if "resume" not in given:
+        return TrainConfig.from_values(given)
+    run = resolve_run(given["resume"], given.get("runs_dir", FIELDS["runs_dir"][1].default))
+    return resume_config(TrainConfig.from_saved(run.read_config()), given)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        from keraslm.fit import run_training
+        config = config_from_argv(argv)
+        from keraslm.training import Stopped, train  # TensorFlow: only once the flags are good
 
-        run_training(args, argv if argv is not None else sys.argv[1:])
+        try:
+            train(config, command=[sys.executable, "-m", "keraslm.train", *argv])
+        except Stopped as stopped:
+            what = "interrupted" if stopped.exit_status == 130 else "terminated"
+            print(f"{what}: {stopped}", file=sys.stderr)
+            return stopped.exit_status
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:
-        what = "terminated" if isinstance(err, Terminated) else "interrupted"
-        print(f"{what}: {err or 'a resumable checkpoint was saved'}", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

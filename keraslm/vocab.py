@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from keraslm.errors import UserError
-from keraslm.rundir import write_text_atomic
+from keraslm.files import write_text_atomic
 
 FORMAT = "keraslm-vocab"
 VERSION = 1

@@ -21,7 +21,7 @@ os.environ.setdefault("NLTK_DATA", str(DATA_ROOT / "nltk_data"))
 TEST_CPU_REPLICAS = 2
 
 try:
-    from keraslm.devices import configure_cpu_devices
+    from keraslm.training.devices import configure_cpu_devices
 except ImportError:  # a serving-only install has no TensorFlow
     configure_cpu_devices = None
 if configure_cpu_devices is not None:

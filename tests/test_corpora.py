@@ -27,7 +27,6 @@ from keraslm.corpora import (
     corpus_file,
     data_root,
     get_corpus,
-    nltk_data_dirs,
     resolve_split,
     sha1_of,
     split_by_lines,
@@ -137,13 +136,6 @@ def test_data_root_precedence(monkeypatch, tmp_path):
     assert data_root(tmp_path / "flag") == tmp_path / "flag"
     monkeypatch.chdir(tmp_path)
     assert data_root("relative") == tmp_path / "relative"
-
-
-def test_nltk_data_dirs_puts_env_first_then_the_data_root(monkeypatch, tmp_path):
-    monkeypatch.setenv("NLTK_DATA", os.pathsep.join(["/a", "/b"]))
-    assert nltk_data_dirs(tmp_path) == [Path("/a"), Path("/b"), tmp_path / "nltk_data"]
-    monkeypatch.delenv("NLTK_DATA")
-    assert nltk_data_dirs(tmp_path) == [tmp_path / "nltk_data"]
 
 
 def test_corpora_module_does_not_import_tensorflow():

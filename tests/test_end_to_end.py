@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export.to_onnx import export_run, load_keras_model
+from export.to_onnx import export_run
 from keraslm import train as train_cli
-from keraslm.evaluate import evaluate_run
+from keraslm.evaluation import evaluate_run
+from keraslm.model import load_run_model
 from keraslm.vocab import Vocab
 from serve.scorer import Scorer
 
@@ -56,7 +57,7 @@ def test_scorer_equals_keras_evaluation_on_the_whole_valid_split(trained, data_r
 @pytest.mark.parametrize("batch", [1, 20])
 def test_per_token_logprobs_match_keras(trained, data_root, batch):
     run, bundle = trained
-    model, config = load_keras_model(run)
+    model, config = load_run_model(run)
     vocab = Vocab.load(run / "vocab.json")
     text = (data_root / "wikitext-2" / "wiki.test.tokens").read_text(encoding="utf-8")
     ids = vocab.encode(text.split()[: batch * 41])

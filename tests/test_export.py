@@ -20,8 +20,8 @@ import tensorflow as tf
 from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
 
 from export import graph
-from export.to_onnx import DEFAULT_OPSET, export_run, load_keras_model, main
-from keraslm.model import LMConfig
+from export.to_onnx import DEFAULT_OPSET, export_run, main
+from keraslm.model import LMConfig, load_run_model
 from keraslm.vocab import Vocab
 
 VOCAB_SIZE = 150
@@ -53,7 +53,7 @@ def exported(request, text, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     run = make_run(root / "runs" / request.param, config, vocab, seed=1)
     bundle = export_run(run, root / "bundles" / request.param)
-    model, _ = load_keras_model(run)
+    model, _ = load_run_model(run)
     return {"config": config, "run": run, "bundle": bundle, "model": model,
             "session": session(bundle / "model.onnx")}
 

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 from helpers_runs import wikitext_slices
 
-from keraslm import checkpoint
 from keraslm import train as train_cli
+from keraslm.errors import UserError
 from keraslm.model import LMConfig, build_model
 from keraslm.rundir import atomic_path
-from keraslm.trainer import Trainer
+from keraslm.training import checkpoint
+from keraslm.training.step import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,10 @@ class FakeVariable:
     def __init__(self, value):
         self.value = np.asarray(value)
 
+    @property
+    def shape(self):
+        return self.value.shape
+
     def numpy(self):
         return self.value
 
@@ -79,8 +84,8 @@ class FakeModel:
 
 
 class FakeOptimizer:
-    def __init__(self, count: int):
-        self.variables = [FakeVariable(0.0) for _ in range(count)]
+    def __init__(self, count: int, shape: tuple = ()):
+        self.variables = [FakeVariable(np.zeros(shape, np.float32)) for _ in range(count)]
 
 
 SAVE_LOOP = textwrap.dedent("""
@@ -89,7 +94,7 @@ SAVE_LOOP = textwrap.dedent("""
     from pathlib import Path
     from types import SimpleNamespace as Fake
     import numpy as np
-    from keraslm import checkpoint
+    from keraslm.training import checkpoint
 
     def slow_write(self, data):  # a slow disk: most of the loop's time is spent mid-write
         with open(self, "wb") as f:
@@ -114,7 +119,7 @@ SAVE_LOOP = textwrap.dedent("""
 def load_consistent(path: Path) -> int:
     """Load a checkpoint the loop wrote; every array must come from one and the same save."""
     model = FakeModel([np.zeros((300, 300), np.float32), np.zeros(40, np.float32)])
-    optimizer = FakeOptimizer(2)
+    optimizer = FakeOptimizer(2, (300, 300))
     progress, state = checkpoint.load(path, model, optimizer)
     step = progress.batch
     for array in [*model.weights, *(v.value for v in optimizer.variables), *state]:
@@ -175,7 +180,8 @@ def test_a_save_that_fails_midway_leaves_the_previous_files_loadable(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot save the checkpoint .No space left on device.; "
+                                        "the previous checkpoint is kept"):
         checkpoint.save(ckpt, model, optimizer, checkpoint.Progress(batch=2), None)
     monkeypatch.undo()
     # a crash after the new weights were written, before the rename

@@ -161,7 +161,7 @@ def test_score_file_memory_does_not_grow_with_the_corpus(scorer, wiki_excerpt, t
 def test_score_file_equals_keras_evaluate_on_wikitext2_valid(tiny_bundle, scorer,  # noqa: F811
                                                              data_root):
     """The whole WikiText-2 valid split: ONNX scorer vs keraslm.evaluate at the same batch size."""
-    from keraslm.evaluate import evaluate_run
+    from keraslm.evaluation import evaluate_run
 
     valid = data_root / "wikitext-2" / "wiki.valid.tokens"
     expected = evaluate_run(tiny_bundle.run, str(valid), batch_size=20, bptt=35,

@@ -17,10 +17,10 @@ import tensorflow as tf
 from helpers_runs import wikitext_slices
 
 from keraslm import train as train_cli
-from keraslm.devices import make_strategy
-from keraslm.evaluate import evaluate_run
+from keraslm.evaluation import evaluate_run
 from keraslm.model import KeyedDropout, LMConfig, build_model
-from keraslm.trainer import Trainer, distribute_columns, make_optimizer, noise_keys
+from keraslm.training.devices import make_strategy
+from keraslm.training.step import Trainer, distribute_columns, make_optimizer, noise_keys
 
 REPO = Path(__file__).resolve().parents[1]
 

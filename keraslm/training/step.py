@@ -1,4 +1,4 @@
-"""Truncated-BPTT training and evaluation under a tf.distribute strategy.
+"""The distributed truncated-BPTT training step under a tf.distribute strategy.
 
 Each replica owns a fixed slice of the batch columns and its own LSTM state, which the loop
 carries from batch to batch as the per-replica values `strategy.run` returns. The loss is the
@@ -10,8 +10,6 @@ gradient). Everything else (logging, checkpoints, learning-rate decisions) is pl
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import keras
@@ -20,16 +18,15 @@ import tensorflow as tf
 
 from keraslm.batching import PAD_TARGET
 from keraslm.errors import UserError
+from keraslm.evaluation import Evaluator, masked_nll_sum
 from keraslm.losses import decoder_nll_sum
-from keraslm.model import lstm_biases, split_decoder
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+from keraslm.model import lstm_biases
 
 
 @dataclass(frozen=True)
 class StepResult:
+    """What one step reports: the global batch's summed NLL, its targets, the gradient norm."""
+
     nll_sum: float
     num_targets: int
     grad_norm: float
@@ -198,81 +195,3 @@ class Trainer:
             tf.constant(float(num_targets)),
         )
         return StepResult(float(nll), num_targets, float(norm)), new_state
-
-
-class Evaluator:
-    """Sum of NLL and number of targets over BPTT batches, state carried from a zero start.
-
-    Runs on the default device outside `strategy.run`: evaluation needs no gradients, and this
-    way any batch size works whatever the number of replicas.
-    """
-
-    def __init__(self, model: keras.Model, *, jit_compile: bool = False,
-                 fused_decoder: bool = True):
-        self.model = model
-        self.fused_decoder = fused_decoder
-        self.features, *self.decoder = split_decoder(model)
-        self.nhid = model.get_layer("lstm0").units
-        self.num_states = len(model.inputs) - 2
-        self._step = tf.function(self._step_impl, jit_compile=jit_compile)
-
-    def _step_impl(self, inputs, targets, state):
-        keys = tf.zeros(tf.shape(inputs)[:1], tf.int32)
-        if not self.fused_decoder:
-            logits, *new_state = self.model([inputs, keys, *state], training=False)
-            return masked_nll_sum(logits, targets), tuple(new_state)
-        hidden, *new_state = self.features([inputs, keys, *state], training=False)
-        kernel, bias, transposed = self.decoder
-        nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
-        return nll_sum, tuple(new_state)
-
-    def __call__(self, batches) -> tuple[float, int]:
-        state = None
-        nll_total, count = 0.0, 0
-        for inputs, targets in batches:
-            if state is None:
-                state = tuple(tf.zeros((len(inputs), self.nhid)) for _ in range(self.num_states))
-            nll, state = self._step(tf.constant(inputs), tf.constant(targets), state)
-            nll_total += float(nll)
-            count += int(np.count_nonzero(targets != PAD_TARGET))
-        return nll_total, count
-
-
-def masked_nll_sum(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
-    """Sum of token NLL over non-padding targets (padding is masked before the loss op)."""
-    mask = tf.not_equal(targets, PAD_TARGET)
-    safe_targets = tf.where(mask, targets, tf.zeros_like(targets))
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_targets, logits=logits)
-    return tf.reduce_sum(tf.where(mask, nll, tf.zeros_like(nll)))
-
-
-def perplexity(nll_sum: float, count: int) -> float:
-    """exp(mean token NLL); inf when the mean overflows."""
-    if count == 0:
-        return float("nan")
-    mean = nll_sum / count
-    return math.exp(mean) if mean < 700 else float("inf")
-
-
-class Throughput:
-    """Tokens per wall-clock second over a window."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
-
-    def add(self, tokens: int, samples: int) -> None:
-        self.tokens += tokens
-        self.samples += samples
-
-    @property
-    def seconds(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds
-
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds

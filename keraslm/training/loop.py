@@ -1,9 +1,10 @@
-"""The epoch loop of a training run.
+"""The epoch loop of a training run: plain Python bookkeeping around the distributed step.
 
 Each epoch reads top to bottom: reset (or restore) the LSTM state, train with the state carried
 from batch to batch, validate, keep the best weights and report test perplexity or decay the
-learning rate, record the epoch, checkpoint. The distributed step itself lives in `trainer.py`;
-this is plain Python bookkeeping around it.
+learning rate, record the epoch, checkpoint. A stop request (Ctrl-C, SIGTERM) is honoured only at
+consistent points: after a step's bookkeeping, or after the end of an epoch was recorded and
+checkpointed, so a resumed run is bit-identical to an uninterrupted one.
 
 A multi-worker run executes this same loop on every worker in lock step: each collective (the
 gradient all-reduce, gathering the LSTM state for a checkpoint, agreeing on validation figures)
@@ -12,6 +13,7 @@ is reached by every worker at the same point. Only the chief writes the run dire
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,58 +23,48 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keraslm import checkpoint
-from keraslm.devices import is_multiworker
 from keraslm.errors import UserError
+from keraslm.evaluation import perplexity
 from keraslm.model import build_model
 from keraslm.rundir import RunDir, atomic_path, resolve_run
-from keraslm.trainer import (
-    Throughput,
-    Trainer,
-    TrainingDiverged,
-    make_optimizer,
-    noise_keys,
-    perplexity,
-)
+from keraslm.training import checkpoint
+from keraslm.training.devices import is_multiworker
+from keraslm.training.signals import Stopped, StopRequest
+from keraslm.training.step import Trainer, make_optimizer, noise_keys
 
-# What every worker of a multi-worker run must share, or their collectives would not line up.
-SHARED_ARGS = ("epochs", "batch_size", "bptt", "lr", "clip", "lr_decay", "optimizer", "momentum",
-               "weight_decay", "last_batch", "eval_batch_size", "test_batch_size", "seed",
-               "max_batches", "checkpoint_every")
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite."""
 
 
 class EpochLoop:
-    """Trains `setup` (see keraslm.fit.prepare) on `strategy` for the remaining epochs."""
+    """Trains a prepared run (see `keraslm.training.run.prepare`) for its remaining epochs."""
 
-    def __init__(self, setup, strategy: tf.distribute.Strategy, argv: list[str], *,
-                 resuming: bool):
-        from keraslm.fit import run_config
-
-        self.setup, self.args, self.run_dir = setup, setup.args, setup.run
+    def __init__(self, setup, strategy: tf.distribute.Strategy, stop: StopRequest):
+        self.setup, self.run_dir, self.stop = setup, setup.run, stop
+        self.optim, self.options = setup.config.optim, setup.config.run
         self.strategy = strategy
-        args = self.args
-        tf.keras.utils.set_random_seed(args.seed)
+        optim = self.optim
+        tf.keras.utils.set_random_seed(optim.seed)
         with strategy.scope():
-            self.model = build_model(setup.config, seed=args.seed)
-            self.optimizer = make_optimizer(args.optimizer, args.lr, args.momentum,
-                                            args.weight_decay)
-        if args.finetune_from and not resuming:
-            self.model.load_weights(resolve_run(args.finetune_from, args.runs_dir)
-                                    .best_weights_path)
-        self.trainer = Trainer(self.model, self.optimizer, strategy, clip=args.clip,
-                               two_biases=setup.config.two_biases, jit_compile=args.jit)
+            self.model = build_model(setup.model_config, seed=optim.seed)
+            self.optimizer = make_optimizer(optim.optimizer, optim.lr, optim.momentum,
+                                            optim.weight_decay)
+        if self.options.finetune_from and not setup.resuming:
+            source = resolve_run(self.options.finetune_from, self.options.runs_dir)
+            self.model.load_weights(source.best_weights_path)
+        self.trainer = Trainer(self.model, self.optimizer, strategy, clip=optim.clip,
+                               two_biases=setup.model_config.two_biases,
+                               jit_compile=self.options.jit)
         self.checkpoint_path = self.run_dir.checkpoint_dir / checkpoint.CHECKPOINT_FILE
         self.saved_state = None
-        if resuming:
+        if setup.resuming:
             self.progress, self.saved_state = checkpoint.load(self.checkpoint_path, self.model,
                                                               self.optimizer)
             if setup.is_chief:
                 remove_temporaries(self.run_dir)
         else:
             self.progress = checkpoint.Progress()
-            if setup.is_chief:
-                self.run_dir.write_config(run_config(setup, argv))
-                setup.vocab.save(self.run_dir.vocab_path)
         if is_multiworker(strategy):
             mine = fingerprint(setup, self.progress)
             if not np.array_equal(self.trainer.agree(mine), mine):
@@ -82,20 +74,21 @@ class EpochLoop:
         self.writer = (tf.summary.create_file_writer(str(self.run_dir.logs_dir))
                        if setup.is_chief else None)
         train = setup.batches["train"]
-        self.num_batches = len(train) if args.max_batches is None else min(len(train),
-                                                                          args.max_batches)
+        self.num_batches = min(len(train), optim.max_batches or len(train))
 
     def run(self) -> None:
         """Train until the configured number of epochs is done."""
         setup, progress = self.setup, self.progress
-        say(f"run {self.run_dir.path} | {setup.config.num_parameters():,} parameters | "
+        say(f"run {self.run_dir.path} | {setup.model_config.num_parameters():,} parameters | "
             f"{self.strategy.num_replicas_in_sync} replica(s) | {self.num_batches} batches/epoch"
             f" | vocab {len(setup.vocab):,}")
         tokens, seconds = 0, 0.0
-        while progress.epoch < self.args.epochs:
+        while progress.epoch < self.optim.epochs:
             epoch_tokens, epoch_seconds = self.train_epoch()
             self.end_epoch(epoch_seconds)
             tokens, seconds = tokens + epoch_tokens, seconds + epoch_seconds
+            if progress.epoch < self.optim.epochs:
+                self.stop_if_requested(None)  # the end-of-epoch checkpoint is already saved
         if tokens:
             say(f"done | {tokens:,} training tokens at {tokens / seconds:,.0f} tokens/s (training "
                 f"time only) | best valid ppl {math.exp(progress.best_val_loss):.2f} | "
@@ -103,26 +96,26 @@ class EpochLoop:
 
     def train_epoch(self) -> tuple[int, float]:
         """Train the rest of the current epoch; returns its (target tokens, seconds)."""
-        args, progress, trainer = self.args, self.progress, self.trainer
+        optim, options, progress, trainer = self.optim, self.options, self.progress, self.trainer
         epoch, train = progress.epoch, self.setup.batches["train"]
         if progress.batch > 0 and self.saved_state is not None:
             state = trainer.state_from_numpy(self.saved_state)
         else:
-            state = trainer.zero_state(args.batch_size)
+            state = trainer.zero_state(optim.batch_size)
         self.saved_state = None
         window, window_nll = Throughput(), 0.0
-        bar = progress_bar(self.num_batches, progress.batch, epoch, args.quiet)
+        bar = progress_bar(self.num_batches, progress.batch, epoch, options.quiet)
         clock = time.perf_counter() - progress.epoch_seconds
         try:
             for i in range(progress.batch, self.num_batches):
                 inputs, targets = train[i]
-                keys = noise_keys(args.seed, epoch, i, args.batch_size)
+                keys = noise_keys(optim.seed, epoch, i, optim.batch_size)
                 result, state = trainer.train_step(inputs, targets, keys, state)
                 if not math.isfinite(result.nll_sum):
                     raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
                                            f"batch {i + 1}; {self.last_good()}")
-                if args.log_losses:
-                    append_line(args.log_losses, {
+                if options.log_losses:
+                    append_line(options.log_losses, {
                         "epoch": epoch + 1, "batch": i + 1, "lr": trainer.learning_rate,
                         "loss": result.nll_sum / max(result.num_targets, 1),
                         "grad_norm": result.grad_norm})
@@ -130,28 +123,21 @@ class EpochLoop:
                 progress.epoch_nll += result.nll_sum
                 progress.epoch_targets += result.num_targets
                 progress.epoch_tokens += result.num_targets
+                progress.epoch_seconds = time.perf_counter() - clock
                 window_nll += result.nll_sum
                 window.add(result.num_targets, inputs.shape[0])
                 if bar is not None:
                     bar.update(1)
-                if args.log_interval and progress.batch % args.log_interval == 0:
+                if options.log_interval and progress.batch % options.log_interval == 0:
                     loss = window_nll / max(window.tokens, 1)
                     say(f"epoch {epoch + 1} | batch {progress.batch}/{self.num_batches} | "
                         f"lr {trainer.learning_rate:.4g} | loss {loss:.2f} | ppl "
                         f"{math.exp(loss):.2f} | {window.tokens_per_second():,.0f} tokens/s | "
                         f"{window.samples_per_second():,.1f} samples/s", bar)
                     window, window_nll = Throughput(), 0.0
-                if args.checkpoint_every and progress.batch % args.checkpoint_every == 0:
-                    progress.epoch_seconds = time.perf_counter() - clock
+                if options.checkpoint_every and progress.batch % options.checkpoint_every == 0:
                     self.save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
-        except KeyboardInterrupt:
-            if is_multiworker(self.strategy):
-                # A save needs every worker (the state is gathered); the others are not stopping.
-                raise KeyboardInterrupt("no checkpoint is saved on an interrupt in a multi-worker "
-                                        "run; --resume continues from the last periodic one") from None
-            progress.epoch_seconds = time.perf_counter() - clock
-            self.save_checkpoint(state, f"epoch {epoch + 1}, batch {progress.batch}")
-            raise
+                self.stop_if_requested(state)
         finally:
             if bar is not None:
                 bar.close()
@@ -159,7 +145,7 @@ class EpochLoop:
 
     def end_epoch(self, seconds: float) -> dict:
         """Validate; keep the best weights and test them, or decay the learning rate; record."""
-        args, progress, trainer = self.args, self.progress, self.trainer
+        optim, progress, trainer = self.optim, self.progress, self.trainer
         epoch = progress.epoch
         batches = self.setup.batches
         train_ppl = perplexity(progress.epoch_nll, progress.epoch_targets)
@@ -168,8 +154,9 @@ class EpochLoop:
         record = {"epoch": epoch + 1, "lr": trainer.learning_rate, "train_ppl": train_ppl,
                   "val_ppl": perplexity(val_nll, val_count), "val_tokens": val_count,
                   "tokens_per_s": progress.epoch_tokens / seconds, "seconds": seconds,
-                  "batch_size": args.batch_size, "bptt": args.bptt,
-                  "eval_batch_size": args.eval_batch_size, "test_batch_size": args.test_batch_size}
+                  "batch_size": optim.batch_size, "bptt": optim.bptt,
+                  "eval_batch_size": optim.eval_batch_size,
+                  "test_batch_size": optim.test_batch_size}
         if val_nll / val_count < progress.best_val_loss:
             progress.best_val_loss = val_nll / val_count
             self.require_finite_weights(f"the end of epoch {epoch + 1}")
@@ -180,13 +167,15 @@ class EpochLoop:
             record.update(test_ppl=perplexity(test_nll, int(test_count)),
                           test_tokens=int(test_count), best=True)
         else:
-            trainer.learning_rate = trainer.learning_rate * args.lr_decay
+            trainer.learning_rate = trainer.learning_rate * optim.lr_decay
             record.update(best=False)
         say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
             f"{record['val_ppl']:.2f}" + (f" | test ppl {record['test_ppl']:.2f} (new best)"
                                           if record["best"] else
                                           f" | lr -> {trainer.learning_rate:.4g}"))
         if self.setup.is_chief:
+            # Keyed by epoch: a run stopped after this line but before the checkpoint below
+            # redoes the epoch's end on resume and replaces the row instead of adding one.
             self.run_dir.append_metrics(record)
             with self.writer.as_default(step=epoch + 1):
                 for key in ("train_ppl", "val_ppl", "test_ppl", "lr", "tokens_per_s"):
@@ -199,6 +188,25 @@ class EpochLoop:
         progress.epoch_tokens, progress.epoch_seconds = 0, 0.0
         self.save_checkpoint(None, f"the end of epoch {epoch + 1}")
         return record
+
+    def stop_if_requested(self, state) -> None:
+        """At a consistent point: if a signal asked to stop, save (single process) and stop.
+
+        `state` is the carried LSTM state mid-epoch; None at the end of an epoch, whose
+        checkpoint is already saved.
+        """
+        if not self.stop.requested:
+            return
+        where = f"epoch {self.progress.epoch + 1}, batch {self.progress.batch}"
+        if is_multiworker(self.strategy):
+            # A save needs every worker (the state is gathered); the others are not stopping.
+            raise Stopped(self.stop.signum, f"stopped at {where} without saving (a multi-worker "
+                                            f"run); --resume continues from the last periodic "
+                                            f"checkpoint")
+        if state is not None:
+            self.save_checkpoint(state, where)
+        raise Stopped(self.stop.signum, f"a resumable checkpoint was saved at {where}; continue "
+                                        f"with --resume {self.run_dir.path}")
 
     def save_checkpoint(self, state, where: str) -> None:
         """Every worker gathers the LSTM state; the chief writes it with weights and optimizer."""
@@ -214,23 +222,48 @@ class EpochLoop:
                                    f"saved and {self.last_good()}")
 
     def last_good(self) -> str:
+        """Where the last good checkpoint is, for error messages."""
         if not self.checkpoint_path.is_file():
             return "no checkpoint was saved before"
-        with np.load(self.checkpoint_path) as saved:
-            at = json.loads(saved["progress"].tobytes())
-        return (f"the last good checkpoint (epoch {at['epoch'] + 1}, batch {at['batch']}) "
+        try:
+            at = checkpoint.read_progress(self.checkpoint_path)
+        except UserError as err:
+            return f"the last checkpoint is unusable too ({err})"
+        return (f"the last good checkpoint (epoch {at.epoch + 1}, batch {at.batch}) "
                 f"is in {self.run_dir.checkpoint_dir}")
 
 
 def fingerprint(setup, progress: checkpoint.Progress) -> np.ndarray:
     """What must be identical on every worker, hashed: data, vocabulary, settings, position."""
     digest = hashlib.sha1()
-    settings = {k: getattr(setup.args, k) for k in SHARED_ARGS}
-    digest.update(json.dumps([settings, setup.config.to_dict(), progress.epoch, progress.batch,
-                              len(setup.vocab)], sort_keys=True).encode())
+    settings = {"optim": dataclasses.asdict(setup.config.optim),
+                "checkpoint_every": setup.config.run.checkpoint_every}
+    digest.update(json.dumps([settings, setup.model_config.to_dict(), progress.epoch,
+                              progress.batch, len(setup.vocab)], sort_keys=True).encode())
     for name in ("train", "valid", "test"):
         digest.update(np.ascontiguousarray(setup.splits[name].ids).tobytes())
     return np.array([int(digest.hexdigest()[:12], 16)], np.float64)  # exact in a float64
+
+
+class Throughput:
+    """Tokens per wall-clock second over a window."""
+
+    def __init__(self):
+        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
+
+    @property
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
 
 
 def append_line(path: str, record: dict) -> None:

@@ -1,0 +1,322 @@
+"""Typed configuration of a training run, free of TensorFlow and of argparse.
+
+A run is described by four sections: `DataConfig` (which text, how it is tokenized),
+`ModelOptions` (a GluonNLP preset and the sizes you change; resolved with the vocabulary into an
+`LMConfig`), `OptimConfig` (what shapes the weights) and `RunConfig` (where the run goes and how
+this process runs it). Each field carries its help text and what `--resume` does with it:
+
+    SAVED     fixed by the run: a resumed run keeps the saved value (giving another is an error)
+    OVERRIDE  a resumed run keeps the saved value unless the flag is given again
+    PROCESS   belongs to this process only: never saved, never inherited
+
+The command line (`keraslm.train`) is generated from these fields; `config.json` stores
+`TrainConfig.to_dict()`; `resume_config` merges a saved run with the flags given again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from keraslm.errors import UserError
+
+SAVED, OVERRIDE, PROCESS = "saved", "override", "process"
+
+
+def option(default: Any, help: str, *, resume: str = SAVED, choices: tuple | None = None,
+           metavar: str | None = None) -> Any:
+    """A config field with its command-line help and its `--resume` policy."""
+    return field(default=default, metadata={"help": help, "resume": resume, "choices": choices,
+                                            "metavar": metavar})
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Shape of an LSTM language model (what the run, the export and the bundle record)."""
+
+    vocab_size: int
+    emsize: int = 200
+    nhid: int = 200
+    nlayers: int = 2
+    dropout: float = 0.2
+    tied: bool = True
+    # MXNet's LSTM keeps two summed biases (i2h + h2h) that both get the same gradient: the
+    # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
+    # reproduces that exactly (see keraslm.training.step); on for the GluonNLP presets.
+    two_biases: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 2:
+            raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if min(self.emsize, self.nhid, self.nlayers) < 1:
+            raise UserError("--emsize, --nhid and --nlayers must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.tied and self.emsize != self.nhid:
+            raise UserError(
+                f"tied embeddings need --emsize == --nhid (got {self.emsize} and {self.nhid}); "
+                "use --no-tied for different sizes"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LMConfig:
+        """From `to_dict()`; fields a config from an older version lacks take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def state_names(self) -> list[str]:
+        """Names of the state tensors, in the order the model takes and returns them."""
+        return [f"{kind}{layer}" for layer in range(self.nlayers) for kind in ("h", "c")]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (tied weights counted once)."""
+        v, e, h = self.vocab_size, self.emsize, self.nhid
+        lstm = sum(4 * h * ((e if i == 0 else h) + h + 1) for i in range(self.nlayers))
+        decoder = v + (0 if self.tied else v * h)
+        return v * e + lstm + decoder
+
+
+# GluonNLP's standard_lstm_lm_* models: embedding = hidden size, 2 layers, tied weights, and
+# MXNet's two LSTM biases.
+PRESETS: dict[str, dict] = {
+    name: {"emsize": size, "nhid": size, "nlayers": 2, "dropout": dropout, "tied": True,
+           "two_biases": True}
+    for name, size, dropout in (("standard_lstm_lm_200", 200, 0.2),
+                                ("standard_lstm_lm_650", 650, 0.5),
+                                ("standard_lstm_lm_1500", 1500, 0.65))
+}
+
+
+def preset_config(name: str, vocab_size: int, **overrides) -> LMConfig:
+    """The preset `name` for a vocabulary, with any fields overridden (None means keep)."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return LMConfig(vocab_size=vocab_size, **fields)
+
+
+# ---- the sections of a training run -----------------------------------------------------------
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which text to train on and how to turn it into tokens."""
+
+    corpus: str | None = option(None, "named corpus (default wikitext-2 unless --train is given)")
+    train: str | None = option(None, "your own training file", metavar="PATH")
+    valid: str | None = option(None, "your own validation file", metavar="PATH")
+    test: str | None = option(None, "your own test file", metavar="PATH")
+    format: str | None = option(None, "tokens: one sample per line, whitespace tokens; raw: "
+                                      "sentences + Moses", choices=("tokens", "raw"))
+    moses_tutorial: bool = option(False, "the tutorial's Moses settings (XML escaping on, <unk> "
+                                         "not protected)")
+    data_root: str | None = option(None, "corpora folder (default $KERASLM_DATA)",
+                                   resume=OVERRIDE)
+    min_freq: int = option(1, "keep tokens seen at least this often in the training split")
+    max_vocab: int | None = option(None, "keep at most this many tokens (the most frequent)")
+
+    def __post_init__(self) -> None:
+        _require(self.min_freq >= 1, f"--min-freq must be at least 1, got {self.min_freq}")
+        _require(self.max_vocab is None or self.max_vocab >= 1,
+                 f"--max-vocab must be at least 1, got {self.max_vocab}")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """A GluonNLP preset and the sizes changed from it (None: the preset's)."""
+
+    preset: str = option("standard_lstm_lm_200", f"GluonNLP model preset: {', '.join(PRESETS)}")
+    emsize: int | None = option(None, "embedding size")
+    nhid: int | None = option(None, "LSTM hidden size")
+    nlayers: int | None = option(None, "LSTM layers")
+    dropout: float | None = option(None, "dropout rate")
+    tied: bool | None = option(None, "tie the input and output embeddings")
+    two_biases: bool | None = option(None, "MXNet's twin LSTM biases (on for the presets)")
+
+    def __post_init__(self) -> None:
+        _require(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of "
+                                         f"{', '.join(PRESETS)}")
+
+    def resolve(self, vocab_size: int) -> LMConfig:
+        """The model for a vocabulary of `vocab_size` tokens."""
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "preset"}
+        return preset_config(self.preset, vocab_size, **sizes)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Everything that decides the weights: batches, optimizer, schedule, seed."""
+
+    epochs: int = option(3, "epochs to train (in all, counting those already done)",
+                         resume=OVERRIDE)
+    batch_size: int = option(20, "training batch size (BPTT columns)")
+    bptt: int = option(35, "truncated-BPTT length")
+    lr: float = option(20.0, "initial learning rate")
+    clip: float = option(0.25, "global gradient norm (0: off)")
+    lr_decay: float = option(0.25, "learning-rate factor when validation perplexity does not "
+                                   "improve")
+    optimizer: str = option("sgd", "optimizer", choices=("sgd", "adam"))
+    momentum: float = option(0.0, "SGD momentum")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    last_batch: str = option("discard", "training batches: drop the incomplete tail (tutorial) "
+                                        "or pad it", choices=("discard", "keep"))
+    eval_batch_size: int = option(10, "validation batch size")
+    test_batch_size: int = option(1, "test batch size")
+    seed: int = option(0, "random seed (initialisation and dropout masks)")
+    max_batches: int | None = option(None, "stop each epoch after this many batches (quick "
+                                           "trials)")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "bptt", "eval_batch_size", "test_batch_size"):
+            value = getattr(self, name)
+            _require(value >= (0 if name == "epochs" else 1),
+                     f"--{_flag(name)} must be positive, got {value}")
+        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(self.clip >= 0, f"--clip must be 0 (off) or positive, got {self.clip}")
+        _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        _require(self.momentum >= 0 and self.weight_decay >= 0,
+                 "--momentum and --weight-decay must not be negative")
+        _require(self.max_batches is None or self.max_batches >= 1,
+                 f"--max-batches must be at least 1, got {self.max_batches}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run is written and how this process runs it."""
+
+    runs_dir: str = option("runs", "folder of runs", resume=PROCESS)
+    name: str | None = option(None, "run name (default run-<timestamp>)")
+    resume: str | None = option(None, "continue an interrupted run from its last checkpoint",
+                                resume=PROCESS, metavar="RUN")
+    finetune_from: str | None = option(None, "start from a run's best weights and vocabulary",
+                                       metavar="RUN")
+    checkpoint_every: int = option(0, "also save a resumable checkpoint every N batches",
+                                   resume=OVERRIDE, metavar="N")
+    log_interval: int = option(200, "print a progress line every N batches (0: never)",
+                               resume=OVERRIDE, metavar="N")
+    cpu_replicas: int | None = option(None, "split the CPU into N replicas (when there is no "
+                                            "GPU)", resume=OVERRIDE, metavar="N")
+    strategy: str = option("mirrored", "multiworker: MultiWorkerMirroredStrategy over the hosts "
+                                       "in $TF_CONFIG (run the same command on every host; only "
+                                       "the chief writes the run)",
+                           resume=OVERRIDE, choices=("mirrored", "multiworker"))
+    log_losses: str | None = option(None, "debug: append every step's loss, lr and gradient norm "
+                                          "to PATH (JSON lines, this process only)",
+                                    resume=PROCESS, metavar="PATH")
+    jit: bool = option(False, "XLA-compile the whole per-replica step (measured slower on CPU)",
+                       resume=OVERRIDE)
+    quiet: bool = option(False, "no progress bar", resume=OVERRIDE)
+
+    def __post_init__(self) -> None:
+        _require(self.checkpoint_every >= 0 and self.log_interval >= 0,
+                 "--checkpoint-every and --log-interval must not be negative")
+        _require(self.cpu_replicas is None or self.cpu_replicas >= 1,
+                 f"--cpu-replicas must be at least 1, got {self.cpu_replicas}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelOptions, "optim": OptimConfig,
+                             "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run: `train(TrainConfig(...))` is what `python -m keraslm.train` does."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+        """`base` (default: the defaults) with the fields named in `values` replaced."""
+        base = base or cls()
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise UserError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        sections = {}
+        for name in SECTIONS:
+            current = getattr(base, name)
+            changes = {k: v for k, v in values.items() if FIELDS[k][0] == name}
+            sections[name] = dataclasses.replace(current, **changes) if changes else current
+        return cls(**sections)
+
+    def values(self) -> dict[str, Any]:
+        """Every field by name (names are unique across sections)."""
+        return {name: getattr(getattr(self, section), name) for name, (section, _) in FIELDS.items()}
+
+    def to_dict(self) -> dict:
+        """What config.json keeps: every section, without this process's own fields."""
+        return {section: {f.name: getattr(getattr(self, section), f.name)
+                          for f in dataclasses.fields(cls) if f.metadata["resume"] != PROCESS}
+                for section, cls in SECTIONS.items()}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainConfig:
+        """From a run's config.json: `train` (this version) or the flat `args` of older runs.
+
+        Settings an older version recorded that no longer exist are ignored; ones it lacked take
+        their defaults.
+        """
+        if isinstance(saved.get("train"), dict):
+            values = {k: v for section in saved["train"].values() if isinstance(section, dict)
+                      for k, v in section.items()}
+        elif isinstance(saved.get("args"), dict):
+            values = saved["args"]
+        else:
+            raise UserError("the run's config.json records no training settings")
+        kept = {k: v for k, v in values.items()
+                if k in FIELDS and FIELDS[k][1].metadata["resume"] != PROCESS}
+        return cls.from_values(kept)
+
+
+def _all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    found: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in found, f"config field {f.name} appears in two sections"
+            found[f.name] = (section, f)
+    return found
+
+
+FIELDS = _all_fields()  # field name -> (section, dataclasses.Field)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def flag_name(name: str) -> str:
+    """The command-line option of a config field: `batch_size` -> `--batch-size`."""
+    return f"--{_flag(name)}"
+
+
+def resume_config(saved: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """The configuration that continues a run: the saved one, with the OVERRIDE and PROCESS
+    fields the user gave again. Giving a SAVED field a different value is an error, since the
+    run's weights already depend on it."""
+    for name, value in given.items():
+        section, f = FIELDS[name]
+        kept = getattr(getattr(saved, section), name)
+        if f.metadata["resume"] == SAVED and value != kept:
+            raise UserError(f"{flag_name(name)} cannot change when resuming: the run was "
+                            f"started with {kept!r}; start a new run (or --finetune-from it) "
+                            f"to change it")
+    changes = {name: value for name, value in given.items()
+               if FIELDS[name][1].metadata["resume"] != SAVED}
+    return TrainConfig.from_values(changes, base=saved)
