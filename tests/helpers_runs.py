@@ -40,7 +40,7 @@ def make_run(path: Path, config: LMConfig, vocab: Vocab, *, seed: int = 0,
     run.write_config({
         "model": config.to_dict(),
         "pipeline": TextPipeline().to_dict(),
-        "args": {"seed": seed},
+        "train": {"optim": {"seed": seed}},
         "corpora": corpora,
         "command": ["tests/helpers_runs.py"],
         "versions": {},

@@ -38,7 +38,7 @@ def trained(tmp_path_factory, data_root):
     assert train_cli.main(args) == 0
     run = root / "runs" / "two"
     config = json.loads((run / "config.json").read_text())
-    assert config["args"]["cpu_replicas"] == 2
+    assert config["train"]["run"]["cpu_replicas"] == 2
     bundle = export_run(run, root / "bundles" / "two")
     return run, bundle
 

@@ -246,3 +246,107 @@ def test_weights_gone_non_finite_are_never_checkpointed(corpus, tmp_path, capsys
     with np.load(runs / "n" / "checkpoint" / "latest.npz") as saved:
         assert json.loads(saved["progress"].tobytes())["batch"] == 2
         assert all(np.isfinite(saved[k]).all() for k in saved.files if k.startswith("weight_"))
+
+
+# ---- unusable checkpoints are one line, never a traceback -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    """A run stopped mid-way with a checkpoint, to resume from (copied by each test)."""
+    runs = tmp_path_factory.mktemp("trained") / "runs"
+    assert train_cli.main(tiny_args(corpus, runs, "--name", "t", "--checkpoint-every", "3",
+                                    "--max-batches", "3")) == 0
+    return runs
+
+
+def _spoil_truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _spoil_garbage(path: Path) -> None:
+    path.write_bytes(b"PK\x03\x04" + os.urandom(2000))
+
+
+def _spoil_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _spoil_foreign(path: Path) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, something=np.arange(3))
+
+
+def _spoil_progress(path: Path) -> None:
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["progress"] = np.frombuffer(b'{"epoch": 1, "bat', dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _spoil_other_model(path: Path) -> None:
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["weight_0"] = np.zeros((5, 5), np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (_spoil_truncated, "truncated or corrupt"), (_spoil_garbage, "truncated or corrupt"),
+    (_spoil_empty, "truncated or corrupt"), (_spoil_foreign, "not a keraslm checkpoint"),
+    (_spoil_progress, "progress record is corrupt"), (_spoil_other_model, "another model")])
+def test_an_unusable_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsys, spoil,
+                                                           reason):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained, runs)
+    path = runs / "t" / "checkpoint" / checkpoint.CHECKPOINT_FILE
+    spoil(path)
+    capsys.readouterr()
+    assert train_cli.main(["--resume", "t", "--runs-dir", str(runs), "--epochs", "2"]) == 1
+    line = error_line(capsys)
+    assert str(path) in line and reason in line
+
+
+def test_the_last_good_checkpoint_note_survives_a_corrupt_checkpoint(trained, tmp_path):
+    from types import SimpleNamespace
+
+    from keraslm.rundir import RunDir
+    from keraslm.training.loop import EpochLoop
+
+    run = RunDir(tmp_path / "t")
+    shutil.copytree(trained / "t", run.path)
+    path = run.checkpoint_dir / checkpoint.CHECKPOINT_FILE
+    loop = SimpleNamespace(checkpoint_path=path, run_dir=run)
+    assert "(epoch 2, batch 0)" in EpochLoop.last_good(loop)
+    _spoil_truncated(path)
+    note = EpochLoop.last_good(loop)
+    assert "unusable" in note and str(path) in note
+
+
+def test_a_resume_that_changes_a_fixed_setting_is_refused(trained, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained, runs)
+    assert train_cli.main(["--resume", "t", "--runs-dir", str(runs), "--lr", "3"]) == 1
+    assert "--lr cannot change when resuming" in error_line(capsys)
+
+
+def test_a_run_written_by_the_previous_version_still_resumes_and_exports(trained, tmp_path):
+    """Before the typed config, config.json kept the flat argparse namespace under "args" and
+    the model config had no two_biases."""
+    from export.to_onnx import export_run
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained, runs)
+    config_path = runs / "t" / "config.json"
+    config = json.loads(config_path.read_text())
+    flat = {k: v for section in config.pop("train").values() for k, v in section.items()}
+    config["args"] = {**flat, "resume": None, "runs_dir": "elsewhere", "retired_flag": 1}
+    del config["model"]["two_biases"]
+    config_path.write_text(json.dumps(config))
+
+    assert train_cli.main(["--resume", "t", "--runs-dir", str(runs), "--epochs", "2"]) == 0
+    records = [json.loads(line) for line in (runs / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    bundle = export_run(runs / "t", tmp_path / "bundle")
+    assert (bundle / "model.onnx").is_file()

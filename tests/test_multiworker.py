@@ -23,6 +23,7 @@ from keraslm import train as train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
+CLIP = 0.25  # inside the range of this setup's gradient norms (asserted on the reference)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,12 @@ def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
 
 
 def tiny_args(corpus, runs: Path, *extra: str) -> list[str]:
-    """12 batches of 4 columns a epoch, 2 epochs, dropout 0.2 (masks keyed by global column)."""
+    """12 batches of 4 columns a epoch, 2 epochs, dropout 0.2 (masks keyed by global column),
+    clipping at CLIP."""
     return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
             "--test", str(corpus["test"]), "--emsize", "8", "--nhid", "8", "--batch-size", "4",
             "--bptt", "10", "--eval-batch-size", "4", "--test-batch-size", "4", "--epochs", "2",
-            "--lr", "5", "--max-batches", "12", "--checkpoint-every", "4", "--runs-dir", str(runs),
+            "--lr", "5", "--clip", str(CLIP), "--max-batches", "12", "--checkpoint-every", "4", "--runs-dir", str(runs),
             "--log-interval", "0", "--quiet", *extra]
 
 
@@ -127,7 +129,10 @@ def reference(corpus, tmp_path_factory):
     argv = tiny_args(corpus, folder / "runs", "--name", "one", "--cpu-replicas", "2",
                      "--log-losses", str(folder / "losses.jsonl"))
     assert train_cli.main(argv) == 0
-    return {"run": folder / "runs" / "one", "losses": read_losses(folder / "losses.jsonl")}
+    losses = read_losses(folder / "losses.jsonl")
+    norms = [r["grad_norm"] for r in losses.values()]
+    assert min(norms) < CLIP < max(norms), "some steps must be clipped and some not"
+    return {"run": folder / "runs" / "one", "losses": losses}
 
 
 def test_two_workers_give_the_per_step_losses_of_one_process_and_write_one_run(
@@ -144,13 +149,14 @@ def test_two_workers_give_the_per_step_losses_of_one_process_and_write_one_run(
     for step, record in want.items():
         assert chief[step]["loss"] == pytest.approx(record["loss"], rel=1e-5), step
         assert chief[step]["lr"] == pytest.approx(record["lr"], rel=1e-6), step
+        assert chief[step]["grad_norm"] == pytest.approx(record["grad_norm"], rel=1e-5), step
     assert other == chief  # every worker saw the same losses and learning rates
 
     assert [p.name for p in runs.iterdir()] == ["mw"]  # one run directory, the chief's
     assert not list(cluster.tmp.iterdir())  # the other worker removed its scratch folder
     assert_same_epochs(metrics(runs / "mw"), metrics(reference["run"]))
     config = json.loads((runs / "mw" / "config.json").read_text())
-    assert config["args"]["strategy"] == "multiworker"
+    assert config["train"]["run"]["strategy"] == "multiworker"
     assert "end of epoch 2" in cluster.output(1)  # the other worker trained alongside
 
 

@@ -160,6 +160,7 @@ def test_resolve_bundle_by_path_by_name_and_newest(tiny_bundle, tmp_path):
     (root / "not-a-bundle").mkdir()
     past = time.time() - 100
     os.utime(old / "bundle.json", (past, past))
+    os.utime(new / "bundle.json")  # now: copytree kept the fixture's time, maybe older than past
     assert resolve_bundle(None, root) == new
     assert resolve_bundle("old", root) == old
     assert resolve_bundle(old, tmp_path / "elsewhere") == old

@@ -48,29 +48,39 @@ def sha1(path: Path) -> str:
 
 # ---- distributed exactness ---------------------------------------------------------------------
 
-def _train_steps(replicas: int, config: LMConfig, data: np.ndarray, steps: int, bptt: int):
+def _train_steps(replicas: int, config: LMConfig, data: np.ndarray, steps: int, bptt: int,
+                 clip: float):
     strategy = make_strategy(cpu_replicas=replicas)
     with strategy.scope():
         model = build_model(config, seed=7)
         optimizer = make_optimizer("sgd", 2.0)
-    trainer = Trainer(model, optimizer, strategy, clip=0.25)
+    trainer = Trainer(model, optimizer, strategy, clip=clip, two_biases=config.two_biases)
     state = trainer.zero_state(data.shape[0])
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         inputs = data[:, step * bptt:(step + 1) * bptt]
         targets = data[:, step * bptt + 1:(step + 1) * bptt + 1]
         result, state = trainer.train_step(inputs, targets, noise_keys(3, 0, step, len(data)), state)
         losses.append(result.nll_sum / result.num_targets)
-    return np.array(losses), [w.numpy() for w in model.weights], trainer.state_to_numpy(state)
+        norms.append(result.grad_norm)
+    return (np.array(losses), np.array(norms), [w.numpy() for w in model.weights],
+            trainer.state_to_numpy(state))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_two_replicas_give_the_same_losses_and_weights_as_one(dropout):
-    config = LMConfig(vocab_size=60, emsize=12, nhid=12, nlayers=2, dropout=dropout)
-    data = np.random.default_rng(0).integers(0, 60, (8, 6 * 7 + 1)).astype(np.int32)
-    one_losses, one_weights, one_state = _train_steps(1, config, data, 6, 7)
-    two_losses, two_weights, two_state = _train_steps(2, config, data, 6, 7)
+# clip 0.13 lies inside the range of this setup's gradient norms: some steps are clipped, some not
+@pytest.mark.parametrize(("dropout", "clip", "two_biases"),
+                         [(0.0, 0.0, False), (0.3, 0.0, True), (0.0, 0.13, False),
+                          (0.3, 0.13, True)])
+def test_two_replicas_give_the_same_losses_norms_and_weights_as_one(dropout, clip, two_biases):
+    config = LMConfig(vocab_size=60, emsize=12, nhid=12, nlayers=2, dropout=dropout,
+                      two_biases=two_biases)
+    data = np.random.default_rng(0).integers(0, 60, (8, 8 * 7 + 1)).astype(np.int32)
+    one_losses, one_norms, one_weights, one_state = _train_steps(1, config, data, 8, 7, clip)
+    two_losses, two_norms, two_weights, two_state = _train_steps(2, config, data, 8, 7, clip)
+    if clip:
+        assert (one_norms > clip).any() and (one_norms < clip).any(), one_norms
     np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
+    np.testing.assert_allclose(two_norms, one_norms, rtol=1e-5)
     for a, b in zip(one_weights, two_weights):
         np.testing.assert_allclose(b, a, atol=1e-5)
     for a, b in zip(one_state, two_state):  # each replica carried its own columns' state
