@@ -2,7 +2,7 @@
 
     python bench/bench_train.py [--batches 30] [--variants fused,fused+jit,unfused] [--no-torch]
 
-Times the real `keraslm.trainer.Trainer` step (fp32, full softmax, SGD, global-norm clipping,
+Times the real `keraslm.training.step.Trainer` step (fp32, full softmax, SGD, global-norm clipping,
 carried state, dropout) on the first WikiText-2 training batches, and the PyTorch
 `word_language_model` equivalent (bench/torch_word_lm.py, in its own process) on the same ids,
 in the same run. Prints tokens/s, achieved GFLOP/s (3x the forward FLOPs: forward + backward)

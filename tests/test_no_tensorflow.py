@@ -1,4 +1,4 @@
-"""The data side (text, vocab, batching) must work on a host without TensorFlow."""
+"""The data side (text, vocab, batching) and the configuration must work without TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import sys
-    import keraslm.text, keraslm.vocab, keraslm.batching
+    import keraslm.text, keraslm.vocab, keraslm.batching, keraslm.config, keraslm.rundir
     assert "tensorflow" not in sys.modules, "importing the data modules loaded TensorFlow"
+    from keraslm.config import TrainConfig
+    TrainConfig.from_values({"lr": 2.0, "preset": "standard_lstm_lm_650"}).model.resolve(100)
 
     # Using them, punkt and Moses included, must not load it either.
     from keraslm.text import RAW, WIKITEXT
