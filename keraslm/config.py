@@ -266,6 +266,19 @@ class TrainConfig:
                           for f in dataclasses.fields(cls) if f.metadata["resume"] != PROCESS}
                 for section, cls in SECTIONS.items()}
 
+    def to_argv(self) -> list[str]:
+        """The flags of `python -m keraslm.train` that give this configuration (non-defaults)."""
+        argv: list[str] = []
+        for name, value in self.values().items():
+            field_ = FIELDS[name][1]
+            if value == field_.default:
+                continue
+            if isinstance(value, bool):
+                argv.append(flag_name(name) if value else f"--no-{_flag(name)}")
+            else:
+                argv += [flag_name(name), str(value)]
+        return argv
+
     @classmethod
     def from_saved(cls, saved: dict) -> TrainConfig:
         """From a run's config.json: `train` (this version) or the flat `args` of older runs.

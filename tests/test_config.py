@@ -45,6 +45,15 @@ def test_no_flags_give_the_gluonnlp_tutorial():
     assert config.model.resolve(33278).num_parameters() == 7_330_478
 
 
+def test_the_equivalent_command_line_gives_the_same_config():
+    config = TrainConfig.from_values({"lr": 3.0, "tied": False, "emsize": 100, "quiet": True,
+                                      "train": "my.txt", "max_vocab": 500, "two_biases": False})
+    argv = config.to_argv()
+    assert "--no-tied" in argv and "--quiet" in argv
+    assert train_cli.config_from_argv(argv) == config
+    assert TrainConfig().to_argv() == []
+
+
 @pytest.mark.parametrize(("flags", "needle"), [
     (["--bptt", "0"], "--bptt must be positive"), (["--lr", "-1"], "--lr must be positive"),
     (["--lr-decay", "2"], "--lr-decay"), (["--min-freq", "0"], "--min-freq"),

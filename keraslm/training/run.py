@@ -57,7 +57,8 @@ def train(config: TrainConfig, command: list[str] | None = None) -> RunDir:
     """Train as `config` says and return the run directory.
 
     `config.run.resume` names a run to continue (see `keraslm.config.resume_config` for how its
-    saved settings combine with new ones). `command` is recorded in config.json. A SIGINT or
+    saved settings combine with new ones). `command` is recorded in config.json (by default, the
+    command line equivalent to `config`). A SIGINT or
     SIGTERM stops at the next consistent point and raises `signals.Stopped` after saving.
     """
     strategy = make_strategy(config.run.strategy, config.run.cpu_replicas)
@@ -138,7 +139,8 @@ def run_record(setup: Setup, command: list[str] | None) -> dict:
         "train": setup.config.to_dict(),
         "corpora": {name: {"path": str(s.path), "sha1": sha1_of(s.path), "tokens": s.num_tokens,
                            "oov": s.num_oov} for name, s in setup.splits.items()},
-        "command": command or [sys.executable, "-m", "keraslm.train"],
+        "command": command or [sys.executable, "-m", "keraslm.train",
+                               *setup.config.to_argv()],
         "git_commit": git_commit(),
         "versions": package_versions(),
     }
