@@ -199,8 +199,10 @@ class Vocab:
                 d = json.load(f)
         except FileNotFoundError:
             raise UserError(f"vocabulary file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # ValueError: bad JSON, or ints too long
             raise UserError(f"{path}: corrupt vocabulary file (invalid JSON: {e})") from None
+        except RecursionError:
+            raise UserError(f"{path}: corrupt vocabulary file (JSON nested too deeply)") from None
         except OSError as e:
             raise UserError(f"cannot read vocabulary {path}: {e.strerror or e}") from None
         try:

@@ -32,6 +32,12 @@ DEFAULT_BUNDLES_ROOT = Path("bundles")
 MODEL_FILE, VOCAB_FILE, BUNDLE_FILE = "model.onnx", "vocab.json", "bundle.json"
 NEXT_LOGPROBS = "next_logprobs"
 
+# Bounds checked before anything is allocated: a bundle.json is a few kB, and these sizes are far
+# beyond any model onnxruntime could hold (a 2-layer nhid-65,536 LSTM alone is 68 GB).
+MAX_BUNDLE_JSON_BYTES = 1 << 20
+MAX_VOCAB_JSON_BYTES = 1 << 30
+MODEL_LIMITS = {"vocab_size": 100_000_000, "emsize": 65_536, "nhid": 65_536, "nlayers": 64}
+
 _ORT_DTYPES = {"tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(float)": "float32",
                "tensor(float16)": "float16", "tensor(double)": "float64"}
 
@@ -132,13 +138,10 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     if not model_path.is_file():
         raise BundleError(f"{model_path}: file not found")
     try:
-        vocab = Vocab.load(path / VOCAB_FILE)
-    except UserError as err:
-        raise BundleError(str(err)) from None
-    try:
         pipeline = TextPipeline.from_dict(meta["pipeline"])
     except UserError as err:
         raise BundleError(f"{path / BUNDLE_FILE}: bad text pipeline: {err}") from None
+    vocab = _read_vocab(path / VOCAB_FILE, pipeline)
     session = _open_session(model_path, providers, options)
     bundle = Bundle(path=path, meta=meta, pipeline=pipeline, vocab=vocab, session=session,
                     inputs=tuple(TensorSpec.from_json(d) for d in meta["inputs"]),
@@ -148,13 +151,26 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     return bundle
 
 
+def _check_size(path: Path, limit: int) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BundleError(f"{path}: file not found") from None
+    except OSError as err:
+        raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
+    if size > limit:
+        raise BundleError(f"{path}: {size:,} bytes, more than the {limit:,} a bundle allows")
+
+
 def _read_meta(path: Path) -> dict:
+    _check_size(path, MAX_BUNDLE_JSON_BYTES)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: JSON, huge ints
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise BundleError(f"{path}: not valid JSON ({reason})") from None
     except OSError as err:
         raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
     if not isinstance(meta, dict):
@@ -169,15 +185,35 @@ def _read_meta(path: Path) -> dict:
         if not isinstance(meta.get(key), kind):
             raise BundleError(f"{path}: '{key}' missing or not a JSON {kind.__name__}")
     model = meta["model"]
-    for key in ("vocab_size", "nhid", "nlayers"):
-        if not (isinstance(model.get(key), int) and model[key] > 0):
+    for key, limit in MODEL_LIMITS.items():
+        value = model.get(key)
+        if key == "emsize" and value is None:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise BundleError(f"{path}: model.{key} missing or not a positive integer")
+        if value > limit:
+            raise BundleError(f"{path}: model.{key} is {value:,}, more than {limit:,}")
     try:
         for d in meta["inputs"] + meta["outputs"]:
             TensorSpec.from_json(d)
     except TypeError as err:
         raise BundleError(f"{path}: bad inputs/outputs entry: {err}") from None
     return meta
+
+
+def _read_vocab(path: Path, pipeline: TextPipeline) -> Vocab:
+    """The vocabulary, which must hold the tokens the pipeline adds to every sample."""
+    _check_size(path, MAX_VOCAB_JSON_BYTES)
+    try:
+        vocab = Vocab.load(path)
+    except UserError as err:
+        raise BundleError(str(err)) from None
+    for role in ("bos", "eos"):
+        token = getattr(pipeline, role)
+        if token is not None and token not in vocab:
+            raise BundleError(f"{path}: the text pipeline adds {role} {token!r} after every "
+                              f"sample, but the vocabulary does not have it")
+    return vocab
 
 
 def _open_session(model_path: Path, providers: Sequence[str],

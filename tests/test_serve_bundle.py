@@ -122,6 +122,16 @@ def _bigger_vocab(d: Path):
     edit_json(d / "bundle.json", lambda m: m["model"].update(vocab_size=203))
 
 
+def _vocab_without_eos(d: Path):
+    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    vocab["tokens"] = [t if t != "<eos>" else "<end>" for t in vocab["tokens"]]
+    vocab["specials"] = ["<end>"]
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
 BAD_BUNDLES = {
     "no bundle.json": (_remove("bundle.json"), "bundle.json: file not found"),
     "corrupt bundle.json": (_write("bundle.json", b"{not json"), "bundle.json: not valid JSON"),
@@ -137,14 +147,25 @@ BAD_BUNDLES = {
     "vocab size differs from bundle.json": (
         _meta(lambda m: m["model"].update(vocab_size=300)), "vocab.json: 202 tokens but"),
     "vocab differs from the graph": (_bigger_vocab, "the graph scores 202 tokens"),
+    "deeply nested bundle.json": (_write("bundle.json", DEEP), "nested too deeply"),
+    "huge number in bundle.json": (_write("bundle.json", b'{"schema_version": ' + b"9" * 5000
+                                          + b"}"), "bundle.json: not valid JSON"),
+    "oversized bundle.json": (_write("bundle.json", b" " * (2 << 20)), "more than the"),
+    "10^7 layers": (_meta(lambda m: m["model"].update(nlayers=10**7)), "model.nlayers is"),
+    "nhid 10^12": (_meta(lambda m: m["model"].update(nhid=10**12)), "model.nhid is"),
+    "nhid true": (_meta(lambda m: m["model"].update(nhid=True)), "model.nhid missing or not"),
+    "deeply nested vocab.json": (_write("vocab.json", DEEP), "vocab.json: corrupt"),
+    "vocab without <eos>": (_vocab_without_eos, "does not have it"),
 }
 
 
 @pytest.mark.parametrize("damage, expected", BAD_BUNDLES.values(), ids=BAD_BUNDLES.keys())
 def test_bad_bundle_is_one_line_naming_the_file(bundle_copy, damage, expected):
     damage(bundle_copy)
+    started = time.monotonic()
     with pytest.raises(BundleError) as err:
         load_bundle(bundle_copy)
+    assert time.monotonic() - started < 10  # refused before allocating anything big
     message = str(err.value)
     assert expected in message
     assert str(bundle_copy) in message
