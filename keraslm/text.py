@@ -27,7 +27,12 @@ SPLITS = ("lines", "sentences")
 TOKENIZERS = ("whitespace", "moses")
 PUNKT_LANGUAGE = "english"
 PUNKT_RESOURCE = f"tokenizers/punkt_tab/{PUNKT_LANGUAGE}/"
-BLOCK_CHARS = 1 << 20  # sentence mode feeds punkt about this many characters at a time
+# Sentence mode feeds punkt about this many characters at a time. NLTK (3.10+) stops any regex
+# scan after 5 s; punkt's period-context scan of 1 MB of short sentences takes longer than that,
+# 64 KiB a small fraction of it. A "sentence" still unfinished after MAX_SENTENCE_CHARS (text
+# with no sentence end at all) is given out as it is rather than rescanned ever longer.
+BLOCK_CHARS = 1 << 16
+MAX_SENTENCE_CHARS = 1 << 18
 
 Source = str | os.PathLike | IO
 NltkDirs = str | os.PathLike | Sequence[str | os.PathLike] | None
@@ -66,7 +71,7 @@ class TextPipeline:
         """Split ``text`` into stripped sample strings (empty ones included)."""
         if self.split == "lines":
             return [line.strip() for line in text.splitlines()]
-        return [text[start:end].strip() for start, end in punkt_tokenizer().span_tokenize(text)]
+        return list(_stream_sentences(text.splitlines(keepends=True), BLOCK_CHARS))
 
     def tokenize(self, sample: str) -> list[str]:
         """Tokenize one sample (no bos/eos)."""
@@ -334,9 +339,6 @@ def _as_dirs(nltk_data: NltkDirs) -> tuple[Path, ...]:
 
 def _stream_sentences(lines: Iterable[str], block_chars: int) -> Iterator[str]:
     tokenizer = punkt_tokenizer()
-    carry = ""
-    block: list[str] = []
-    size = 0
 
     def cut(text: str, final: bool) -> tuple[list[str], str]:
         spans = list(tokenizer.span_tokenize(text))
@@ -348,15 +350,33 @@ def _stream_sentences(lines: Iterable[str], block_chars: int) -> Iterator[str]:
         done = [text[s:e].strip() for s, e in spans[:-1]]
         return done, text[spans[-1][0]:]
 
-    for line in lines:
-        block.append(line)
-        size += len(line)
-        if size >= block_chars:
-            done, carry = cut(carry + "".join(block), final=False)
-            block, size = [], 0
-            yield from done
-    done, _ = cut(carry + "".join(block), final=True)
+    carry = ""
+    for block in _blocks(lines, block_chars):
+        done, carry = cut(carry + block, final=False)
+        yield from done
+        if len(carry) > MAX_SENTENCE_CHARS:
+            yield carry.strip()
+            carry = ""
+    done, _ = cut(carry, final=True)
     yield from done
+
+
+def _blocks(lines: Iterable[str], block_chars: int) -> Iterator[str]:
+    """The concatenated lines in pieces of about `block_chars`, cut after whitespace where
+    possible (a long line is cut too)."""
+    pending = ""
+    for line in lines:
+        pending += line
+        start = 0
+        while len(pending) - start >= block_chars:
+            limit = start + block_chars
+            end = max(pending.rfind(" ", start, limit), pending.rfind("\n", start, limit)) + 1
+            end = end if end > start else limit
+            yield pending[start:end]
+            start = end
+        pending = pending[start:]
+    if pending:
+        yield pending
 
 
 # --- reading ----------------------------------------------------------------------------------

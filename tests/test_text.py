@@ -12,6 +12,7 @@ import pytest
 
 from keraslm.errors import UserError
 from keraslm.text import (
+    MAX_SENTENCE_CHARS,
     RAW,
     RAW_TUTORIAL,
     WIKITEXT,
@@ -212,3 +213,18 @@ def test_describe_is_one_line_naming_the_settings():
     assert "escape on" in RAW_TUTORIAL.describe()
     assert "escape off, protected: <unk> <eos>" in RAW.describe()
     assert "\n" not in RAW.describe()
+
+
+def test_a_megabyte_of_short_sentences_splits_despite_nltks_regex_time_limit(tmp_path):
+    """NLTK 3.10+ stops a regex scan after 5 s; punkt's scan of 1 MB of this in one call takes
+    longer (TimeoutError), so the text must reach punkt in smaller blocks."""
+    path = tmp_path / "dense.txt"
+    path.write_text("Hi. " * (1 << 18), encoding="utf-8")  # 1 MiB, one line
+    assert sum(1 for _ in RAW.iter_samples(path)) == 1 << 18
+
+
+def test_text_without_sentence_ends_is_cut_into_bounded_samples():
+    text = "word " * 200_000  # 1 MB and not one sentence end
+    samples = RAW.samples(text)
+    assert " ".join(samples).split() == text.split()
+    assert max(map(len, samples)) <= 2 * MAX_SENTENCE_CHARS
