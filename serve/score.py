@@ -10,9 +10,10 @@ Log-likelihoods are natural logs. Runs on onnxruntime alone: never imports Tenso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -121,15 +122,38 @@ def write_per_line(scorer: Scorer, path: Path, out: Path, errors: str = "strict"
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
 
 
+COPY_CHUNK = 1 << 20
+
+
 @contextmanager
 def _readable(corpus: str) -> Iterator[Path]:
-    """The corpus as a path; standard input is copied to a temporary file (read twice)."""
+    """The corpus as a regular file, which the scorer reads more than once. Standard input, a
+    FIFO or a device is read once, into a temporary file, stopping at the first NUL byte (no
+    text has one; /dev/zero would otherwise fill the disk)."""
     if corpus != "-":
-        yield Path(corpus)
-        return
-    with tempfile.NamedTemporaryFile(prefix="keraslm-stdin-", suffix=".txt") as tmp:
-        shutil.copyfileobj(sys.stdin.buffer, tmp)
-        tmp.flush()
+        try:
+            regular = stat.S_ISREG(os.stat(corpus).st_mode)
+        except OSError:
+            regular = True  # missing or unreadable: the scorer's reader says so in one line
+        if regular:
+            yield Path(corpus)
+            return
+    name = "<stdin>" if corpus == "-" else corpus
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="keraslm-input-",
+                                                              suffix=".txt"))
+        try:
+            source = (sys.stdin.buffer if corpus == "-"
+                      else stack.enter_context(open(corpus, "rb")))
+            copied = 0
+            while chunk := source.read(COPY_CHUNK):
+                if (nul := chunk.find(b"\0")) >= 0:
+                    raise UserError(f"{name}: not text (a NUL byte at byte {copied + nul})")
+                tmp.write(chunk)
+                copied += len(chunk)
+            tmp.flush()
+        except OSError as err:
+            raise UserError(f"cannot read {name}: {err.strerror or err}") from None
         yield Path(tmp.name)
 
 

@@ -184,3 +184,34 @@ def test_bad_flag_values_exit_2(capsys, bundle, corpus):
         score_cli.main([str(corpus), "--model", bundle, "--batch-size", "0"])
     assert exit_.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_a_fifo_and_dev_stdin_are_read_once_and_score_like_the_file(bundle, corpus, tmp_path):
+    import os
+    import threading
+
+    want = json.loads(subprocess.run(
+        [sys.executable, str(SCRIPT), str(corpus), "--model", bundle, "--json"],
+        capture_output=True, text=True, timeout=120, check=True).stdout)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(corpus.read_bytes()))
+    writer.start()
+    got = subprocess.run([sys.executable, str(SCRIPT), str(fifo), "--model", bundle, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    writer.join(timeout=10)
+    assert got.returncode == 0, got.stderr
+    via_stdin = subprocess.run(
+        [sys.executable, str(SCRIPT), "/dev/stdin", "--model", bundle, "--json"],
+        input=corpus.read_text(), capture_output=True, text=True, timeout=120)
+    assert via_stdin.returncode == 0, via_stdin.stderr
+    for out in (got.stdout, via_stdin.stdout):
+        result = json.loads(out)
+        assert result["nll_sum"] == want["nll_sum"]
+        assert result["num_tokens"] == want["num_tokens"]
+
+
+def test_input_that_is_not_text_is_refused_at_once(capsys, bundle):
+    code, _, err = run_cli(capsys, "/dev/zero", "--model", bundle)
+    assert code == 1
+    assert err.strip() == "error: /dev/zero: not text (a NUL byte at byte 0)"
