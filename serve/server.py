@@ -259,12 +259,18 @@ class Service:
                                f"{len(body.texts)} texts in one request; the limit is "
                                f"{self.settings.max_texts} (max_texts)", limit="max_texts",
                                max=self.settings.max_texts)
+        for i, text in enumerate(body.texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ServiceError(422, "invalid_text", f"texts[{i}] is not valid Unicode (a "
+                                   f"lone surrogate at character {err.start})") from None
         try:
             if sum(map(len, body.texts)) <= INLINE_CHARS:
                 encoded = self.encode(scorer, body.texts, body.per_token)
             else:
                 encoded = await asyncio.to_thread(self.encode, scorer, body.texts, body.per_token)
-        except UserError as err:  # e.g. a vocabulary without <unk> meeting an unknown word
+        except (UserError, TimeoutError) as err:  # e.g. no <unk> for an unknown word
             raise ServiceError(422, "unscorable_text", str(err)) from None
         rows = [e.ids for e in encoded if e.ids.size]
         logprobs: list[np.ndarray] = []
@@ -453,11 +459,12 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = err.errors()
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind != "application/json" and not kind.endswith("+json"):
             return await on_service_error(request, ServiceError(
                 415, "unsupported_media_type",
-                f"the body must be JSON sent as Content-Type: application/json, not {kind}"))
+                f"the body must be JSON sent as Content-Type: application/json, not "
+                f"{kind or 'without a Content-Type'}"))
         if any(p.get("type") == "json_invalid" for p in problems):
             where = problems[0].get("ctx", {}).get("error", "")
             return await on_service_error(request, ServiceError(
@@ -471,11 +478,17 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
         response = await on_service_error(request, ServiceError(
             err.status_code, codes.get(err.status_code, "http_error"), str(err.detail)))
         response.headers.update(err.headers or {})
         return response
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.error("keraslm: unexpected error on %s", request.url.path, exc_info=err)
+        return await on_service_error(request, ServiceError(
+            500, "internal_error", f"the server failed ({type(err).__name__}); see its log"))
 
     app.add_middleware(_Edge, service=service)
     return app

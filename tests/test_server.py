@@ -319,8 +319,16 @@ def test_health_readiness_and_prometheus_metrics(server):
     ({"content": iter([b'{"texts": ["', b"word " * 5000, b'"]}']),  # chunked: no length
           "headers": {"content-type": "application/json"}},
      413, "body_too_large", ("max_body_bytes", 20000)),
+    ({"content": b'{"texts": ["\xff\xfe"]}', "headers": {"content-type": "application/json"}},
+     400, "invalid_json", None),
+    ({"content": b'{"texts": ["a"]}', "headers": {}}, 415, "unsupported_media_type", None),
+    ({"content": b'{"texts": ["a\\ud800b"], "per_token": true}',
+      "headers": {"content-type": "application/json"}}, 422, "invalid_text", None),
+    ({"content": b'{"texts": ["\\udc00"]}', "headers": {"content-type": "application/json"}},
+     422, "invalid_text", None),
 ], ids=["bad-json", "texts-not-list", "text-not-str", "per-token-not-bool", "unknown-field",
-        "not-json-type", "too-many-texts", "too-many-tokens", "body-too-large", "chunked-too-large"])
+        "not-json-type", "too-many-texts", "too-many-tokens", "body-too-large", "chunked-too-large",
+        "not-utf8", "no-content-type", "lone-surrogate-per-token", "lone-surrogate"])
 def test_bad_requests_get_a_json_error_naming_the_limit(server, send, status, code, limit):
     before = server.metrics().get(f'keraslm_request_errors_total{{code="{code}"}}', 0)
     response = server.post(**send)
@@ -469,3 +477,19 @@ def test_serving_never_imports_tensorflow(tiny_bundle):  # noqa: F811
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
                             text=True, timeout=WAIT, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_unexpected_failure_is_a_json_500_not_plain_text(tiny_bundle):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    app = server_module.create_app(server_module.Settings(tiny_bundle.bundle))
+
+    async def broken(body, arrival):  # a fault deep inside scoring
+        raise RuntimeError("disk on fire")
+
+    app.state.service.score = broken
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/v1/score", json={"texts": ["a"]})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "RuntimeError" in response.json()["error"]["message"]
