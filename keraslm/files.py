@@ -16,9 +16,12 @@ from keraslm.errors import UserError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The temporary name keeps the final suffix (Keras insists on `.weights.h5`).
+    The temporary name keeps the final suffix (Keras insists on `.weights.h5`). A symbolic
+    link is written through: its target is replaced and the link stays.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
                                dir=path.parent)

@@ -215,3 +215,16 @@ def test_input_that_is_not_text_is_refused_at_once(capsys, bundle):
     code, _, err = run_cli(capsys, "/dev/zero", "--model", bundle)
     assert code == 1
     assert err.strip() == "error: /dev/zero: not text (a NUL byte at byte 0)"
+
+
+def test_per_line_output_onto_a_symlink_writes_its_target_and_keeps_the_link(
+        capsys, bundle, corpus, tmp_path):
+    target = tmp_path / "elsewhere" / "scores.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    code, _, err = run_cli(capsys, corpus, "--model", bundle, "--per-line", link)
+    assert code == 0, err
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads(target.read_text().splitlines()[0])["index"] == 0
