@@ -127,15 +127,16 @@ COPY_CHUNK = 1 << 20
 
 @contextmanager
 def _readable(corpus: str) -> Iterator[Path]:
-    """The corpus as a regular file, which the scorer reads more than once. Standard input, a
-    FIFO or a device is read once, into a temporary file, stopping at the first NUL byte (no
-    text has one; /dev/zero would otherwise fill the disk)."""
+    """The corpus as a file the scorer can read more than once. Standard input, a FIFO or a
+    device is read once, into a temporary file, stopping at the first NUL byte (no text has
+    one; /dev/zero would otherwise fill the disk)."""
     if corpus != "-":
         try:
-            regular = stat.S_ISREG(os.stat(corpus).st_mode)
+            mode = os.stat(corpus).st_mode
+            rereadable = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
         except OSError:
-            regular = True  # missing or unreadable: the scorer's reader says so in one line
-        if regular:
+            rereadable = True  # missing or unreadable: the scorer's reader says so in one line
+        if rereadable:  # a folder too: the reader's "is a directory" is the clearer message
             yield Path(corpus)
             return
     name = "<stdin>" if corpus == "-" else corpus
