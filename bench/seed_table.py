@@ -31,6 +31,14 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _mean_and_spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 run)"
+    return f"{sum(values) / len(values):.2f} ({max(values) - min(values):.2f})"
+
+
 def table(runs: dict[str, dict[int, dict]], references: dict[str, dict[int, dict]]) -> str:
     epochs = sorted({e for metrics in runs.values() for e in metrics})
     head = ["epoch"]
@@ -52,8 +60,7 @@ def table(runs: dict[str, dict[int, dict]], references: dict[str, dict[int, dict
             if "test_ppl" in record:
                 tests.append(record["test_ppl"])
         for values in (vals, tests):
-            row.append(f"{sum(values) / len(values):.2f} ({max(values) - min(values):.2f})"
-                       if values else "–")
+            row.append(_mean_and_spread(values))
         for metrics in references.values():
             record = metrics.get(epoch, {})
             row += [fmt(record.get("val_ppl")), fmt(record.get("test_ppl"))]
