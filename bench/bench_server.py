@@ -34,18 +34,15 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 from bench.bench_score import PRESET, pick_run, text_prefix, untrained_run
 
 
-def start_server(bundle: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
-                                                                              str]:
+def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m serve.server` over `bundle` with `flags`, on a free loopback port, once ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    threads = ["--threads", str(args.threads)] if args.threads else []
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "serve.server", "--model", str(bundle), "--port", str(port),
-             "--max-batch", str(args.max_batch), "--queue-size", str(args.queue_size),
-             "--max-tokens-per-text", "100000", "--max-body-bytes", str(16 << 20),
-             "--log-level", "warning", *threads],
+             "--log-level", "warning", *flags],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
@@ -159,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         requests = [lines[i:i + k] for i in range(0, len(lines) - k + 1, k)]
         load_before = os.getloadavg()[0]
 
-        proc, url = start_server(bundle, args, work / "server.log")
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        proc, url = start_server(bundle, [
+            "--max-batch", str(args.max_batch), "--queue-size", str(args.queue_size),
+            "--max-tokens-per-text", "100000", "--max-body-bytes", str(16 << 20), *threads],
+            work / "server.log")
         rows = []
         try:
             asyncio.run(load(url, requests[:4], 1, 8, 30))  # warm-up
@@ -178,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 code = proc.wait()
 
-        threads = ["--threads", str(args.threads)] if args.threads else []
         report = subprocess.run(
             [sys.executable, str(REPO / "serve" / "score.py"), str(text), "--model", str(bundle),
              "--json", *threads], capture_output=True, text=True, check=True,

@@ -1,0 +1,87 @@
+"""Admission control: at a request's arrival, before any work, can it be answered in time?
+
+A request is admitted while fewer than `queue_size` admitted requests wait for the model
+(being read, tokenized or queued; the batch being scored is not counted) and while the work
+already admitted, with this request's, is expected to take less than `BUDGET` of the timeout.
+The expected time is the body bytes in flight times the service's seconds per byte: measured at
+load time on a calibration text, then a moving average of answered requests (tokenizing plus
+their share of the model's batches). Refused requests get 503 + Retry-After at once, so a flood
+costs the service almost nothing and what it admits is answered within the timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from serve.web.schemas import RETRY_AFTER, ServiceError
+
+BUDGET = 0.8     # of the timeout, for the expected time of the admitted work
+SMOOTHING = 0.2  # weight of the newest request in the seconds-per-byte average
+
+
+class Ticket:
+    """One admitted request: its bytes count against the backlog until `close()`."""
+
+    def __init__(self, admission: Admission, size: int) -> None:
+        self._admission: Admission | None = admission
+        self.size = size
+        admission.in_flight += 1
+        admission.backlog += size
+
+    def resize(self, size: int) -> None:
+        """The body's real size, once read (a chunked body is admitted at the largest size)."""
+        if self._admission is not None:
+            self._admission.backlog += size - self.size
+            self.size = size
+
+    def close(self) -> None:
+        """The request was answered (or abandoned); closing twice is harmless."""
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission.backlog -= self.size
+            self._admission = None
+
+
+class Admission:
+    """Counts the admitted requests and their bytes; `admit` refuses what would come too late.
+
+    `running()` is the number of admitted requests in the batch being scored.
+    """
+
+    def __init__(self, queue_size: int, timeout: float, running: Callable[[], int]) -> None:
+        self.queue_size, self.timeout, self.running = queue_size, timeout, running
+        self.in_flight = 0
+        self.backlog = 0  # body bytes of the requests in flight
+        self.seconds_per_byte: float | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests not in the running batch."""
+        return self.in_flight - self.running()
+
+    def admit(self, size: int) -> Ticket:
+        """A ticket for a request of `size` body bytes, or ServiceError 503 (overloaded)."""
+        if self.waiting >= self.queue_size:
+            raise ServiceError(503, "overloaded", f"{self.queue_size} requests are already "
+                               f"waiting (queue_size); retry shortly", limit="queue_size",
+                               max=self.queue_size, retry_after=RETRY_AFTER)
+        expected = self.expected_seconds(size)
+        if self.in_flight and expected > BUDGET * self.timeout:
+            raise ServiceError(503, "overloaded", f"the work already admitted would keep this "
+                               f"request past the timeout ({expected:.1f} s expected, timeout "
+                               f"{self.timeout:g} s); retry shortly", limit="timeout",
+                               max=self.timeout, retry_after=RETRY_AFTER)
+        return Ticket(self, size)
+
+    def expected_seconds(self, size: int) -> float:
+        """How long the admitted work plus `size` more bytes is expected to take."""
+        return (self.backlog + size) * (self.seconds_per_byte or 0.0)
+
+    def record(self, size: int, seconds: float) -> None:
+        """An answered request of `size` bytes took `seconds` of tokenizing and scoring."""
+        if size <= 0:
+            return
+        rate = seconds / size
+        previous = self.seconds_per_byte
+        self.seconds_per_byte = rate if previous is None else (
+            (1 - SMOOTHING) * previous + SMOOTHING * rate)

@@ -1,0 +1,150 @@
+"""The outermost ASGI layer: admission before any work, the body read against the deadline, and
+every request counted by path and status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from serve.web.schemas import ServiceError
+from serve.web.service import RequestContext, Service
+
+SCORE_PATH = "/v1/score"
+PATHS = (SCORE_PATH, "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc")
+CONTEXT_KEY = "keraslm.request"  # the RequestContext of an admitted score request, in its scope
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class Edge:
+    """ASGI middleware over the FastAPI app (see the module doc)."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in PATHS else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_see(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if path == SCORE_PATH and scope["method"] == "POST":
+                await self._score(scope, receive, send_and_see)
+            elif scope["method"] == "POST":  # read (and bound) the body of other POSTs too
+                await self._read_then(scope, receive, send_and_see, deadline=None)
+            else:
+                await self.app(scope, receive, send_and_see)
+        finally:
+            m = self.service.metrics
+            m.requests.labels(path=path, status=status).inc()
+            m.latency.labels(path=path).observe(time.perf_counter() - started)
+
+    async def _score(self, scope: dict, receive: Receive, send: Send) -> None:
+        """Admit (or refuse at once), read the body by the deadline, then run the app."""
+        service, settings = self.service, self.service.settings
+        deadline = asyncio.get_running_loop().time() + settings.timeout
+        declared = _content_length(scope)
+        try:
+            service.check_ready()
+            if declared is not None and declared > settings.max_body_bytes:
+                raise _too_large(settings.max_body_bytes)
+            ticket = service.admission.admit(
+                declared if declared is not None else settings.max_body_bytes)
+        except ServiceError as err:
+            await self.answer(err, scope, receive, send)
+            return
+        try:
+            await self._read_then(scope, receive, send, deadline=deadline, ticket=ticket)
+        finally:
+            ticket.close()
+
+    async def _read_then(self, scope: dict, receive: Receive, send: Send, *,
+                         deadline: float | None, ticket: Any = None) -> None:
+        """Read the whole body (413 past the limit, 408 past the deadline), then run the app
+        with the body replayed and a watch for the client leaving."""
+        try:
+            body = await self._read_body(receive, deadline)
+        except ServiceError as err:
+            await self.answer(err, scope, receive, send)
+            return
+        if body is None:  # the client left
+            return
+        if ticket is not None:
+            ticket.resize(len(body))
+            scope[CONTEXT_KEY] = RequestContext(deadline, ticket)
+        context = scope.get(CONTEXT_KEY)
+        watch = asyncio.ensure_future(_watch_disconnect(receive, context))
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.shield(watch)
+            return {"type": "http.disconnect"}
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _read_body(self, receive: Receive, deadline: float | None) -> bytes | None:
+        """The body; None if the client disconnected first."""
+        settings = self.service.settings
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    receive(), None if deadline is None else max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise ServiceError(408, "body_timeout", f"the request body did not arrive "
+                                   f"within {settings.timeout:g} s (timeout)", limit="timeout",
+                                   max=settings.timeout, close=True) from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > settings.max_body_bytes:
+                raise _too_large(settings.max_body_bytes)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def answer(self, err: ServiceError, scope: dict, receive: Receive, send: Send) -> None:
+        """Send `err` as the JSON answer, counted by its code."""
+        self.service.metrics.errors.labels(code=err.code).inc()
+        await err.response()(scope, receive, send)
+
+
+async def _watch_disconnect(receive: Receive, context: RequestContext | None) -> None:
+    """Wait for the client to leave (uvicorn also says so once the answer is sent)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if context is not None:
+        context.disconnected.set()
+
+
+def _content_length(scope: dict) -> int | None:
+    value = dict(scope["headers"]).get(b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(413, "body_too_large", f"the request body is over {limit} bytes "
+                        f"(max_body_bytes)", limit="max_body_bytes", max=limit, close=True)

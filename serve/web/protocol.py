@@ -1,0 +1,62 @@
+"""Connections: at most `max_connections` open, and `header_timeout` to send a request's headers.
+
+uvicorn's HTTP/1.1 protocol (h11) waits forever for a client that sends its request a byte at a
+time, and accepts every connection. This subclass refuses a connection over the cap at once
+(a JSON 503, then closed) and closes one that has not sent a whole request head within
+`header_timeout` of connecting or of its previous answer. The body is bounded by the request's
+own deadline (serve/web/edge.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from serve.web.schemas import RETRY_AFTER, ServiceError
+
+
+def guarded_protocol(max_connections: int, header_timeout: float,
+                     on_refused: Callable[[], None] = lambda: None) -> type[H11Protocol]:
+    """An H11Protocol class enforcing the two limits, for `uvicorn.Config(http=...)`."""
+    refusal = ServiceError(503, "too_many_connections", f"{max_connections} connections are "
+                           f"open (max_connections); retry shortly", limit="max_connections",
+                           max=max_connections, retry_after=RETRY_AFTER).http_bytes()
+
+    class GuardedH11Protocol(H11Protocol):
+        _refused = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                self._refused = True
+                transport.write(refusal)
+                transport.close()
+                on_refused()
+                return
+            super().connection_made(transport)
+            self._expect_request(after=None)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self._refused:
+                super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            finished = self.cycle  # super() may start a pipelined request's cycle at once
+            super().on_response_complete()
+            self._expect_request(after=finished)
+
+        def _expect_request(self, after: object) -> None:
+            """Close the connection unless a request after `after` has begun within
+            header_timeout."""
+            self.loop.call_later(header_timeout, self._close_if_idle, after)
+
+        def _close_if_idle(self, cycle_then: object) -> None:
+            if self.cycle is cycle_then and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol

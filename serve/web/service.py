@@ -1,0 +1,329 @@
+"""The service behind the app: the model and its thread, tokenizing, batching, and the deadline.
+
+Every score request carries one deadline, set when it arrived (`RequestContext`): reading the
+body, tokenizing, waiting for a batch and scoring all count against it. Tokenizing runs on one
+thread of its own, sample by sample, and stops as soon as a text passes the token limit, the
+deadline passes or the client leaves; a request that gave up is withdrawn from the queue, so the
+model never scores for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keraslm.errors import UserError
+from serve.scorer import Scorer, TextScore
+from serve.web.admission import Admission, Ticket
+from serve.web.batcher import Batcher, Job
+from serve.web.metrics import Metrics
+from serve.web.schemas import RETRY_AFTER, ScoreRequest, ServiceError, timeout_error
+from serve.web.settings import Settings
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: one stream for the server
+
+INLINE_CHARS = 4096  # requests up to this much text are tokenized on the event loop (cheaper)
+CALIBRATION_WORDS = 2000  # words per text timed at load time, for admission's first estimate
+CALIBRATION_TEXTS = 4
+
+
+@dataclass
+class RequestContext:
+    """A score request as the edge admitted it: its deadline (loop clock) and its ticket."""
+
+    deadline: float
+    ticket: Ticket
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Encoded:
+    ids: np.ndarray
+    oov: int
+    tokens: list[str] | None  # kept only for per_token answers
+
+
+class Abandoned(Exception):
+    """Tokenizing stopped: the deadline passed or the client left."""
+
+
+class Service:
+    """The model, its thread, the tokenizer thread, the batcher, admission and the metrics."""
+
+    def __init__(self, settings: Settings, on_fatal: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.on_fatal = on_fatal
+        self.scorer: Scorer | None = None
+        self.load_error: str | None = None
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.batcher = Batcher(self._run_batch, self.model_thread, max_batch=settings.max_batch,
+                               max_wait=settings.max_wait_ms / 1000, coming=self._coming,
+                               on_batch=self._on_batch)
+        self.admission = Admission(settings.queue_size, settings.timeout,
+                                   running=lambda: self.batcher.running)
+        self._load_task: asyncio.Task | None = None
+        m = self.metrics = Metrics()
+        m.gauge("keraslm_queue_depth", "requests waiting for a batch", lambda: self.batcher.depth)
+        m.gauge("keraslm_batch_running_requests", "requests in the batch being scored",
+                lambda: self.batcher.running)
+        m.gauge("keraslm_requests_in_progress", "score requests admitted and not yet answered",
+                lambda: self.admission.in_flight)
+        m.gauge("keraslm_ready", "1 once the model is loaded", lambda: self.scorer is not None)
+
+    @property
+    def bundle_name(self) -> str:
+        return self.settings.bundle.name
+
+    def _coming(self) -> int:
+        """Admitted requests still being read, parsed or tokenized."""
+        return self.admission.waiting - self.batcher.depth
+
+    # --- life cycle ---
+
+    async def start(self) -> None:
+        self.batcher.start()
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="load")
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._load_task is not None:
+            await asyncio.wait([self._load_task])
+        self.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
+        self.model_thread.shutdown(wait=True)
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.scorer = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self._open)
+        except Exception as err:  # a bundle problem, or anything onnxruntime raises
+            self.load_error = str(err) if isinstance(err, UserError) else (
+                f"cannot load {self.settings.bundle}: {type(err).__name__}: {err}")
+            log.debug("loading failed", exc_info=True)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        log.info("keraslm: bundle %s ready on %s in %.1f s", self.settings.bundle,
+                 self.scorer.provider, time.perf_counter() - started)
+
+    def _open(self) -> Scorer:
+        """Open the bundle on the model thread, run one batch (onnxruntime's first is slow),
+        then time a calibration text end to end for admission control's first estimate."""
+        s = self.settings
+        scorer = Scorer(s.bundle, device=s.device, threads=s.threads)
+        ids = np.arange(scorer.bptt + 1, dtype=np.int32) % len(scorer.vocab)
+        _score_rows_tmp(scorer, [ids, ids[:1]], s.max_batch)
+        text = _calibration_text(scorer, s.max_tokens_per_text)
+        started = time.perf_counter()
+        encoded = _encode(scorer, [text] * CALIBRATION_TEXTS, s.max_tokens_per_text,
+                          lambda: False, per_token=False)
+        _score_rows_tmp(scorer, [e.ids for e in encoded], s.max_batch)
+        self.admission.record(len(text.encode()) * CALIBRATION_TEXTS,
+                              time.perf_counter() - started)
+        return scorer
+
+    # --- scoring ---
+
+    def _run_batch(self, rows: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        return _score_rows_tmp(self.scorer, rows, self.settings.max_batch)
+
+    def _on_batch(self, requests: int, sizes: list[int], seconds: float) -> None:
+        m = self.metrics
+        m.batch_requests.observe(requests)
+        for size in sizes:
+            m.batch_texts.observe(size)
+        m.batch_seconds.observe(seconds)
+
+    def check_ready(self) -> Scorer:
+        """The scorer, or ServiceError 503 while loading (or after loading failed)."""
+        if self.scorer is not None:
+            return self.scorer
+        if self.load_error is not None:
+            raise ServiceError(503, "not_ready", f"the model failed to load: {self.load_error}")
+        raise ServiceError(503, "loading", "the model is still loading; retry shortly",
+                           retry_after=RETRY_AFTER)
+
+    async def score(self, body: ScoreRequest, ctx: RequestContext) -> dict:
+        """The answer to one POST /v1/score (ServiceError for anything but 200)."""
+        scorer = self.check_ready()
+        s = self.settings
+        if len(body.texts) > s.max_texts:
+            raise ServiceError(413, "too_many_texts", f"{len(body.texts)} texts in one request; "
+                               f"the limit is {s.max_texts} (max_texts)", limit="max_texts",
+                               max=s.max_texts)
+        _check_unicode(body.texts)
+        started = time.perf_counter()
+        encoded = await self._encode(scorer, body, ctx)
+        tokenize_seconds = time.perf_counter() - started
+        rows = [e.ids for e in encoded if e.ids.size]
+        logprobs: list[np.ndarray] = []
+        model_seconds = 0.0
+        if rows:
+            job = self.batcher.submit(rows, ctx.deadline)
+            logprobs = await self._wait(job, ctx)
+            model_seconds = job.model_seconds
+        self.admission.record(ctx.ticket.size, tokenize_seconds + model_seconds)
+        results, it = [], iter(logprobs)
+        for e in encoded:
+            lp = next(it) if e.ids.size else np.zeros(0, np.float32)
+            results.append(_text_result(e, lp, scorer))
+            self.metrics.tokens.inc(e.ids.size)
+        self.metrics.texts.inc(len(encoded))
+        return {"bundle": self.bundle_name, "results": results}
+
+    async def _encode(self, scorer: Scorer, body: ScoreRequest, ctx: RequestContext
+                      ) -> list[_Encoded]:
+        """Tokenize on the loop (small requests) or the tokenizer thread, within the deadline."""
+        limit = self.settings.max_tokens_per_text
+        loop = asyncio.get_running_loop()
+        if sum(map(len, body.texts)) <= INLINE_CHARS:
+            return _encode(scorer, body.texts, limit, lambda: False, body.per_token)
+        stop = threading.Event()
+        work = loop.run_in_executor(self.tokenizer_thread, _encode, scorer, body.texts, limit,
+                                    stop.is_set, body.per_token)
+        try:
+            return await self._until(work, ctx)
+        finally:
+            stop.set()  # a no-op once done; otherwise the thread stops at the next sample
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def _wait(self, job: Job, ctx: RequestContext) -> list[np.ndarray]:
+        """The job's log-probabilities; withdrawn from the queue if the request gives up."""
+        try:
+            return await self._until(job.future, ctx)
+        except asyncio.TimeoutError:  # expired in the queue
+            raise timeout_error(self.settings.timeout) from None
+        except UserError as err:
+            raise ServiceError(500, "scoring_failed", str(err)) from None
+        finally:
+            if not job.future.done():
+                self.batcher.withdraw(job)
+
+    async def _until(self, future: asyncio.Future, ctx: RequestContext):
+        """`future`'s result, or 504 at the deadline, or 499 if the client left first."""
+        loop = asyncio.get_running_loop()
+        left = asyncio.ensure_future(ctx.disconnected.wait())
+        try:
+            done, _ = await asyncio.wait({future, left}, timeout=max(ctx.deadline - loop.time(), 0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if future in done:
+            return future.result()
+        if left in done:
+            raise ServiceError(499, "client_closed_request", "the client closed the connection")
+        raise timeout_error(self.settings.timeout)
+
+
+from serve.scorer import PAD_INPUT, PAD_TARGET
+
+Rows = list[np.ndarray]
+
+
+def _score_rows_tmp(scorer: Scorer, rows: Rows, max_rows: int) -> tuple[Rows, list[int]]:
+    """Per-token log-probabilities of every id row, each row scored on its own.
+
+    Rows run longest first, at most `max_rows` to an onnxruntime batch, `scorer.bptt` steps per
+    call with the state carried. Sorted by length, the rows still running are always a prefix of
+    the batch, so a row that has ended leaves it instead of being carried as padding. Returns the
+    float32 log-probabilities of each row (in input order) and the size of every batch run.
+    """
+    out: Rows = [np.zeros(0, np.float32)] * len(rows)
+    order = sorted((i for i, r in enumerate(rows) if r.size), key=lambda i: -rows[i].size)
+    sizes = []
+    for start in range(0, len(order), max_rows):
+        group = order[start:start + max_rows]
+        lengths = np.array([rows[i].size for i in group])
+        width = int(lengths[0])
+        tokens = np.full((len(group), width), PAD_INPUT, np.int32)
+        targets = np.full_like(tokens, PAD_TARGET)
+        for r, i in enumerate(group):
+            tokens[r, 0] = scorer.context_id
+            tokens[r, 1:lengths[r]] = rows[i][:-1]
+            targets[r, :lengths[r]] = rows[i]
+        logprobs = np.zeros(tokens.shape, np.float32)
+        state = scorer.zero_state(len(group))
+        for t in range(0, width, scorer.bptt):
+            live = int(np.count_nonzero(lengths > t))
+            state = [s[:live] for s in state]
+            chunk, state = scorer.step(tokens[:live, t:t + scorer.bptt],
+                                       targets[:live, t:t + scorer.bptt], state)
+            logprobs[:live, t:t + scorer.bptt] = chunk
+        for r, i in enumerate(group):
+            out[i] = logprobs[r, :lengths[r]]
+        sizes.append(len(group))
+    return out, sizes
+
+
+def _check_unicode(texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ServiceError(422, "invalid_text", f"texts[{i}] is not valid Unicode (a lone "
+                               f"surrogate at character {err.start})") from None
+
+
+def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], bool],
+            per_token: bool) -> list[_Encoded]:
+    """Tokens and ids of each text, as Scorer.score tokenizes; 413 as soon as a text passes
+    `limit` tokens, 422 for text the pipeline cannot take, Abandoned once `stopped()`."""
+    pipeline = scorer.pipeline
+    out = []
+    for i, text in enumerate(texts):
+        if len(text.split()) >= limit:  # a token is never made of two whitespace-separated parts
+            raise _too_many_tokens(i, limit)
+        tokens: list[str] = []
+        try:
+            for sample in pipeline.samples(text):
+                if stopped():
+                    raise Abandoned
+                if sample or not pipeline.skip_empty:
+                    tokens.extend(pipeline._finish(sample))
+                if len(tokens) > limit:
+                    raise _too_many_tokens(i, limit)
+            ids, oov = scorer.vocab.encode(tokens, return_oov=True)
+        except (UserError, TimeoutError) as err:  # no <unk> for an unknown word; punkt's limit
+            raise ServiceError(422, "unscorable_text", f"texts[{i}]: {err}") from None
+        out.append(_Encoded(ids, oov, tokens if per_token else None))
+    return out
+
+
+def _too_many_tokens(i: int, limit: int) -> ServiceError:
+    return ServiceError(413, "too_many_tokens", f"texts[{i}] has more than {limit} tokens; the "
+                        f"limit is {limit} (max_tokens_per_text)", limit="max_tokens_per_text",
+                        max=limit)
+
+
+def _calibration_text(scorer: Scorer, max_tokens: int) -> str:
+    """Vocabulary words in sentences: a text the pipeline tokenizes about as fast as real text."""
+    words = [w for w in scorer.vocab.tokens[:1000] if w.isalpha()] or ["the"]
+    count = min(CALIBRATION_WORDS, max(max_tokens - 2, 1) // 2)
+    chosen = [words[(i * 7919) % len(words)] for i in range(count)]
+    return " . ".join(" ".join(chosen[i:i + 12]) for i in range(0, count, 12)) + " ."
+
+
+def _text_result(e: _Encoded, logprobs: np.ndarray, scorer: Scorer) -> dict:
+    """One text's answer; the numbers are TextScore's, as score.py --per-line writes them."""
+    score = TextScore(int(e.ids.size), int(e.oov), float(logprobs.sum(dtype=np.float64)))
+    d = score.to_dict()
+    result = {"tokens": d["num_tokens"], "oov": d["num_oov"],
+              "log_likelihood": _finite(d["log_likelihood"]), "perplexity": d["perplexity"]}
+    if e.tokens is not None:
+        vocab = scorer.vocab
+        result["per_token"] = [{"token": t, "logprob": _finite(float(x)), "oov": t not in vocab}
+                               for t, x in zip(e.tokens, logprobs.tolist())]
+    return result
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
