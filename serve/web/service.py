@@ -122,9 +122,9 @@ class Service:
         scorer = Scorer(s.bundle, device=s.device, threads=s.threads)
         ids = np.arange(scorer.bptt + 1, dtype=np.int32) % len(scorer.vocab)
         _score_rows_tmp(scorer, [ids, ids[:1]], s.max_batch)
-        text = _calibration_text(scorer, s.max_tokens_per_text)
+        text = _calibration_text(scorer)
         started = time.perf_counter()
-        encoded = _encode(scorer, [text] * CALIBRATION_TEXTS, s.max_tokens_per_text,
+        encoded = _encode(scorer, [text] * CALIBRATION_TEXTS, 2 * CALIBRATION_WORDS,
                           lambda: False, per_token=False)
         _score_rows_tmp(scorer, [e.ids for e in encoded], s.max_batch)
         self.admission.record(len(text.encode()) * CALIBRATION_TEXTS,
@@ -304,12 +304,11 @@ def _too_many_tokens(i: int, limit: int) -> ServiceError:
                         max=limit)
 
 
-def _calibration_text(scorer: Scorer, max_tokens: int) -> str:
+def _calibration_text(scorer: Scorer) -> str:
     """Vocabulary words in sentences: a text the pipeline tokenizes about as fast as real text."""
     words = [w for w in scorer.vocab.tokens[:1000] if w.isalpha()] or ["the"]
-    count = min(CALIBRATION_WORDS, max(max_tokens - 2, 1) // 2)
-    chosen = [words[(i * 7919) % len(words)] for i in range(count)]
-    return " . ".join(" ".join(chosen[i:i + 12]) for i in range(0, count, 12)) + " ."
+    chosen = [words[(i * 7919) % len(words)] for i in range(CALIBRATION_WORDS)]
+    return " . ".join(" ".join(chosen[i:i + 12]) for i in range(0, CALIBRATION_WORDS, 12)) + " ."
 
 
 def _text_result(e: _Encoded, logprobs: np.ndarray, scorer: Scorer) -> dict:
