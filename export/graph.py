@@ -1,14 +1,8 @@
 """The scoring graph: a Keras LM as a `tf.function`, converted by tf2onnx, then tidied for serving.
 
 The exported graph scores text instead of returning logits: the [batch, time, vocab] tensor never
-leaves the runtime. Its contract (what `serve/` relies on):
-
-    inputs   tokens   int32   [batch, time]
-             targets  int32   [batch, time]    (< 0 = padding)
-             h0, c0, h1, c1, ...  float32 [batch, nhid]
-    outputs  logprobs float32 [batch, time]    log p(target | prefix); 0 at padding
-             h0_out, c0_out, ...  float32 [batch, nhid]
-             next_logprobs float32 [batch, vocab]   log-distribution after the last position
+leaves the runtime. Its inputs and outputs are the bundle contract's (serve/contract.py):
+tokens, targets and the LSTM state in; logprobs (0 at padding), the state out and next_logprobs.
 
 The opset is the caller's choice (export/to_onnx.py explains its default).
 
@@ -38,14 +32,17 @@ import tf2onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from keraslm.model import LMConfig, split_decoder
+from serve import contract
 
 
 def input_names(config: LMConfig) -> list[str]:
-    return ["tokens", "targets", *config.state_names()]
+    """The graph's inputs, in order (the contract's for this config)."""
+    return contract.input_names(config.nlayers)
 
 
 def output_names(config: LMConfig) -> list[str]:
-    return ["logprobs", *(f"{name}_out" for name in config.state_names()), "next_logprobs"]
+    """The graph's outputs, in order (the contract's for this config)."""
+    return contract.output_names(config.nlayers)
 
 
 def scoring_function(model: keras.Model, config: LMConfig, *,
@@ -57,10 +54,11 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
     weight scale would otherwise have to span the bias too.
     """
     features, kernel, bias, transposed = split_decoder(model)
+    states = contract.state_names(config.nlayers)
     signature = [
-        tf.TensorSpec([None, None], tf.int32, name="tokens"),
-        tf.TensorSpec([None, None], tf.int32, name="targets"),
-        *(tf.TensorSpec([None, config.nhid], tf.float32, name=n) for n in config.state_names()),
+        tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TOKENS),
+        tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TARGETS),
+        *(tf.TensorSpec([None, config.nhid], tf.float32, name=n) for n in states),
     ]
 
     @tf.function(input_signature=signature)
@@ -78,10 +76,11 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
         # Mask before gathering: a -1 index would silently read the last word.
         safe_targets = tf.where(is_target, targets, tf.zeros_like(targets))
         picked = tf.gather(logprobs, safe_targets, batch_dims=2)
-        outputs = {"logprobs": tf.where(is_target, picked, tf.zeros_like(picked))}
-        for name, value in zip(config.state_names(), new_state):
-            outputs[f"{name}_out"] = value
-        outputs["next_logprobs"] = logprobs[:, -1, :]  # a [B, V] slice of what is computed anyway
+        outputs = {contract.OUTPUT_LOGPROBS: tf.where(is_target, picked, tf.zeros_like(picked))}
+        for name, value in zip(states, new_state):
+            outputs[contract.state_output(name)] = value
+        # a [B, V] slice of what is computed anyway
+        outputs[contract.OUTPUT_NEXT_LOGPROBS] = logprobs[:, -1, :]
         return outputs
 
     return score
@@ -225,15 +224,9 @@ def set_io_contract(proto: onnx.ModelProto, config: LMConfig) -> None:
 
 def io_shapes(config: LMConfig) -> dict[str, tuple[int, list]]:
     """Every graph input and output: ONNX element type and shape with symbolic batch/time."""
-    shapes = {
-        "tokens": (TensorProto.INT32, ["batch", "time"]),
-        "targets": (TensorProto.INT32, ["batch", "time"]),
-        "logprobs": (TensorProto.FLOAT, ["batch", "time"]),
-        "next_logprobs": (TensorProto.FLOAT, ["batch", config.vocab_size]),
-    }
-    for name in config.state_names():
-        shapes[name] = shapes[f"{name}_out"] = (TensorProto.FLOAT, ["batch", config.nhid])
-    return shapes
+    specs = contract.io_specs(config.nlayers, config.nhid, config.vocab_size)
+    return {name: (helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
+            for name, (dtype, shape) in specs.items()}
 
 
 def check_native_lstm(proto: onnx.ModelProto, nlayers: int) -> None:

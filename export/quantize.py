@@ -13,6 +13,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
+from serve.contract import INPUT_TARGETS, INPUT_TOKENS, OUTPUT_LOGPROBS, state_output
 
 SAMPLE_COLUMNS, SAMPLE_LENGTH, SAMPLE_CHUNK = 4, 100, 25  # 400 scored tokens in 4 chunks
 TIMING_REPEATS = 3
@@ -41,14 +42,14 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 def score_stream(sess: ort.InferenceSession, ids: np.ndarray, chunk: int) -> np.ndarray:
     """Log-probabilities of ids[:, 1:] given the prefix, fed `chunk` steps at a time with the
     state carried between chunks (ids: int [columns, length + 1]; result float [columns, length])."""
-    state_inputs = [i for i in sess.get_inputs() if i.name not in ("tokens", "targets")]
+    state_inputs = [i for i in sess.get_inputs() if i.name not in (INPUT_TOKENS, INPUT_TARGETS)]
     state = {i.name: np.zeros((ids.shape[0], i.shape[1]), np.float32) for i in state_inputs}
-    out_names = ["logprobs", *(f"{name}_out" for name in state)]
+    out_names = [OUTPUT_LOGPROBS, *map(state_output, state)]
     pieces = []
     for start in range(0, ids.shape[1] - 1, chunk):
         window = ids[:, start:start + chunk + 1].astype(np.int32)
         logprobs, *new_state = sess.run(
-            out_names, {"tokens": window[:, :-1], "targets": window[:, 1:], **state}
+            out_names, {INPUT_TOKENS: window[:, :-1], INPUT_TARGETS: window[:, 1:], **state}
         )
         state = dict(zip(state, new_state))
         pieces.append(logprobs)

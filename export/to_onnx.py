@@ -1,11 +1,14 @@
 """Export a training run to a serving bundle: `python -m export.to_onnx [RUN] [--out DIR]`.
 
     bundles/<run name>/
-        model.onnx        the scoring graph (see export/graph.py for its inputs and outputs)
+        model.onnx        the scoring graph (export/graph.py builds it)
         model.onnx.data   its weights, only for models too big for one protobuf (> 1 GiB here)
         vocab.json        copied from the run
         bundle.json       schema version, model config, text pipeline, source run, versions,
                           opset, quantization, and the graph's inputs and outputs
+
+serve/contract.py defines this format (file names, schema version, graph inputs and outputs) for
+both sides.
 
 The bundle is built in a temporary folder beside its destination, checked with the ONNX checker,
 and only then renamed into place, so a failed export leaves the previous bundle (or nothing).
@@ -39,14 +42,18 @@ from keraslm.errors import UserError
 from keraslm.rundir import RunDir, resolve_run, write_json_atomic
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
+from serve.contract import (
+    BUNDLE_FILE,
+    DATA_FILE,
+    DEFAULT_BUNDLES_ROOT,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    VOCAB_FILE,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
-SCHEMA_VERSION = 1
-DEFAULT_BUNDLES_ROOT = Path("bundles")
-MODEL_FILE, DATA_FILE, VOCAB_FILE, BUNDLE_FILE = (
-    "model.onnx", "model.onnx.data", "vocab.json", "bundle.json")
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 13, 18
 QUANTIZE_CHOICES = ("int8",)
 # Above this many bytes of weights the model goes through tf2onnx's large-model path and is saved
@@ -143,7 +150,7 @@ def _source_run(run: RunDir) -> dict:
 
 def _write_quantized(work: Path, proto: onnx.ModelProto, tied_embedding: np.ndarray | None,
                      external_data: bool, run_config: dict, vocab: Vocab) -> dict:
-    """Quantize `proto` (tied weights not yet shared) into work/model.onnx, checked, and measure
+    """Quantize `proto` (tied weights not yet shared) into work/MODEL_FILE, checked, and measure
     it against the float model a plain export would ship."""
     from export import graph
     from export import quantize as q  # onnxruntime: needed only here

@@ -27,9 +27,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from keraslm.errors import UserError
+from serve.contract import PAD_INPUT, PAD_TARGET  # the padding ids the exported graph honours
 
-PAD_INPUT = 0
-PAD_TARGET = -1
 LAST_BATCH = ("keep", "discard")
 
 

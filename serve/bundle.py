@@ -1,23 +1,24 @@
 """Load and validate a serving bundle (`bundles/<name>/`), never importing TensorFlow.
 
-    model.onnx     the scoring graph (export/graph.py documents its inputs and outputs)
-    vocab.json     the vocabulary
-    bundle.json    schema version, model config, text pipeline, source run, versions, and the
-                   graph's inputs and outputs
+serve/contract.py describes the format: model.onnx, perhaps its external data, vocab.json and
+bundle.json.
 
 A bundle is checked when it is opened, so every later failure is about the text, not the model:
-the schema version is one this code reads, the graph loads in onnxruntime, its inputs and
-outputs are the ones bundle.json declares (names, dtypes, shapes), and the vocabulary has exactly
-as many tokens as the model scores. Each problem is one line of `BundleError` naming the file.
+the schema version is one this code reads, every external-data file the graph names lies inside
+the bundle folder (checked here before onnxruntime opens anything, whatever its version), the
+graph loads in onnxruntime, its inputs and outputs are the ones bundle.json declares (names,
+dtypes, shapes) and include the contract's, and the vocabulary has exactly as many tokens as the
+model scores. Each problem is one line of `BundleError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,18 @@ import onnxruntime as ort
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
+from serve import contract
+from serve.contract import (  # re-exported: serve modules import these from here
+    BUNDLE_FILE,
+    DEFAULT_BUNDLES_ROOT,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    VOCAB_FILE,
+)
+from serve.contract import OUTPUT_NEXT_LOGPROBS as NEXT_LOGPROBS
 
-SCHEMA_VERSION = 1
-DEFAULT_BUNDLES_ROOT = Path("bundles")
-MODEL_FILE, VOCAB_FILE, BUNDLE_FILE = "model.onnx", "vocab.json", "bundle.json"
-NEXT_LOGPROBS = "next_logprobs"
+__all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLES_ROOT", "MODEL_FILE", "NEXT_LOGPROBS", "SCHEMA_VERSION",
+           "VOCAB_FILE", "Bundle", "BundleError", "TensorSpec", "load_bundle", "resolve_bundle"]
 
 # Bounds checked before anything is allocated: a bundle.json is a few kB, and these sizes are far
 # beyond any model onnxruntime could hold (a 2-layer nhid-65,536 LSTM alone is 68 GB).
@@ -96,9 +104,9 @@ class Bundle:
 
     @property
     def state_names(self) -> list[str]:
-        """State inputs in graph order: h0, c0, h1, c1, ...; outputs add `_out`."""
-        return [f"{kind}{layer}" for layer in range(int(self.model["nlayers"]))
-                for kind in ("h", "c")]
+        """State inputs in graph order: h0, c0, h1, c1, ... (`contract.state_output` names
+        the outputs)."""
+        return contract.state_names(int(self.model["nlayers"]))
 
     @property
     def providers(self) -> list[str]:
@@ -142,6 +150,7 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     except UserError as err:
         raise BundleError(f"{path / BUNDLE_FILE}: bad text pipeline: {err}") from None
     vocab = _read_vocab(path / VOCAB_FILE, pipeline)
+    _check_external_data(model_path)
     session = _open_session(model_path, providers, options)
     bundle = Bundle(path=path, meta=meta, pipeline=pipeline, vocab=vocab, session=session,
                     inputs=tuple(TensorSpec.from_json(d) for d in meta["inputs"]),
@@ -216,6 +225,117 @@ def _read_vocab(path: Path, pipeline: TextPipeline) -> Vocab:
     return vocab
 
 
+def _check_external_data(model_path: Path) -> None:
+    """Refuse a graph whose external data would be read from outside the bundle folder.
+
+    Absolute locations, `..` out of the folder and symbolic links leading out are all refused,
+    before onnxruntime opens anything (only recent versions refuse these themselves).
+    """
+    folder = model_path.parent.resolve()
+    for location in _external_locations(model_path):
+        reason = _outside(folder, location)
+        if reason:
+            raise BundleError(f"{model_path}: external data location {location!r} {reason}")
+
+
+def _outside(folder: Path, location: str) -> str | None:
+    """Why `location` (relative to `folder`, resolved) is not a file inside it; None if it is."""
+    if "\0" in location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).anchor:
+        return "is not a relative file name"
+    try:
+        target = (folder / location).resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError before Python 3.13)
+        return "cannot be resolved"
+    return None if folder in target.parents else "leads outside the bundle folder"
+
+
+# The ONNX messages (onnx.proto) that can hold tensors, and their fields that do: the scan below
+# descends only into these and steps over every other field, weights included, by its length.
+_TENSOR_FIELDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node", 11: "attribute"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 13, 1, 2  # TensorProto.external_data: key/value pairs
+_MAX_NESTING = 100  # protobuf's own default recursion limit
+
+
+class _NotProtobuf(ValueError):
+    """The bytes do not follow the protobuf wire format."""
+
+
+def _external_locations(model_path: Path) -> list[str]:
+    """The `location` of every tensor's external data in the ONNX file, without reading any data.
+
+    The file is mapped, not read: a 2 GB model costs a walk over its field headers.
+    """
+    try:
+        with open(model_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return []  # an empty message; onnxruntime says what is wrong with it
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return [os.fsdecode(b) for b in _scan(data, "model", 0, len(data), 0)]
+    except OSError as err:
+        raise BundleError(f"{model_path}: cannot read ({err.strerror or err})") from None
+    except _NotProtobuf as err:  # the wire format is broken: onnxruntime's parser fails too
+        raise BundleError(f"{model_path}: onnxruntime cannot load it (not a protobuf: "
+                          f"{err})") from None
+
+
+def _scan(data: mmap.mmap, kind: str, start: int, end: int, depth: int) -> Iterator[bytes]:
+    """External-data locations inside the message `data[start:end]`, of ONNX type `kind`."""
+    if depth > _MAX_NESTING:
+        raise _NotProtobuf(f"messages nested more than {_MAX_NESTING} deep at byte {start}")
+    inner = _TENSOR_FIELDS.get(kind, {})
+    for number, begin, stop in _fields(data, start, end):
+        if kind == "tensor" and number == _EXTERNAL_DATA:
+            entry = {n: data[b:s] for n, b, s in _fields(data, begin, stop)}
+            if entry.get(_ENTRY_KEY) == b"location":
+                yield entry.get(_ENTRY_VALUE, b"")
+        elif number in inner:
+            yield from _scan(data, inner[number], begin, stop, depth + 1)
+
+
+def _fields(data: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of `data[pos:end]`; fields of
+    the other wire types are checked and stepped over."""
+    while pos < end:
+        key, pos = _varint(data, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0 or wire not in (0, 1, 2, 5):  # 3 and 4 (groups) never occur in ONNX
+            raise _NotProtobuf(f"field {number} of wire type {wire} at byte {pos}")
+        begin = pos
+        if wire == 0:
+            _, pos = _varint(data, pos, end)
+        elif wire == 2:
+            size, begin = _varint(data, pos, end)
+            pos = begin + size
+        else:
+            pos += 8 if wire == 1 else 4
+        if pos > end:
+            raise _NotProtobuf(f"field {number} at byte {begin} runs past its message")
+        if wire == 2:
+            yield number, begin, pos
+
+
+def _varint(data: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= end:
+            break
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise _NotProtobuf(f"bad varint before byte {pos}")
+
+
 def _open_session(model_path: Path, providers: Sequence[str],
                   options: ort.SessionOptions | None) -> ort.InferenceSession:
     if options is None:
@@ -248,13 +368,13 @@ def _check_graph(bundle: Bundle) -> None:
                 raise BundleError(
                     f"{where}: {kind[:-1]} {spec.name} is {g.dtype} {list(g.shape)} in the "
                     f"graph but {spec.dtype} {list(spec.shape)} in {BUNDLE_FILE}")
-    needed_in = ["tokens", "targets", *bundle.state_names]
-    needed_out = ["logprobs", *(f"{s}_out" for s in bundle.state_names)]
+    nlayers = int(bundle.model["nlayers"])
     have_in = {s.name for s in bundle.inputs}
-    missing = [n for n in needed_in if n not in have_in]
-    missing += [n for n in needed_out if not bundle.has_output(n)]
+    missing = [n for n in contract.input_names(nlayers) if n not in have_in]
+    missing += [n for n in contract.output_names(nlayers)
+                if n not in contract.OPTIONAL_OUTPUTS and not bundle.has_output(n)]
     if missing:
-        raise BundleError(f"{where}: not a keraslm scoring graph for a {bundle.model['nlayers']}"
+        raise BundleError(f"{where}: not a keraslm scoring graph for a {nlayers}"
                           f"-layer model (missing {', '.join(missing)})")
     state = {s.name: s for s in bundle.inputs if s.name in bundle.state_names}
     for name, spec in state.items():
@@ -276,8 +396,8 @@ def _check_vocab(bundle: Bundle) -> None:
                           f"match")
     if not bundle.has_output(NEXT_LOGPROBS):
         return
-    feed: dict[str, np.ndarray] = {"tokens": np.zeros((1, 1), np.int32),
-                                   "targets": np.zeros((1, 1), np.int32)}
+    feed: dict[str, np.ndarray] = {contract.INPUT_TOKENS: np.zeros((1, 1), np.int32),
+                                   contract.INPUT_TARGETS: np.zeros((1, 1), np.int32)}
     feed.update({s: np.zeros((1, bundle.nhid), np.float32) for s in bundle.state_names})
     try:
         (dist,) = bundle.session.run([NEXT_LOGPROBS], feed)

@@ -23,6 +23,7 @@ from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
 from keraslm.model import LMConfig, load_run_model
 from keraslm.vocab import Vocab
+from serve import contract
 
 VOCAB_SIZE = 150
 CONFIGS = {
@@ -158,12 +159,18 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert [i["name"] for i in info["inputs"]] == ["tokens", "targets", *config.state_names()]
     assert [o["name"] for o in info["outputs"]] == [
         "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs"]
+    assert contract.state_names(config.nlayers) == config.state_names()  # the Keras model's order
+    specs = contract.io_specs(config.nlayers, config.nhid, config.vocab_size)
+    assert [(v["name"], v["dtype"], v["shape"]) for v in info["inputs"] + info["outputs"]] == [
+        (name, *specs[name]) for name in contract.input_names(config.nlayers)
+        + contract.output_names(config.nlayers)]
     shapes = {v["name"]: (v["dtype"], v["shape"]) for v in info["inputs"] + info["outputs"]}
     assert shapes["tokens"] == shapes["targets"] == ("int32", ["batch", "time"])
     assert shapes["logprobs"] == ("float32", ["batch", "time"])
     assert shapes["h0"] == shapes["c0_out"] == ("float32", ["batch", config.nhid])
     assert shapes["next_logprobs"] == ("float32", ["batch", config.vocab_size])
-    assert info["schema_version"] == 1 and info["model"] == config.to_dict()
+    assert info["schema_version"] == contract.SCHEMA_VERSION == 1
+    assert info["model"] == config.to_dict() and sorted(info) == sorted(contract.BUNDLE_FIELDS)
     assert info["opset"] == DEFAULT_OPSET
     assert {o.domain: o.version for o in model.opset_import}[""] == DEFAULT_OPSET
     assert info["pipeline"] == run.read_config()["pipeline"]

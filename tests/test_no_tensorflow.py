@@ -1,4 +1,5 @@
-"""The data side (text, vocab, batching) and the configuration must work without TensorFlow."""
+"""The data side (text, vocab, batching) and the configuration must work without TensorFlow;
+the bundle contract shared by export and serve needs not even NumPy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import keraslm.text, keraslm.vocab, keraslm.batching, keraslm.config, keraslm.rundir
     assert "tensorflow" not in sys.modules, "importing the data modules loaded TensorFlow"
+    assert "onnxruntime" not in sys.modules, "importing the data modules loaded onnxruntime"
     from keraslm.config import TrainConfig
     TrainConfig.from_values({"lr": 2.0, "preset": "standard_lstm_lm_650"}).model.resolve(100)
 
@@ -30,5 +32,23 @@ SCRIPT = textwrap.dedent("""
 def test_data_modules_never_import_tensorflow():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                             timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+CONTRACT_SCRIPT = textwrap.dedent("""
+    import sys
+    import serve.contract
+    heavy = ("tensorflow", "keras", "onnxruntime", "onnx", "numpy")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+    assert not loaded, loaded
+    assert serve.contract.state_names(2) == ["h0", "c0", "h1", "c1"]
+    print("ok")
+""")
+
+
+def test_bundle_contract_imports_no_tensorflow_onnxruntime_or_numpy():
+    result = subprocess.run([sys.executable, "-c", CONTRACT_SCRIPT], capture_output=True,
+                            text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

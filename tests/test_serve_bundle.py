@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 
+import serve.bundle
+from serve import contract
 from serve.bundle import BundleError, load_bundle, resolve_bundle
 
 
@@ -129,6 +132,28 @@ def _vocab_without_eos(d: Path):
     (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
 
 
+def _truncate(name):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:1000])
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads here are under 2**21 bytes)."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def _nested_graphs(levels: int) -> bytes:
+    """A ModelProto whose graph's node's attribute holds a graph, `levels` deep."""
+    graph = b""
+    for _ in range(levels):
+        graph = _field(1, _field(5, _field(6, graph)))  # graph.node.attribute.g
+    return _field(7, graph)
+
+
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
@@ -156,6 +181,8 @@ BAD_BUNDLES = {
     "nhid true": (_meta(lambda m: m["model"].update(nhid=True)), "model.nhid missing or not"),
     "deeply nested vocab.json": (_write("vocab.json", DEEP), "vocab.json: corrupt"),
     "vocab without <eos>": (_vocab_without_eos, "does not have it"),
+    "truncated model.onnx": (_truncate("model.onnx"), "model.onnx: onnxruntime cannot load it"),
+    "model.onnx nested too deeply": (_write("model.onnx", _nested_graphs(50)), "nested more than"),
 }
 
 
@@ -191,3 +218,122 @@ def test_resolve_bundle_by_path_by_name_and_newest(tiny_bundle, tmp_path):
         resolve_bundle(root / "not-a-bundle", root)
     with pytest.raises(BundleError, match="no bundle under"):
         resolve_bundle(None, tmp_path / "empty")
+
+
+# ---- the contract --------------------------------------------------------------------------------
+
+def test_exported_bundle_follows_the_contract(tiny_bundle):
+    """File names, bundle.json's fields, graph inputs/outputs with dtypes and shapes, padding."""
+    from keraslm import batching
+    from keraslm.config import LMConfig
+
+    path = tiny_bundle.bundle
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [contract.BUNDLE_FILE, contract.MODEL_FILE, contract.VOCAB_FILE])
+    meta = json.loads((path / contract.BUNDLE_FILE).read_text(encoding="utf-8"))
+    assert sorted(meta) == sorted(contract.BUNDLE_FIELDS)
+    assert meta["schema_version"] == contract.SCHEMA_VERSION
+    model = meta["model"]
+    nlayers = model["nlayers"]
+    assert contract.state_names(nlayers) == LMConfig(**model).state_names() == [
+        "h0", "c0", "h1", "c1"]
+    specs = contract.io_specs(nlayers, model["nhid"], model["vocab_size"])
+    for kind, names in (("inputs", contract.input_names(nlayers)),
+                        ("outputs", contract.output_names(nlayers))):
+        assert meta[kind] == [{"name": n, "dtype": specs[n][0], "shape": specs[n][1]}
+                              for n in names]
+
+    b = load_bundle(path)
+    assert [i.name for i in b.session.get_inputs()] == contract.input_names(nlayers)
+    assert [o.name for o in b.session.get_outputs()] == contract.output_names(nlayers)
+    assert batching.PAD_INPUT == contract.PAD_INPUT and batching.PAD_TARGET == contract.PAD_TARGET
+    padded = np.full((2, 3), contract.PAD_INPUT, np.int32)
+    feed = {contract.INPUT_TOKENS: padded,
+            contract.INPUT_TARGETS: np.full_like(padded, contract.PAD_TARGET),
+            **{s: np.zeros((2, b.nhid), np.float32) for s in b.state_names}}
+    feed[contract.INPUT_TARGETS][0, 0] = 5
+    (logprobs,) = b.session.run([contract.OUTPUT_LOGPROBS], feed)
+    assert logprobs[0, 0] < 0 and not logprobs.ravel()[1:].any()  # padding scores 0
+
+
+# ---- external data ---------------------------------------------------------------------------------
+
+def _external_weights(bundle: Path, location: str, data_at: Path | None = None) -> None:
+    """Store the model's weights as external data named `location`, the file put at `data_at`
+    (default: where `location` points from the bundle folder)."""
+    import onnx
+
+    model = onnx.load(bundle / contract.MODEL_FILE)
+    onnx.save_model(model, bundle / contract.MODEL_FILE, save_as_external_data=True,
+                    location=contract.DATA_FILE)
+    model = onnx.load(bundle / contract.MODEL_FILE, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, bundle / contract.MODEL_FILE)
+    target = data_at or bundle / location
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (bundle / contract.DATA_FILE).rename(target)
+
+
+def _constant_in_a_subgraph(bundle: Path, location: str) -> None:
+    """A model whose only tensor is a Constant inside an If branch, stored at `location`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    value.data_location = TensorProto.EXTERNAL
+    value.ClearField("float_data")
+    value.external_data.add(key="location", value=location)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    branch = helper.make_graph([helper.make_node("Constant", [], ["y"], value=value)], "b", [],
+                               [out])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "c", TensorProto.BOOL, [])], [out])
+    onnx.save_model(helper.make_model(graph), bundle / contract.MODEL_FILE)
+
+
+def _no_onnxruntime(*args, **kwargs):
+    raise AssertionError("onnxruntime was asked to open the model")
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "subgraph"])
+def test_external_data_outside_the_bundle_is_refused_before_onnxruntime(bundle_copy, tmp_path,
+                                                                        monkeypatch, kind):
+    pytest.importorskip("onnx")
+    secret = tmp_path / "secret.bin"
+    if kind == "parent":
+        location = "../secret.bin"
+        _external_weights(bundle_copy, location)
+    elif kind == "absolute":
+        location = str(secret)
+        _external_weights(bundle_copy, location)
+    elif kind == "symlink":
+        location = "weights.data"
+        _external_weights(bundle_copy, location, secret)
+        (bundle_copy / location).symlink_to(secret)
+    else:
+        location = "../../secret.bin"
+        _constant_in_a_subgraph(bundle_copy, location)
+    monkeypatch.setattr(serve.bundle.ort, "InferenceSession", _no_onnxruntime)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_copy)
+    message = str(err.value)
+    assert message.startswith(f"{bundle_copy / contract.MODEL_FILE}: external data location "
+                              f"{location!r} ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("location", [contract.DATA_FILE, "sub/../weights/model.data"])
+def test_external_data_inside_the_bundle_loads(bundle_copy, tiny_bundle, location):
+    pytest.importorskip("onnx")
+    _external_weights(bundle_copy, location)
+    assert (bundle_copy / location).stat().st_size > 4000  # the weights really moved there
+    got = load_bundle(bundle_copy).session
+    want = load_bundle(tiny_bundle.bundle).session
+    feed = {contract.INPUT_TOKENS: np.array([[3, 4]], np.int32),
+            contract.INPUT_TARGETS: np.array([[4, 5]], np.int32),
+            **{s: np.zeros((1, 16), np.float32) for s in contract.state_names(2)}}
+    np.testing.assert_array_equal(got.run(None, feed)[0], want.run(None, feed)[0])
