@@ -1,14 +1,18 @@
 """Benchmark: the scoring service under floods, beside its unloaded best, in one run.
 
     python bench/bench_flood.py [--run RUN] [--seconds 40] [--timeout 30] [--threads N]
+                                [--max-texts 16] [--max-tokens-per-text 500]
 
-Starts `python -m serve.server` with its default limits (1 MiB bodies, 64 texts, 2,000 tokens
-per text, queue 128, --timeout 30) over standard_lstm_lm_200 (WikiText-2 vocabulary; `--run`,
-else an untrained one: speed does not depend on the weights), then:
+Starts `python -m serve.server` with its default queue and body limits, `--timeout 30`, and
+request limits sized for this class of machine (16 texts of 500 tokens: a maximum-size request
+is 8,000 tokens, a few seconds of one core; the defaults, 64 x 2,000 tokens, take longer than
+the timeout on 2 cores whatever the load), over standard_lstm_lm_200 (WikiText-2 vocabulary;
+`--run`, else an untrained one: speed does not depend on the weights), then:
 
   unloaded   one client, one maximum-size request after another (the service's best)
-  flood A    200 clients, each sending maximum-size requests (64 texts of ~1,990 WikiText-2
-             tokens, just under every limit) for --seconds, waiting Retry-After after a 503
+  flood A    200 clients, each sending maximum-size requests (--max-texts texts of WikiText-2
+             tokens, just under --max-tokens-per-text) for --seconds, waiting Retry-After
+             after a 503
   flood B    1,000 clients sending small requests (one WikiText-2 line) the same way
 
 and prints, for each: answered / 503 / 504 / other, p50 and p99 latency of the answered ones
@@ -38,8 +42,6 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 from bench.bench_score import PRESET, pick_run, untrained_run
 from bench.bench_server import peak_rss_mb, start_server
 from bench.common import flops_per_token, matmul_peak
-
-MAX_TEXTS, MAX_TOKENS = 64, 2000  # the server's defaults
 
 
 @dataclass
@@ -92,12 +94,14 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float,
     return tally
 
 
-def request_bodies(valid: Path) -> tuple[list[bytes], list[bytes]]:
-    """Maximum-size requests (64 texts just under the token limit) and one-line requests."""
+def request_bodies(valid: Path, max_texts: int, max_tokens: int
+                   ) -> tuple[list[bytes], list[bytes]]:
+    """Maximum-size requests (`max_texts` texts just under the token limit) and one-line
+    requests."""
     words = valid.read_text(encoding="utf-8").split()
-    per_text = MAX_TOKENS - 10  # <eos> and room to spare
+    per_text = max(max_tokens - 10, 1)  # <eos> and room to spare
     texts = [" ".join(words[i:i + per_text]) for i in range(0, len(words) - per_text, per_text)]
-    big = [json.dumps({"texts": [texts[(k + j) % len(texts)] for j in range(MAX_TEXTS)]}).encode()
+    big = [json.dumps({"texts": [texts[(k + j) % len(texts)] for j in range(max_texts)]}).encode()
            for k in range(8)]
     lines = [line.strip() for line in valid.read_text(encoding="utf-8").splitlines()
              if len(line.split()) >= 5]
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=40, help="length of each flood")
     p.add_argument("--timeout", type=float, default=30, help="the server's --timeout")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (all cores)")
+    p.add_argument("--max-texts", type=int, default=16, help="the server's --max-texts")
+    p.add_argument("--max-tokens-per-text", type=int, default=500,
+                   help="the server's --max-tokens-per-text")
     p.add_argument("--big-clients", type=int, default=200)
     p.add_argument("--small-clients", type=int, default=1000)
     p.add_argument("--data-root", type=Path,
@@ -127,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                        (untrained_run(work / "run", data_root), "untrained"))
         bundle = export_run(run, work / "bundle")
         model = run.read_config()["model"]
-        big, small = request_bodies(data_root / "wikitext-2" / "wiki.valid.tokens")
+        big, small = request_bodies(data_root / "wikitext-2" / "wiki.valid.tokens",
+                                    args.max_texts, args.max_tokens_per_text)
         threads = ["--threads", str(args.threads)] if args.threads else []
-        proc, url = start_server(bundle, ["--timeout", str(args.timeout), *threads],
+        proc, url = start_server(bundle, [
+            "--timeout", str(args.timeout), "--max-texts", str(args.max_texts),
+            "--max-tokens-per-text", str(args.max_tokens_per_text), *threads],
                                  work / "server.log")
         try:
             asyncio.run(load(url, big[:1], 1, 60, requests=1))  # warm-up
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     flops = flops_per_token(model)
     print(f"{PRESET} ({origin}: {model['nlayers']}x{model['nhid']} LSTM, vocab "
-          f"{model['vocab_size']:,}), server defaults, --timeout {args.timeout:g}, threads "
+          f"{model['vocab_size']:,}), --timeout {args.timeout:g}, max-size = {args.max_texts} x "
+          f"{args.max_tokens_per_text} tokens, threads "
           f"{args.threads or 'all'}, {os.cpu_count()} CPUs; matmul peak {peak:.1f} GFLOP/s "
           f"({peak_how})")
     print(f"{'phase':<34}{'200':>6}{'503':>7}{'504':>6}{'other':>6}{'p50 s':>8}{'p99 s':>8}"
