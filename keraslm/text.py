@@ -5,18 +5,23 @@ tokenizes it (whitespace, or Moses via sacremoses), and adds ``bos``/``eos``. On
 serves training, evaluation and scoring, and its settings travel with every run and bundle
 (``to_dict``/``from_dict``), so a token means the same thing everywhere.
 
-Files are read as a stream in constant memory (apart from the longest line or sentence) and give
-exactly what processing the whole file at once gives. NLTK and sacremoses are imported only when
-a pipeline needs them. This module never imports TensorFlow.
+Files are read as a stream, ``READ_BYTES`` at a time, and give exactly what processing the whole
+file at once gives, in memory bounded whatever the line lengths: ``iter_parts`` gives a sample's
+tokens in parts, and lines mode tokenizes a line longer than ``MAX_PIECE_CHARS`` in pieces cut at
+whitespace where the tokenizer cannot tell the difference (see ``_cut``), so the tokens are those
+of the whole line. Only ``iter_samples`` and ``iter_processed``, which give samples whole, hold a
+long line. NLTK and sacremoses are imported only when a pipeline needs them. This module never
+imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import io
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +38,8 @@ PUNKT_RESOURCE = f"tokenizers/punkt_tab/{PUNKT_LANGUAGE}/"
 # with no sentence end at all) is given out as it is rather than rescanned ever longer.
 BLOCK_CHARS = 1 << 16
 MAX_SENTENCE_CHARS = 1 << 18
+READ_BYTES = 1 << 20  # a file is read (and a text stream in characters) this much at a time
+MAX_PIECE_CHARS = 1 << 18  # lines mode tokenizes a longer line in pieces of at most this
 
 Source = str | os.PathLike | IO
 NltkDirs = str | os.PathLike | Sequence[str | os.PathLike] | None
@@ -89,34 +96,70 @@ class TextPipeline:
                      block_chars: int = BLOCK_CHARS) -> Iterator[str]:
         """Stream the stripped sample strings of a file (path, text or binary file object).
 
-        Lines mode reads line by line. Sentence mode feeds punkt blocks of about ``block_chars``
-        characters cut at line ends and carries the last (possibly unfinished) sentence of each
-        block over to the next, so the result equals whole-file processing.
+        Lines mode splits the text as ``str.splitlines``. Sentence mode feeds punkt blocks of
+        about ``block_chars`` characters cut at whitespace and carries the last (possibly
+        unfinished) sentence of each block over to the next, so the result equals whole-file
+        processing. A sample is given whole, however long its line: ``iter_parts`` is bounded.
         """
-        lines = _read_lines(source, errors)
-        if self.split == "lines":
-            for line in lines:
-                for sample in line.splitlines():
-                    yield sample.strip()
-        else:
-            yield from _stream_sentences(lines, block_chars)
+        pieces = []
+        for piece, last in self._pieces(source, errors, block_chars):
+            pieces.append(piece)
+            if last:
+                yield "".join(pieces).strip()
+                pieces = []
+
+    def iter_parts(self, source: Source, errors: str = "strict", *,
+                   block_chars: int = BLOCK_CHARS) -> Iterator[tuple[list[str], bool]]:
+        """Stream a file's samples as ``(tokens, last)`` parts, in memory bounded by the part.
+
+        The parts of a sample, joined, are its tokens with bos/eos as ``process`` gives them;
+        ``last`` marks its final part. A sample has one part unless it is a line longer than
+        ``MAX_PIECE_CHARS``, tokenized piece by piece. Skipped empty samples give no part.
+        """
+        begun = False  # the current sample has text (or is ending): its bos has been given
+        for piece, last in self._pieces(source, errors, block_chars):
+            if not begun and (_has_text(piece) or (last and not self.skip_empty)):
+                begun = True
+                tokens = [self.bos] if self.bos else []
+                tokens.extend(self.tokenize(piece))
+            elif begun:
+                tokens = self.tokenize(piece)
+            else:
+                continue  # whitespace at the start of a sample: no tokens, maybe no sample
+            if last:
+                if self.eos:
+                    tokens.append(self.eos)
+                begun = False
+            yield tokens, last
 
     def iter_processed(self, source: Source, errors: str = "strict", *,
                        block_chars: int = BLOCK_CHARS) -> Iterator[list[str]]:
-        """Stream a file's samples as token lists with bos/eos (like ``process``)."""
-        for sample in self.iter_samples(source, errors, block_chars=block_chars):
-            if sample or not self.skip_empty:
-                yield self._finish(sample)
+        """Stream a file's samples as token lists with bos/eos (like ``process``), each whole."""
+        tokens: list[str] = []
+        for part, last in self.iter_parts(source, errors, block_chars=block_chars):
+            tokens += part
+            if last:
+                yield tokens
+                tokens = []
 
     def iter_tokens(self, source: Source, errors: str = "strict", *,
                     block_chars: int = BLOCK_CHARS) -> Iterator[str]:
-        """Stream a file as one flat token sequence (GluonNLP ``flatten=True``).
+        """Stream a file as one flat token sequence (GluonNLP ``flatten=True``), in bounded memory.
 
         Raises UserError for a missing file or invalid UTF-8 (naming the byte offset and line)
-        unless ``errors="replace"``.
+        unless ``errors="replace"``, and for a line of ``MAX_PIECE_CHARS`` characters without
+        whitespace.
         """
-        for tokens in self.iter_processed(source, errors, block_chars=block_chars):
-            yield from tokens
+        for part, _ in self.iter_parts(source, errors, block_chars=block_chars):
+            yield from part
+
+    def _pieces(self, source: Source, errors: str, block_chars: int
+                ) -> Iterator[tuple[str, bool]]:
+        """The text of every sample as ``(piece, last)``: one piece, or a long line in several."""
+        chunks = _read_text(source, errors)
+        if self.split == "lines":
+            return _line_pieces(chunks, _CUTS[self.tokenizer], _source_name(source))
+        return ((sample, True) for sample in _stream_sentences(chunks, block_chars))
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -337,7 +380,7 @@ def _as_dirs(nltk_data: NltkDirs) -> tuple[Path, ...]:
     return dirs
 
 
-def _stream_sentences(lines: Iterable[str], block_chars: int) -> Iterator[str]:
+def _stream_sentences(texts: Iterable[str], block_chars: int) -> Iterator[str]:
     tokenizer = punkt_tokenizer()
 
     def cut(text: str, final: bool) -> tuple[list[str], str]:
@@ -351,7 +394,7 @@ def _stream_sentences(lines: Iterable[str], block_chars: int) -> Iterator[str]:
         return done, text[spans[-1][0]:]
 
     carry = ""
-    for block in _blocks(lines, block_chars):
+    for block in _blocks(texts, block_chars):
         done, carry = cut(carry + block, final=False)
         yield from done
         if len(carry) > MAX_SENTENCE_CHARS:
@@ -361,12 +404,12 @@ def _stream_sentences(lines: Iterable[str], block_chars: int) -> Iterator[str]:
     yield from done
 
 
-def _blocks(lines: Iterable[str], block_chars: int) -> Iterator[str]:
-    """The concatenated lines in pieces of about `block_chars`, cut after whitespace where
+def _blocks(texts: Iterable[str], block_chars: int) -> Iterator[str]:
+    """The concatenated texts in pieces of about `block_chars`, cut after whitespace where
     possible (a long line is cut too)."""
     pending = ""
-    for line in lines:
-        pending += line
+    for text in texts:
+        pending += text
         start = 0
         while len(pending) - start >= block_chars:
             limit = start + block_chars
@@ -379,46 +422,135 @@ def _blocks(lines: Iterable[str], block_chars: int) -> Iterator[str]:
         yield pending
 
 
+# --- long lines -------------------------------------------------------------------------------
+
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines splits
+_SPACE = re.compile(r"\s")  # str.split's whitespace
+# Moses looks across whitespace only at ".", "," and "'" (nonbreaking prefixes, numbers, English
+# apostrophes), and treats the ends of its input apart, where it also drops control characters:
+# cut in whitespace between two characters that are none of these (nor "`"), the pieces give the
+# tokens of the whole line.
+_MOSES_SAFE = r"[^\s.,'`\x00-\x1f]"
+_CUTS = {"whitespace": _SPACE,
+         "moses": re.compile(rf"(?<={_MOSES_SAFE})\s+(?={_MOSES_SAFE})")}
+
+
+def _has_text(piece: str) -> bool:
+    """Whether anything is left of `piece` after ``strip()``."""
+    return bool(piece) and not piece.isspace()
+
+
+def _line_pieces(texts: Iterable[str], cut: re.Pattern, name: str
+                 ) -> Iterator[tuple[str, bool]]:
+    """The lines of a text given in chunks (as ``str.splitlines`` of the whole), as
+    ``(piece, last)``: a line longer than MAX_PIECE_CHARS comes in pieces (see `_cut`)."""
+    pending = ""  # the start of an unfinished line
+    number = 1  # the line number of `pending`
+    for text in texts:
+        text = pending + text
+        lines = text.splitlines()
+        pending = lines.pop() if text[-1:] not in _LINE_BREAKS else ""
+        for line in lines:
+            rest = yield from _first_pieces(line, cut, name, number)
+            yield rest, True
+            number += 1
+        pending = yield from _first_pieces(pending, cut, name, number)
+    if pending:
+        yield pending, True
+
+
+def _first_pieces(line: str, cut: re.Pattern, name: str, number: int
+                  ) -> Generator[tuple[str, bool], None, str]:
+    """Give pieces of `line` while more than MAX_PIECE_CHARS of it remain; return the rest."""
+    start = 0
+    while len(line) - start > MAX_PIECE_CHARS:
+        end = _cut(line, start, cut, name, number)
+        yield line[start:end], False
+        start = end
+    return line[start:]
+
+
+def _cut(text: str, start: int, cut: re.Pattern, name: str, number: int) -> int:
+    """Where to end the piece of `text` from `start`: at the last place `cut` allows within
+    MAX_PIECE_CHARS characters, else after their last whitespace (for Moses, text with no safe
+    place in that many characters, a token next to this cut may come out differently from the
+    whole line's); UserError if they have no whitespace at all."""
+    window = text[start:start + MAX_PIECE_CHARS][::-1]  # searched from its end
+    match = cut.search(window) or _SPACE.search(window)
+    if match is None:
+        raise UserError(f"{name}: line {number} has {MAX_PIECE_CHARS} characters without "
+                        f"whitespace; is it text?")
+    return start + len(window) - match.start()
+
+
 # --- reading ----------------------------------------------------------------------------------
 
-def _read_lines(source: Source, errors: str) -> Iterator[str]:
-    """Yield a file's lines as text with universal newlines (``\\r\\n`` and ``\\r`` -> ``\\n``)."""
+def _source_name(source: Source) -> str:
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
+        return str(Path(source).expanduser())
+    return str(getattr(source, "name", "<text stream>" if isinstance(source, io.TextIOBase)
+                       else "<byte stream>"))
+
+
+def _read_text(source: Source, errors: str) -> Iterator[str]:
+    """A file's text in chunks, with universal newlines (``\\r\\n`` and ``\\r`` -> ``\\n``)."""
+    name = _source_name(source)
+    if isinstance(source, (str, os.PathLike)):
         try:
-            with open(path, "rb") as f:
-                yield from _decode_lines(f, str(path), errors)
+            with open(name, "rb") as f:
+                yield from _universal(_decode(f, name, errors))
         except FileNotFoundError:
-            raise UserError(f"file not found: {path}") from None
+            raise UserError(f"file not found: {name}") from None
         except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+            raise UserError(f"cannot read {name}: {e.strerror or e}") from None
     elif isinstance(source, io.TextIOBase):
-        name = getattr(source, "name", "<text stream>")
         try:
-            for line in source:
-                yield _universal(line)
+            yield from _universal(iter(functools.partial(source.read, READ_BYTES), ""))
         except UnicodeDecodeError as e:
             raise UserError(f"{name}: invalid text ({e.reason}); "
                             f"re-encode it as UTF-8 or decode with errors='replace'") from None
     else:
-        yield from _decode_lines(source, str(getattr(source, "name", "<byte stream>")), errors)
+        yield from _universal(_decode(source, name, errors))
 
 
-def _decode_lines(f: IO[bytes], name: str, errors: str) -> Iterator[str]:
-    offset = 0
-    for lineno, raw in enumerate(f, start=1):
-        start = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0  # UTF-8 BOM
+def _decode(f: IO[bytes], name: str, errors: str) -> Iterator[str]:
+    """The UTF-8 text of a binary stream, READ_BYTES at a time, without a byte order mark.
+
+    A character may straddle two reads; invalid UTF-8 is named by its byte offset and line.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = newlines = 0  # before `data`
+    at_start = True
+    while True:
+        data = f.read(READ_BYTES)
         try:
-            line = raw[start:].decode("utf-8", errors)
+            text = decoder.decode(data, final=not data)
         except UnicodeDecodeError as e:
-            raise UserError(f"{name}: invalid UTF-8 at byte {offset + start + e.start} "
-                            f"(line {lineno}); re-encode it as UTF-8 or decode with "
+            held = len(e.object) - len(data)  # bytes of a character begun by the last read
+            line = newlines + data[:max(0, e.start - held)].count(b"\n") + 1
+            raise UserError(f"{name}: invalid UTF-8 at byte {offset - held + e.start} "
+                            f"(line {line}); re-encode it as UTF-8 or decode with "
                             f"errors='replace'") from None
-        offset += len(raw)
-        yield _universal(line)
+        if at_start and text:
+            text, at_start = text.removeprefix("\ufeff"), False
+        if text:
+            yield text
+        if not data:
+            return
+        offset += len(data)
+        newlines += data.count(b"\n")
 
 
-def _universal(line: str) -> str:
-    if "\r" in line:
-        line = line.replace("\r\n", "\n").replace("\r", "\n")
-    return line
+def _universal(texts: Iterable[str]) -> Iterator[str]:
+    """The texts with ``\\r\\n`` and ``\\r`` as ``\\n`` (a final ``\\r`` waits for the next text)."""
+    held = ""
+    for text in texts:
+        text, held = held + text, ""
+        if text.endswith("\r"):
+            text, held = text[:-1], "\r"
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if text:
+            yield text
+    if held:
+        yield "\n"

@@ -1,9 +1,10 @@
 """CLI: perplexity of a text under an exported bundle — `python serve/score.py corpus.txt`.
 
 The corpus is scored as `--batch-size` parallel streams with carried state, exactly as
-`keraslm.evaluate` scores it, in memory that does not grow with the file. The summary reads like
-KenLM's `query` (one `Key:<TAB>value` per line); `--json` prints one JSON object instead, and
-`--per-line out.jsonl` also scores every line (every sentence for raw text) on its own.
+`keraslm.evaluate` scores it, in memory that grows neither with the file nor with its lines.
+The summary reads like KenLM's `query` (one `Key:<TAB>value` per line); `--json` prints one JSON
+object instead, and `--per-line out.jsonl` also scores every line (every sentence for raw text)
+on its own. Input that is not text (a NUL byte) is refused in one line.
 Log-likelihoods are natural logs. Runs on onnxruntime alone: never imports TensorFlow.
 """
 
@@ -29,7 +30,7 @@ from keraslm.errors import UserError
 from keraslm.rundir import atomic_path
 from keraslm.text import pipeline_for_format
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
-from serve.scorer import DEVICES, CorpusScore, Scorer
+from serve.scorer import DEVICES, CorpusScore, Scorer, TextBytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +129,8 @@ COPY_CHUNK = 1 << 20
 @contextmanager
 def _readable(corpus: str) -> Iterator[Path]:
     """The corpus as a file the scorer can read more than once. Standard input, a FIFO or a
-    device is read once, into a temporary file, stopping at the first NUL byte (no text has
-    one; /dev/zero would otherwise fill the disk)."""
+    device is read once, a chunk at a time, into a temporary file, through the scorer's reader:
+    it stops at the first NUL byte (no text has one; /dev/zero would otherwise fill the disk)."""
     if corpus != "-":
         try:
             mode = os.stat(corpus).st_mode
@@ -141,20 +142,20 @@ def _readable(corpus: str) -> Iterator[Path]:
             return
     name = "<stdin>" if corpus == "-" else corpus
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="keraslm-input-",
-                                                              suffix=".txt"))
         try:
-            source = (sys.stdin.buffer if corpus == "-"
-                      else stack.enter_context(open(corpus, "rb")))
-            copied = 0
-            while chunk := source.read(COPY_CHUNK):
-                if (nul := chunk.find(b"\0")) >= 0:
-                    raise UserError(f"{name}: not text (a NUL byte at byte {copied + nul})")
-                tmp.write(chunk)
-                copied += len(chunk)
-            tmp.flush()
+            source = sys.stdin.buffer if corpus == "-" else stack.enter_context(open(corpus, "rb"))
         except OSError as err:
             raise UserError(f"cannot read {name}: {err.strerror or err}") from None
+        reader = TextBytes(source, name)  # reading errors and NUL bytes: UserError
+        try:
+            tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="keraslm-input-",
+                                                                  suffix=".txt"))
+            while chunk := reader.read(COPY_CHUNK):
+                tmp.write(chunk)
+            tmp.flush()
+        except OSError as err:
+            raise UserError(f"cannot copy {name} to a temporary file: "
+                            f"{err.strerror or err}") from None
         yield Path(tmp.name)
 
 

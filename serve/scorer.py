@@ -4,31 +4,31 @@ Two ways to score, for two questions:
 
 - `Scorer.score(texts)`: how likely is each text on its own? Every text starts from a zero state
   with `<eos>` as its context and is scored token by token (its own `<eos>` included). Many texts
-  run together as the rows of one batch, padded at the end and masked, which gives the same
-  numbers as scoring each alone.
+  run together as the rows of one batch (`Scorer.score_rows`, the one implementation of this),
+  padded at the end and masked, which gives the same numbers as scoring each alone.
 - `Scorer.score_file(path)`: the perplexity of a corpus, exactly as training and
   `keraslm.evaluate` measure it: the token stream is cut into `batch_size` contiguous columns
   (the layout of `keraslm.batching` with `last_batch="keep"`), each column carries its LSTM state
   from one `bptt` chunk to the next, and every token with a predecessor in its column is a target
-  once. Memory does not grow with the corpus: pass 1 streams the file to count its tokens and
-  remember a bounded set of restart points; pass 2 reads every column through its own reader,
-  started at the restart point nearest its first token. With one sample per line a reader seeks
-  to a line; with punkt sentences it re-runs punkt from the top (punkt places a sentence start by
-  the text before it), skipping whole sentences untokenized: that costs about batch_size / 2
-  extra punkt passes over the file.
+  once. The text is read and tokenized once: pass 1 writes its token ids (int32, 4 bytes a
+  token) to an anonymous temporary file, and pass 2 reads every column's next ids from there, a
+  block of chunks at a time. Memory stays bounded whatever the size of the corpus or the length
+  of its lines (TextPipeline.iter_parts tokenizes a long line in pieces).
 
+Files are read as bytes, a chunk at a time; a NUL byte (no text has one: /dev/zero, a binary
+file) stops the reading with a one-line UserError naming the file, the byte and the line.
 Log-likelihoods are natural logs. This module never imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import itertools
 import math
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO
 
@@ -39,11 +39,14 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve.bundle import MODEL_FILE, Bundle, load_bundle
+from serve.contract import PAD_INPUT, PAD_TARGET
 
 DEVICES = ("auto", "cpu", "cuda")
-PAD_INPUT, PAD_TARGET = 0, -1  # as keraslm.batching
-MAX_RESTART_POINTS = 1024
-_BOM = b"\xef\xbb\xbf"
+ENCODE_TOKENS = 1 << 16  # pass 1 encodes and writes this many tokens at a time
+BLOCK_IDS = 1 << 20  # pass 2 reads about this many ids (over all columns) at a time
+GROUP_TOKENS = 1 << 20  # score_samples scores at most this many tokens together (unless one
+                        # sample has more)
+_ID = np.dtype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -179,48 +182,92 @@ class Scorer:
     def score_tokens(self, token_lists: Sequence[Sequence[str]]) -> list[TextScore]:
         """Score each token list on its own, from a zero state with `<eos>` as context.
 
-        Lists of similar length share a batch (longest first); rows are padded at the end, so
-        padding never influences a real position.
+        Lists of similar length share a batch of at most `batch_size` rows (see `score_rows`).
         """
-        encoded = [self.vocab.encode(tokens, return_oov=True) for tokens in token_lists]
-        order = sorted(range(len(encoded)), key=lambda i: -encoded[i][0].size)
-        results: list[TextScore | None] = [None] * len(encoded)
-        for start in range(0, len(order), self.batch_size):
-            group = order[start:start + self.batch_size]
-            sums = self._score_rows([encoded[i][0] for i in group])
-            for i, ll in zip(group, sums):
-                ids, oov = encoded[i]
-                results[i] = TextScore(int(ids.size), int(oov), float(ll))
-        return results  # type: ignore[return-value]
+        return self._score_encoded([self.vocab.encode(tokens, return_oov=True)
+                                    for tokens in token_lists])
 
-    def _score_rows(self, rows: list[np.ndarray]) -> np.ndarray:
-        """Summed log-probabilities of each id row, scored from scratch in one padded batch."""
-        width = max(row.size for row in rows)
-        tokens = np.full((len(rows), max(width, 1)), PAD_INPUT, np.int32)
+    def score_rows(self, rows: list[np.ndarray], max_rows: int
+                   ) -> tuple[list[np.ndarray], list[int]]:
+        """Per-token log-probabilities of every id row, each row scored on its own.
+
+        Each row starts from a zero state with `<eos>` as context. Rows run longest first, at
+        most `max_rows` to an onnxruntime batch, `bptt` steps per call with the state carried.
+        Sorted by length, the rows still running are always a prefix of the batch, so a row that
+        has ended leaves it instead of being carried as padding; the rows that continue are
+        padded at their end and masked. Only one chunk of inputs is built at a time: memory is
+        the rows and their results. Returns the float32 log-probabilities of each row (in input
+        order) and the size of every batch run.
+        """
+        out = [np.zeros(row.size, np.float32) for row in rows]
+        order = sorted((i for i, row in enumerate(rows) if row.size), key=lambda i: -rows[i].size)
+        sizes = []
+        for start in range(0, len(order), max_rows):
+            group = [rows[i] for i in order[start:start + max_rows]]
+            state = self.zero_state(len(group))
+            for t in range(0, group[0].size, self.bptt):
+                live = sum(row.size > t for row in group)
+                state = [s[:live] for s in state]
+                tokens, targets = self._row_chunk(group[:live], t)
+                logprobs, state = self.step(tokens, targets, state)
+                for r, i in enumerate(order[start:start + live]):
+                    n = min(rows[i].size - t, self.bptt)
+                    out[i][t:t + n] = logprobs[r, :n]
+            sizes.append(len(group))
+        return out, sizes
+
+    def _row_chunk(self, rows: list[np.ndarray], t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets of steps `t .. t+bptt` of rows sorted longest first, padded."""
+        width = min(self.bptt, rows[0].size - t)
+        tokens = np.full((len(rows), width), PAD_INPUT, np.int32)
         targets = np.full_like(tokens, PAD_TARGET)
-        for r, ids in enumerate(rows):
-            if ids.size:
+        for r, row in enumerate(rows):
+            chunk = row[t:t + width]
+            targets[r, :chunk.size] = chunk
+            if t:
+                tokens[r, :chunk.size] = row[t - 1:t - 1 + chunk.size]
+            else:
                 tokens[r, 0] = self.context_id
-                tokens[r, 1:ids.size] = ids[:-1]
-                targets[r, :ids.size] = ids
-        sums = np.zeros(len(rows), np.float64)
-        state = self.zero_state(len(rows))
-        for t in range(0, width, self.bptt):
-            logprobs, state = self.step(tokens[:, t:t + self.bptt], targets[:, t:t + self.bptt],
-                                        state)
-            sums += logprobs.sum(axis=1, dtype=np.float64)
-        return sums
+                tokens[r, 1:chunk.size] = chunk[:-1]
+        return tokens, targets
+
+    def _score_encoded(self, encoded: Sequence[tuple[np.ndarray, int]]) -> list[TextScore]:
+        """TextScores of (ids, OOV count) pairs, `batch_size` rows to a batch."""
+        logprobs, _ = self.score_rows([ids for ids, _ in encoded], self.batch_size)
+        return [TextScore(int(ids.size), int(oov), float(lp.sum(dtype=np.float64)))
+                for (ids, oov), lp in zip(encoded, logprobs)]
 
     def score_samples(self, path: str | os.PathLike, errors: str = "strict", group: int = 512,
                       name: str | None = None) -> Iterator[TextScore]:
         """Stream a file's samples (lines, or sentences for raw text), each scored on its own.
 
-        `name` stands for the file in messages (e.g. "<stdin>" for a temporary copy).
+        Samples are scored `group` at a time, fewer when they hold over GROUP_TOKENS tokens
+        together. A long line is tokenized in pieces and encoded piece by piece: memory holds
+        its ids and log-probabilities (8 bytes a token), never its tokens as strings. `name`
+        stands for the file in messages (e.g. "<stdin>" for a temporary copy).
         """
-        with _open_text(path, name=name) as lines:
-            samples = self.pipeline.iter_processed(lines, errors)
-            while chunk := list(itertools.islice(samples, group)):
-                yield from self.score_tokens(chunk)
+        with _open_text(path, name) as source:
+            batch: list[tuple[np.ndarray, int]] = []
+            size = 0  # tokens in the batch
+            for ids, oov in self._encoded_samples(source, errors):
+                batch.append((ids, oov))
+                size += ids.size
+                if len(batch) >= group or size >= GROUP_TOKENS:
+                    yield from self._score_encoded(batch)
+                    batch, size = [], 0
+            yield from self._score_encoded(batch)
+
+    def _encoded_samples(self, source: TextBytes, errors: str
+                         ) -> Iterator[tuple[np.ndarray, int]]:
+        """Each sample's ids and OOV count, encoded part by part."""
+        parts, oov = [], 0
+        for tokens, last in self.pipeline.iter_parts(source, errors):
+            ids, n = self.vocab.encode(tokens, return_oov=True)
+            parts.append(ids)
+            oov += n
+            if last:
+                yield (parts[0] if len(parts) == 1 else np.concatenate(parts)), oov
+                parts, oov = [], 0
 
     # --- a corpus as carried streams ------------------------------------------------------------
 
@@ -238,179 +285,139 @@ class Scorer:
         bptt = self.bptt if bptt is None else bptt
         _check_positive(batch_size=batch_size, bptt=bptt)
         started = time.perf_counter()
-        total, restarts = self._count(path, errors, name)
-        if total == 0:
-            raise UserError(f"{name}: no tokens to score (empty file?)")
-        if total == 1:
-            raise UserError(f"{name}: a single token, nothing to predict it from")
-        if total <= batch_size:
-            batch_size = 1
-        column_length = -(-total // batch_size)
-        num_batches = -(-(column_length - 1) // bptt)
-        nonempty_columns = -(-total // column_length)
-        unk_id = self.vocab.unk_id
-        num_oov = num_unk = 0
-        nll_sum = nll_unk = 0.0
-        read = 0
-        with contextlib.ExitStack() as stack:
-            columns = []
-            for j in range(batch_size):
-                first = j * column_length
-                length = max(0, min(column_length, total - first))
-                columns.append(self._column(stack, path, restarts, first, length, errors, name))
-            prev = np.zeros(batch_size, np.int32)
-            for j, column in enumerate(columns):
-                ids, oov = self.vocab.encode(itertools.islice(column, 1), return_oov=True)
-                prev[j] = ids[0] if ids.size else PAD_INPUT
-                num_oov += oov
-                read += ids.size
-            state = self.zero_state(batch_size)
-            for _ in range(num_batches):
-                tokens = np.full((batch_size, bptt), PAD_INPUT, np.int32)
-                targets = np.full_like(tokens, PAD_TARGET)
-                width = 1
-                for j, column in enumerate(columns):
-                    ids, oov = self.vocab.encode(itertools.islice(column, bptt), return_oov=True)
-                    if ids.size:
-                        tokens[j, 0] = prev[j]
-                        tokens[j, 1:ids.size] = ids[:-1]
-                        targets[j, :ids.size] = ids
-                        prev[j] = ids[-1]
-                        width = max(width, ids.size)
-                        num_oov += oov
-                        read += ids.size
-                logprobs, state = self.step(tokens[:, :width], targets[:, :width], state)
-                nll_sum -= float(logprobs.sum(dtype=np.float64))
-                if unk_id is not None:
-                    is_unk = targets[:, :width] == unk_id
-                    num_unk += int(is_unk.sum())
-                    nll_unk -= float(logprobs[is_unk].sum(dtype=np.float64))
-        if read != total:
-            raise UserError(f"{name}: changed while being scored ({total} tokens, then {read})")
+        with _temporary_ids() as ids:
+            total, num_oov = self._write_ids(path, ids, errors, name)
+            if total == 0:
+                raise UserError(f"{name}: no tokens to score (empty file?)")
+            if total == 1:
+                raise UserError(f"{name}: a single token, nothing to predict it from")
+            if total <= batch_size:
+                batch_size = 1
+            sums = self._score_columns(_Columns(ids, total, batch_size), bptt)
         return CorpusScore(
             source=name, bundle=str(self.bundle.path), pipeline=self.pipeline.describe(),
             provider=self.provider, batch_size=batch_size, bptt=bptt, num_stream_tokens=total,
-            num_tokens=total - nonempty_columns, num_oov=int(num_oov),
-            num_unk=num_unk, nll_sum=nll_sum, nll_sum_unk=nll_unk,
-            seconds=time.perf_counter() - started)
+            num_oov=num_oov, seconds=time.perf_counter() - started, **sums)
 
-    def _count(self, path: str | os.PathLike, errors: str, name: str
-               ) -> tuple[int, _RestartPoints]:
-        """Pass 1: the number of tokens, and restart points spread over the stream.
+    def _write_ids(self, path: str | os.PathLike, out: IO[bytes], errors: str, name: str
+                   ) -> tuple[int, int]:
+        """Pass 1: tokenize the file and write its ids to `out`; (tokens, OOV tokens)."""
+        total = num_oov = 0
+        with _open_text(path, name) as source:
+            tokens = self.pipeline.iter_tokens(source, errors)
+            while True:
+                ids, oov = self.vocab.encode(itertools.islice(tokens, ENCODE_TOKENS),
+                                             return_oov=True)
+                if not ids.size:
+                    return total, num_oov
+                out.write(ids.tobytes())
+                total += ids.size
+                num_oov += oov
 
-        With one sample per line a restart point is a line's byte offset; with sentences (punkt
-        needs the text before a sentence to place its start) it is a sample count from the top.
-        """
-        restarts = _RestartPoints()
-        total = 0
-        by_line = self.pipeline.split == "lines"
-
-        def at_line(offset: int, raw: bytes) -> None:
-            if offset == 0 or not raw.startswith(_BOM):  # text.py strips a BOM on line 1 only
-                restarts.add(_RestartPoint(offset, 0, total))
-
-        with _open_text(path, name=name, on_line=at_line if by_line else None) as lines:
-            for n, tokens in enumerate(self.pipeline.iter_processed(lines, errors)):
-                if not by_line:
-                    restarts.add(_RestartPoint(0, n, total))
-                total += len(tokens)
-        return total, restarts
-
-    def _column(self, stack: contextlib.ExitStack, path: str | os.PathLike,
-                restarts: _RestartPoints, first: int, length: int, errors: str, name: str
-                ) -> Iterator[str]:
-        """Tokens `first .. first+length` of the stream, read from the nearest restart point."""
-        if length == 0:
-            return iter(())
-        point = restarts.before(first)
-        lines = stack.enter_context(_open_text(path, name=name, offset=point.offset))
-        kept = (s for s in self.pipeline.iter_samples(lines, errors)
-                if s or not self.pipeline.skip_empty)  # counted as pass 1 counts them
-        samples = itertools.islice(kept, point.samples, None)
-        tokens = itertools.chain.from_iterable(map(self._sample_tokens, samples))
-        skip = first - point.tokens
-        return itertools.islice(tokens, skip, skip + length)
-
-    def _sample_tokens(self, sample: str) -> list[str]:
-        """A sample's tokens with bos/eos, as TextPipeline.iter_processed makes them."""
-        p = self.pipeline
-        return [*([p.bos] if p.bos else []), *p.tokenize(sample), *([p.eos] if p.eos else [])]
+    def _score_columns(self, columns: _Columns, bptt: int) -> dict[str, int | float]:
+        """Pass 2: the NLL sums (CorpusScore fields) of the columns, chunk by chunk."""
+        num_batches = -(-(columns.length - 1) // bptt)
+        per_block = max(1, BLOCK_IDS // (bptt * columns.count))  # chunks read at a time
+        unk_id = self.vocab.unk_id
+        num_unk = 0
+        nll_sum = nll_unk = 0.0
+        state = self.zero_state(columns.count)
+        for first in range(0, num_batches, per_block):
+            chunks = min(per_block, num_batches - first)
+            block = columns.read(first * bptt, chunks * bptt + 1)
+            for at in range(0, chunks * bptt, bptt):
+                targets = block[:, at + 1:at + 1 + bptt]
+                width = max(1, int(np.count_nonzero(targets != PAD_TARGET, axis=1).max()))
+                targets = np.ascontiguousarray(targets[:, :width])
+                tokens = np.where(targets == PAD_TARGET, PAD_INPUT, block[:, at:at + width])
+                logprobs, state = self.step(tokens, targets, state)
+                nll_sum -= float(logprobs.sum(dtype=np.float64))
+                if unk_id is not None:
+                    is_unk = targets == unk_id
+                    num_unk += int(is_unk.sum())
+                    nll_unk -= float(logprobs[is_unk].sum(dtype=np.float64))
+        return {"num_tokens": columns.total - columns.nonempty, "num_unk": num_unk,
+                "nll_sum": nll_sum, "nll_sum_unk": nll_unk}
 
 
-# --- restart points ----------------------------------------------------------------------------
+# --- the id stream of pass 1, read as columns ----------------------------------------------------
 
-@dataclass(frozen=True)
-class _RestartPoint:
-    """Reading from byte `offset` and dropping `samples` samples reaches stream token `tokens`."""
+@contextlib.contextmanager
+def _temporary_ids() -> Iterator[IO[bytes]]:
+    """An anonymous temporary file for a corpus's ids; its failures (a full disk) are UserError."""
+    try:
+        with tempfile.TemporaryFile(prefix="keraslm-ids-") as f:
+            yield f
+    except OSError as err:
+        raise UserError(f"the temporary file of token ids in {tempfile.gettempdir()} failed: "
+                        f"{err.strerror or err}") from None
 
-    offset: int
-    samples: int
-    tokens: int
 
+class _Columns:
+    """`count` columns of `length` ids over a stream of `total` int32 ids in a file (the last
+    columns shorter, or empty, as keraslm.batching lays them out)."""
 
-class _RestartPoints:
-    """At most MAX_RESTART_POINTS evenly thinned restart points (every `stride`-th candidate)."""
+    def __init__(self, f: IO[bytes], total: int, count: int) -> None:
+        self.f, self.total, self.count = f, total, count
+        self.length = -(-total // count)
+        self.nonempty = -(-total // self.length)
 
-    def __init__(self) -> None:
-        self.points: list[_RestartPoint] = []
-        self._tokens: list[int] = []
-        self._stride = 1
-        self._seen = 0
-
-    def add(self, point: _RestartPoint) -> None:
-        if self._seen % self._stride == 0:
-            self.points.append(point)
-            self._tokens.append(point.tokens)
-            if len(self.points) > MAX_RESTART_POINTS:
-                self.points, self._tokens = self.points[::2], self._tokens[::2]
-                self._stride *= 2
-        self._seen += 1
-
-    def before(self, token: int) -> _RestartPoint:
-        """The last restart point at or before stream position `token`."""
-        return self.points[bisect.bisect_right(self._tokens, token) - 1]
+    def read(self, start: int, width: int) -> np.ndarray:
+        """Positions `start .. start+width` of every column, PAD_TARGET past a column's end."""
+        block = np.full((self.count, width), PAD_TARGET, np.int32)
+        for j in range(self.nonempty):
+            first = j * self.length + start
+            n = min(width, (j + 1) * self.length - first, self.total - first)
+            if n > 0:
+                self.f.seek(first * _ID.itemsize)
+                if self.f.readinto(memoryview(block[j, :n]).cast("B")) != n * _ID.itemsize:
+                    raise OSError("the temporary ids file is shorter than written")
+        return block
 
 
 # --- reading -----------------------------------------------------------------------------------
 
-class _Lines:
-    """A binary file's lines (for TextPipeline to decode), rejecting binary files (NUL bytes)."""
+class TextBytes:
+    """A binary stream for TextPipeline, read in chunks, refusing input that is not text.
 
-    def __init__(self, f: IO[bytes], name: str, offset: int = 0,
-                 on_line: Callable[[int, bytes], None] | None = None) -> None:
+    A NUL byte (which no text has) raises a one-line UserError naming the file, the byte and
+    the line; so does a read error.
+    """
+
+    def __init__(self, f: IO[bytes], name: str) -> None:
         self.name = name  # TextPipeline names the file in its UTF-8 errors
-        self._f, self._start, self._offset, self._on_line = f, offset, offset, on_line
+        self._f = f
+        self._offset = self._newlines = 0
 
-    def __iter__(self) -> Iterator[bytes]:
-        for number, raw in enumerate(self._f, start=1):
-            if b"\0" in raw:
-                where = f"byte {self._offset + raw.index(0)}"
-                if self._start == 0:  # line numbers are known only when reading from the top
-                    where += f", line {number}"
-                raise UserError(f"{self.name}: binary file (NUL byte at {where}); "
-                                f"expected UTF-8 text")
-            if self._on_line is not None:
-                self._on_line(self._offset, raw)
-            yield raw
-            self._offset += len(raw)
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes (fewer at the end of the stream)."""
+        try:
+            data = self._f.read(size)
+        except OSError as err:
+            raise UserError(f"cannot read {self.name}: {err.strerror or err}") from None
+        if (nul := data.find(0)) >= 0:
+            raise UserError(f"{self.name}: binary file (NUL byte at byte {self._offset + nul}, "
+                            f"line {self._newlines + data.count(10, 0, nul) + 1}); expected "
+                            f"UTF-8 text")
+        self._offset += len(data)
+        self._newlines += data.count(10)
+        return data
 
 
 @contextlib.contextmanager
-def _open_text(path: str | os.PathLike, *, name: str | None = None, offset: int = 0,
-               on_line: Callable[[int, bytes], None] | None = None) -> Iterator[_Lines]:
-    """Open `path` for TextPipeline at byte `offset`, with missing/unreadable as UserError."""
+def _open_text(path: str | os.PathLike, name: str | None = None) -> Iterator[TextBytes]:
+    """Open `path` for TextPipeline, with missing/unreadable as UserError."""
     name = str(path) if name is None else name
-    try:
-        with open(path, "rb") as f:
-            if offset:
-                f.seek(offset)
-            yield _Lines(f, name, offset, on_line)
+    try:  # not `with open(...)` around the body: its OSErrors are not reading errors
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         raise UserError(f"file not found: {name}") from None
     except IsADirectoryError:
         raise UserError(f"{name}: is a directory, not a text file") from None
     except OSError as err:
         raise UserError(f"cannot read {name}: {err.strerror or err}") from None
+    with f:
+        yield TextBytes(f, name)
 
 
 # --- helpers -----------------------------------------------------------------------------------

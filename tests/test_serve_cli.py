@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -187,9 +191,6 @@ def test_bad_flag_values_exit_2(capsys, bundle, corpus):
 
 
 def test_a_fifo_and_dev_stdin_are_read_once_and_score_like_the_file(bundle, corpus, tmp_path):
-    import os
-    import threading
-
     want = json.loads(subprocess.run(
         [sys.executable, str(SCRIPT), str(corpus), "--model", bundle, "--json"],
         capture_output=True, text=True, timeout=120, check=True).stdout)
@@ -214,7 +215,35 @@ def test_a_fifo_and_dev_stdin_are_read_once_and_score_like_the_file(bundle, corp
 def test_input_that_is_not_text_is_refused_at_once(capsys, bundle):
     code, _, err = run_cli(capsys, "/dev/zero", "--model", bundle)
     assert code == 1
-    assert err.strip() == "error: /dev/zero: not text (a NUL byte at byte 0)"
+    assert err == "error: /dev/zero: binary file (NUL byte at byte 0, line 1); expected UTF-8 text\n"
+
+
+def test_dev_zero_given_to_the_script_ends_in_seconds_with_one_line(bundle):
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(SCRIPT), "/dev/zero", "--model", bundle],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: /dev/zero: binary file (NUL byte at byte 0, line 1)")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert time.perf_counter() - started < 20  # the start-up of Python and onnxruntime included
+
+
+def test_a_fifo_is_copied_only_up_to_its_first_nul_byte(capsys, bundle, tmp_path):
+    """Text, then 64 MiB of NUL bytes: the copy stops at the first chunk holding one."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), fifo.open("wb") as f:
+            f.write(b"the cat\nsat" + b"\0" * (64 << 20))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    code, _, err = run_cli(capsys, fifo, "--model", bundle)
+    writer.join(timeout=30)
+    assert code == 1 and not writer.is_alive()
+    assert err == (f"error: {fifo}: binary file (NUL byte at byte 11, line 2); expected UTF-8 "
+                   f"text\n")
 
 
 def test_per_line_output_onto_a_symlink_writes_its_target_and_keeps_the_link(

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
+import textwrap
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -11,6 +16,7 @@ import numpy as np
 import pytest
 from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
 
+from keraslm import text as text_module
 from keraslm.batching import BPTTBatches
 from keraslm.errors import UserError
 from keraslm.text import RAW
@@ -85,6 +91,29 @@ def test_text_is_scored_from_eos_context_in_one_pass(scorer):
     assert score.perplexity == pytest.approx(math.exp(-score.log_likelihood / len(tokens)))
 
 
+def test_score_rows_scores_each_row_alone_and_drops_rows_that_ended(scorer, monkeypatch):
+    """Per-token log-probabilities as each row alone in one pass; longest first, `max_rows` to a
+    batch, and a row that has ended leaves the batch (the calls shrink)."""
+    ids = scorer.vocab.encode(" ".join(TEXTS).split())
+    rows = [ids[:3], ids[:0], ids, ids[:11], ids[:1]]
+    calls = []
+    step = scorer.step
+    monkeypatch.setattr(scorer, "step", lambda tokens, *rest: calls.append(tokens.shape)
+                        or step(tokens, *rest))
+    logprobs, sizes = scorer.score_rows(rows, max_rows=2)
+    assert sizes == [2, 2]  # (all of ids, its first 11) and (3, 1); the empty row runs nowhere
+    chunks = -(-ids.size // scorer.bptt)
+    assert [rows for rows, _ in calls] == [2, 2, 2] + [1] * (chunks - 3) + [2]
+    assert calls[-1] == (2, 3)  # the last batch is as wide as its longest row
+    assert [lp.size for lp in logprobs] == [row.size for row in rows]
+    for row, lp in zip(rows, logprobs):
+        assert lp.dtype == np.float32
+        if row.size:
+            inputs = np.concatenate([[scorer.context_id], row[:-1]]).astype(np.int32)
+            alone, _ = step(inputs[None], row[None], scorer.zero_state(1))
+            np.testing.assert_allclose(lp, alone[0], rtol=1e-5, atol=1e-6)
+
+
 # ---- corpora as carried streams ------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch_size, bptt", [(1, 35), (3, 5), (7, 35), (20, 35)])
@@ -101,18 +130,18 @@ def test_score_file_equals_keraslm_batching_layout(scorer, wiki_excerpt, batch_s
     assert result.perplexity == pytest.approx(math.exp(ref["nll_sum"] / ref["num_tokens"]))
 
 
-def test_score_file_restarts_columns_from_thinned_restart_points(scorer, wiki_excerpt,
-                                                                 monkeypatch):
-    """With only a few restart points kept, each column skips forward from the one before it."""
-    monkeypatch.setattr(scorer_module, "MAX_RESTART_POINTS", 3)
-    result = scorer.score_file(wiki_excerpt, 6, 9)
+def test_score_file_reads_the_columns_in_blocks(scorer, wiki_excerpt, monkeypatch):
+    """Blocks of one chunk, or a few, read from the id file give the same numbers."""
     ref = reference(scorer, wiki_excerpt, 6, 9)
-    assert result.num_tokens == ref["num_tokens"]
-    assert result.nll_sum == pytest.approx(ref["nll_sum"], rel=1e-9)
+    for block_ids in (1, 6 * 9 * 7):
+        monkeypatch.setattr(scorer_module, "BLOCK_IDS", block_ids)
+        result = scorer.score_file(wiki_excerpt, 6, 9)
+        assert result.num_tokens == ref["num_tokens"] and result.num_unk == ref["num_unk"]
+        assert result.nll_sum == pytest.approx(ref["nll_sum"], rel=1e-9)
 
 
 def test_score_file_raw_text_in_sentences(tiny_bundle, data_root, tmp_path):  # noqa: F811
-    """Punkt sentences, Moses tokens: columns restart by sentence count and agree exactly."""
+    """Punkt sentences, Moses tokens: the same numbers as keraslm.batching's layout."""
     text = (data_root / "sherlockholmes" / "sherlockholmes.valid.txt").read_text("utf-8")
     path = tmp_path / "sherlock.txt"
     path.write_text(text[:6000], encoding="utf-8")
@@ -137,9 +166,12 @@ def test_score_file_memory_does_not_grow_with_the_corpus(scorer, wiki_excerpt, t
                                                          monkeypatch):
     """Ten times the text, about the same peak of Python allocations (no list of all tokens).
 
-    Restart points are capped (at 1,024 normally; 16 here, so both texts reach the cap).
+    The buffers are capped (1 MiB reads, 64 Ki tokens encoded and 1 Mi ids read at a time
+    normally; smaller here, so both texts reach the caps).
     """
-    monkeypatch.setattr(scorer_module, "MAX_RESTART_POINTS", 16)
+    monkeypatch.setattr(text_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(scorer_module, "ENCODE_TOKENS", 1024)
+    monkeypatch.setattr(scorer_module, "BLOCK_IDS", 4 * 35 * 8)
     big = tmp_path / "big.tokens"
     big.write_text(wiki_excerpt.read_text(encoding="utf-8") * 10, encoding="utf-8")
 
@@ -154,6 +186,84 @@ def test_score_file_memory_does_not_grow_with_the_corpus(scorer, wiki_excerpt, t
     small_peak, big_peak = peak(wiki_excerpt), peak(big)
     stream_bytes = 4 * 10 * scorer.score_file(wiki_excerpt, 4, 35).num_stream_tokens
     assert big_peak < small_peak + stream_bytes / 4, (small_peak, big_peak)
+
+
+# ---- input that is not text, and long lines ------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["score_file", "score_samples"])
+def test_dev_zero_is_refused_at_once(scorer, method):
+    """An endless stream of NUL bytes without a newline: refused at its first read."""
+    score = {"score_file": scorer.score_file,
+             "score_samples": lambda path: list(scorer.score_samples(path))}[method]
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        score("/dev/zero")
+    assert str(err.value) == ("/dev/zero: binary file (NUL byte at byte 0, line 1); "
+                              "expected UTF-8 text")
+    assert time.perf_counter() - started < 5
+
+
+def test_a_nul_byte_is_named_by_byte_and_line_across_reads(scorer, tmp_path, monkeypatch):
+    monkeypatch.setattr(text_module, "READ_BYTES", 4)
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"one two\nthree\nfour \0 five\n")
+    with pytest.raises(UserError, match=r"nul\.txt: binary file \(NUL byte at byte 19, line 3\)"):
+        scorer.score_file(path)
+
+
+LONG_LINE_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    from serve.score import write_per_line
+    from serve.scorer import Scorer
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    bundle, small, line, lines, out = sys.argv[1:6]
+    scorer = Scorer(bundle, device="cpu", threads=1, batch_size=20, bptt=int(sys.argv[6]))
+    scorer.score_file(small)
+    write_per_line(scorer, Path(small), Path(out))
+    base = peak()
+    one_line = scorer.score_file(line)
+    file_growth = peak() - base
+    write_per_line(scorer, Path(line), Path(out))
+    per_line_growth = peak() - base
+    report = {"file": file_growth, "per_line": per_line_growth, "line": one_line.to_dict(),
+              "lines": scorer.score_file(lines).to_dict()}
+    print(json.dumps(report))
+""")
+
+
+def test_a_10_mb_line_is_scored_in_bounded_memory(tiny_bundle, scorer, tmp_path):  # noqa: F811
+    """10 MB on one line, by score_file and by --per-line: peak RSS grows by less than 100 MB
+    (one tokenized piece, a block of ids, and for --per-line the line's ids and log-
+    probabilities). The same sentences one per line (a literal <eos> for each line end) are
+    the same token stream, so they score the same."""
+    words = [w for w in scorer.vocab.tokens if w.isalpha()][:48]
+    # Two words and a long compound (unknown: fewer tokens to run through the model).
+    sentences = [" ".join([*words[i % 48:][:2], "-".join((words * 2)[i:i + 20])])
+                 for i in range(97)]
+    repeats = (10 << 20) // sum(len(s) + 7 for s in sentences) + 1
+    line, lines = tmp_path / "line.txt", tmp_path / "lines.txt"
+    line.write_text(" <eos> ".join(sentences * repeats) + "\n", encoding="utf-8")
+    lines.write_text("\n".join(sentences * repeats) + "\n", encoding="utf-8")
+    assert line.stat().st_size > 10 << 20
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    out = tmp_path / "per_line.jsonl"
+    run = subprocess.run([sys.executable, "-c", LONG_LINE_SCRIPT, str(tiny_bundle.bundle),
+                          str(small), str(line), str(lines), str(out), "350"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["file"] < 100 << 20 and report["per_line"] < 100 << 20, report
+    one, many = report["line"], report["lines"]
+    assert one["num_stream_tokens"] == many["num_stream_tokens"] > 300_000
+    assert (one["nll_sum"], one["num_oov"]) == (many["nll_sum"], many["num_oov"])
+    (record,) = [json.loads(r) for r in out.read_text(encoding="utf-8").splitlines()]
+    assert record["num_tokens"] == one["num_stream_tokens"]
+    assert record["num_oov"] == one["num_oov"] and record["log_likelihood"] < 0
 
 
 # ---- against Keras/TensorFlow ----------------------------------------------------------------------

@@ -6,12 +6,15 @@ import io
 import itertools
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
+from keraslm import text as text_module
 from keraslm.errors import UserError
 from keraslm.text import (
+    MAX_PIECE_CHARS,
     MAX_SENTENCE_CHARS,
     RAW,
     RAW_TUTORIAL,
@@ -228,3 +231,92 @@ def test_text_without_sentence_ends_is_cut_into_bounded_samples():
     samples = RAW.samples(text)
     assert " ".join(samples).split() == text.split()
     assert max(map(len, samples)) <= 2 * MAX_SENTENCE_CHARS
+
+
+# ---- reading in chunks, long lines ---------------------------------------------------------------
+
+MIXED = ("\ufeffcaf\u00e9 na\u00efve \U0001F600 x\r\n\r\ntwo\rthree\x85four\u2028five\v"
+         " six  seven \n\u00e9t\u00e9\r")
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 7, 1 << 20])
+@pytest.mark.parametrize("pipeline", [WIKITEXT, RAW], ids=["lines", "sentences"])
+def test_reading_in_small_chunks_equals_the_whole_text(tmp_path, monkeypatch, read_bytes,
+                                                       pipeline):
+    """Multibyte characters, a BOM and \\r\\n cut by the reads: the same as the whole text."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(MIXED.encode("utf-8"))
+    monkeypatch.setattr(text_module, "READ_BYTES", read_bytes)
+    whole = [t for s in pipeline.process(MIXED.removeprefix("\ufeff")) for t in s]
+    assert list(pipeline.iter_tokens(path)) == whole
+    assert list(pipeline.iter_tokens(io.StringIO(MIXED.removeprefix("\ufeff")))) == whole
+    if pipeline is WIKITEXT:
+        assert whole[:6] == ["caf\u00e9", "na\u00efve", "\U0001F600", "x", "<eos>", "<eos>"]
+        assert whole.count("<eos>") == 8
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 1 << 20])
+def test_invalid_utf8_is_named_by_byte_and_line_across_reads(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(text_module, "READ_BYTES", read_bytes)
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"\xef\xbb\xbfok\n\xc3\xa9\xc3\xa9\nab \xe2\x82 \n")  # BOM, 2-byte chars
+    with pytest.raises(UserError, match=r"bad\.txt: invalid UTF-8 at byte 14 \(line 3\)"):
+        list(WIKITEXT.iter_tokens(path))
+    path.write_bytes(b"ok\nend \xe2\x82")  # a character cut off by the end of the file
+    with pytest.raises(UserError, match=r"invalid UTF-8 at byte 7 \(line 2\)"):
+        list(WIKITEXT.iter_tokens(path))
+    assert list(WIKITEXT.iter_tokens(path, errors="replace")) == [
+        "ok", "<eos>", "end", "\ufffd", "<eos>"]
+
+
+def test_a_long_line_is_tokenized_in_bounded_parts_with_the_whole_lines_tokens(tmp_path):
+    """2.2 MB on one line (and a short one after it): parts of at most MAX_PIECE_CHARS
+    characters' tokens, together the tokens of the whole line."""
+    words = [f"w{i % 997}" for i in range(450_000)]
+    line = " ".join(words)
+    path = tmp_path / "long.txt"
+    path.write_text(f"{line}\nshort line\n", encoding="utf-8")
+    assert len(line) > 8 * MAX_PIECE_CHARS
+    parts = list(WIKITEXT.iter_parts(path))
+    assert [last for _, last in parts].count(True) == 2 and len(parts) > 8
+    assert max(len(tokens) for tokens, _ in parts) <= MAX_PIECE_CHARS // 2
+    tokens = [t for part, _ in parts for t in part]
+    assert tokens == [*words, "<eos>", "short", "line", "<eos>"]
+    assert list(WIKITEXT.iter_processed(path)) == [[*words, "<eos>"], ["short", "line", "<eos>"]]
+    assert list(WIKITEXT.iter_samples(path)) == [line, "short line"]
+
+
+MOSES_TRAPS = ["foo.", "bar", "Bar", "'em", "dogs'", ",5", "5,", "said.'", "...y", "x...",
+               "Mr.", "U.S.", "a", "(b)", "<unk>", '"q"', "it's", "x\x01", "\x01'y", "1,000",
+               "``", "-", "e.g.", "end.", "The"]
+
+
+@pytest.mark.parametrize("pipeline", [TextPipeline(tokenizer="moses"),
+                                      TextPipeline(tokenizer="moses", escape=True, protected=()),
+                                      TextPipeline(bos="<s>", skip_empty=True)],
+                         ids=["moses", "moses-escaped", "whitespace"])
+def test_long_line_pieces_give_the_tokens_of_the_whole_line(tmp_path, monkeypatch, pipeline):
+    """Cut into pieces of at most 100 characters, a line of words Moses treats by their
+    neighbours (periods, commas, apostrophes, control characters) still gives exactly the whole
+    line's tokens. (Cut at any whitespace, 20 places differ.)"""
+    monkeypatch.setattr(text_module, "MAX_PIECE_CHARS", 100)
+    rng = random.Random(7)
+    line = " ".join(rng.choice(MOSES_TRAPS) + rng.choice(["", "", " ", "\t"])
+                    for _ in range(3000))
+    path = tmp_path / "traps.txt"
+    path.write_text(f"   \n{line}\n\t\n", encoding="utf-8")
+    expected = pipeline.process(f"   \n{line}\n\t\n")
+    parts = list(pipeline.iter_parts(path))
+    assert len(parts) > 100
+    assert list(pipeline.iter_processed(path)) == expected
+
+
+def test_a_line_without_whitespace_for_max_piece_chars_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_module, "MAX_PIECE_CHARS", 64)
+    path = tmp_path / "blob.txt"
+    path.write_text("fine text\n" + "a b " * 20 + "x" * 65 + " tail\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"blob\.txt: line 2 has 64 characters without "
+                                        r"whitespace; is it text\?"):
+        list(WIKITEXT.iter_tokens(path))
+    path.write_text("fine text\n" + "x" * 63 + " tail\n", encoding="utf-8")  # just fits
+    assert list(WIKITEXT.iter_tokens(path))[3:] == ["x" * 63, "tail", "<eos>"]
