@@ -88,7 +88,7 @@ class TextPipeline:
 
     def process(self, text: str) -> list[list[str]]:
         """Tokenize every sample of ``text`` and add bos/eos (empty samples kept unless skip_empty)."""
-        return [self._finish(s) for s in self.samples(text) if s or not self.skip_empty]
+        return [self.sample_tokens(s) for s in self.samples(text) if s or not self.skip_empty]
 
     # --- files, streamed ---------------------------------------------------------------------
 
@@ -204,7 +204,8 @@ class TextPipeline:
             parts.append("empty samples skipped")
         return ", ".join(parts)
 
-    def _finish(self, sample: str) -> list[str]:
+    def sample_tokens(self, sample: str) -> list[str]:
+        """One sample's tokens with bos/eos, as ``process`` gives each sample."""
         tokens = [self.bos] if self.bos else []
         tokens.extend(self.tokenize(sample))
         if self.eos:

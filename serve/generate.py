@@ -42,6 +42,7 @@ from serve.bundle import (
     load_bundle,
     resolve_bundle,
 )
+from serve.contract import INPUT_TARGETS, INPUT_TOKENS, state_output
 from serve.scorer import DEVICES, choose_providers
 
 Rng = np.random.Generator | Sequence[np.random.Generator]
@@ -176,10 +177,10 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
             for s in np.random.SeedSequence(seed).spawn(num_samples)]
 
     names = bundle.state_names
-    outputs = [NEXT_LOGPROBS, *(f"{n}_out" for n in names)]
+    outputs = [NEXT_LOGPROBS, *map(state_output, names)]
 
     def run(ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"tokens": ids, "targets": np.zeros_like(ids), **dict(zip(names, state))}
+        feed = {INPUT_TOKENS: ids, INPUT_TARGETS: np.zeros_like(ids), **dict(zip(names, state))}
         try:
             dist, *new_state = bundle.session.run(outputs, feed)
         except Exception as err:  # noqa: BLE001 - onnxruntime's own error types

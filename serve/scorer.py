@@ -28,7 +28,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO
 
@@ -39,7 +39,14 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve.bundle import MODEL_FILE, Bundle, load_bundle
-from serve.contract import PAD_INPUT, PAD_TARGET
+from serve.contract import (
+    INPUT_TARGETS,
+    INPUT_TOKENS,
+    OUTPUT_LOGPROBS,
+    PAD_INPUT,
+    PAD_TARGET,
+    state_output,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 ENCODE_TOKENS = 1 << 16  # pass 1 encodes and writes this many tokens at a time
@@ -124,6 +131,10 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+class ScoringStopped(Exception):
+    """`Scorer.score_rows` was told to stop before it finished."""
+
+
 class Scorer:
     """An onnxruntime session over a bundle, with its vocabulary and text pipeline.
 
@@ -150,7 +161,7 @@ class Scorer:
         self.bptt = bptt
         self.context_id = self.vocab.token_to_id(self.pipeline.eos or "<eos>")
         self._state_names = self.bundle.state_names
-        self._outputs = ["logprobs", *(f"{s}_out" for s in self._state_names)]
+        self._outputs = [OUTPUT_LOGPROBS, *map(state_output, self._state_names)]
 
     @property
     def provider(self) -> str:
@@ -164,7 +175,7 @@ class Scorer:
     def step(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray]
              ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Log-probabilities of `targets` [batch, time] (0 at padding) and the state after."""
-        feed = {"tokens": tokens, "targets": targets, **dict(zip(self._state_names, state))}
+        feed = {INPUT_TOKENS: tokens, INPUT_TARGETS: targets, **dict(zip(self._state_names, state))}
         try:
             logprobs, *new_state = self.bundle.session.run(self._outputs, feed)
         except _ORT_ERRORS as err:  # e.g. a token id the graph has no row for
@@ -187,8 +198,8 @@ class Scorer:
         return self._score_encoded([self.vocab.encode(tokens, return_oov=True)
                                     for tokens in token_lists])
 
-    def score_rows(self, rows: list[np.ndarray], max_rows: int
-                   ) -> tuple[list[np.ndarray], list[int]]:
+    def score_rows(self, rows: list[np.ndarray], max_rows: int,
+                   stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[int]]:
         """Per-token log-probabilities of every id row, each row scored on its own.
 
         Each row starts from a zero state with `<eos>` as context. Rows run longest first, at
@@ -197,7 +208,8 @@ class Scorer:
         has ended leaves it instead of being carried as padding; the rows that continue are
         padded at their end and masked. Only one chunk of inputs is built at a time: memory is
         the rows and their results. Returns the float32 log-probabilities of each row (in input
-        order) and the size of every batch run.
+        order) and the size of every batch run. `stop()`, asked before every onnxruntime call,
+        ends the work early with ScoringStopped (e.g. every request waiting for it gave up).
         """
         out = [np.zeros(row.size, np.float32) for row in rows]
         order = sorted((i for i, row in enumerate(rows) if row.size), key=lambda i: -rows[i].size)
@@ -206,6 +218,8 @@ class Scorer:
             group = [rows[i] for i in order[start:start + max_rows]]
             state = self.zero_state(len(group))
             for t in range(0, group[0].size, self.bptt):
+                if stop is not None and stop():
+                    raise ScoringStopped
                 live = sum(row.size > t for row in group)
                 state = [s[:live] for s in state]
                 tokens, targets = self._row_chunk(group[:live], t)

@@ -88,8 +88,11 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
+        message = str(err.detail)
+        if err.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
+            message = f"the body is not valid JSON ({message[:1].lower()}{message[1:]}; is it UTF-8?)"
         response = await on_service_error(request, ServiceError(
-            err.status_code, codes.get(err.status_code, "http_error"), str(err.detail)))
+            err.status_code, codes.get(err.status_code, "http_error"), message))
         response.headers.update(err.headers or {})
         return response
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Rows = list[np.ndarray]
-RunBatch = Callable[[Rows], tuple[Rows, list[int]]]
+RunBatch = Callable[[Rows, Callable[[], bool]], tuple[Rows, list[int]]]
 
 
 @dataclass(eq=False)
@@ -47,7 +47,8 @@ class Job:
 class Batcher:
     """Gathers queued jobs into batches and runs them, one at a time, on `executor`.
 
-    `run_batch(rows)` returns (per-row log-probabilities, sizes of the onnxruntime batches run);
+    `run_batch(rows, stop)` returns (per-row log-probabilities, sizes of the onnxruntime batches
+    run), and may end early once `stop()` is true: every request in the batch has given up.
     `on_batch(requests, sizes, seconds)` is told about every batch (for metrics).
     """
 
@@ -108,7 +109,8 @@ class Batcher:
             self.running = len(batch)
             started = time.perf_counter()
             try:
-                results, sizes = await loop.run_in_executor(self.executor, self.run_batch, rows)
+                results, sizes = await loop.run_in_executor(
+                    self.executor, self.run_batch, rows, _all_gave_up(batch, loop))
             except Exception as err:  # noqa: BLE001 - handed to the waiting requests
                 for job in batch:
                     if not job.future.done():
@@ -162,3 +164,9 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
         return batch
+
+
+def _all_gave_up(batch: list[Job], loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:
+    """True once no request in `batch` still waits for it (asked from the model thread: it only
+    reads a flag and the monotonic clock)."""
+    return lambda: all(job.future.done() or loop.time() >= job.deadline for job in batch)

@@ -88,17 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_fatal=fatal)
-    refused = app.state.service.metrics.connections_refused
+    service = app.state.service
     config = uvicorn.Config(
         app, log_level=args.log_level, access_log=args.access_log,
-        http=guarded_protocol(settings.max_connections, settings.header_timeout, refused.inc),
+        http=guarded_protocol(settings.max_connections, settings.header_timeout,
+                              on_refused=service.metrics.connections_refused.inc,
+                              on_shutdown=service.stopping.set),
         timeout_graceful_shutdown=math.ceil(settings.timeout) + 5)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     log.info("keraslm: listening on http://%s:%d, loading %s", _url_host(host), port, bundle)
     with sock, _signals_stop_only():
         server.run(sockets=[sock])
-    error = app.state.service.load_error
+    error = service.load_error
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -106,17 +106,19 @@ class Edge:
 
     async def _read_body(self, receive: Receive, deadline: float | None) -> bytes | None:
         """The body; None if the client disconnected first."""
-        settings = self.service.settings
+        settings, stopping = self.service.settings, self.service.stopping
         loop = asyncio.get_running_loop()
         chunks, size = [], 0
         while True:
-            try:
-                message = await asyncio.wait_for(
-                    receive(), None if deadline is None else max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
+            message = await _first_of(receive(), stopping.wait(),
+                                      None if deadline is None else deadline - loop.time())
+            if message is None:
                 raise ServiceError(408, "body_timeout", f"the request body did not arrive "
                                    f"within {settings.timeout:g} s (timeout)", limit="timeout",
-                                   max=settings.timeout, close=True) from None
+                                   max=settings.timeout, close=True)
+            if message is True:  # the server is shutting down: no waiting for slow senders
+                raise ServiceError(503, "shutting_down", "the server is shutting down",
+                                   close=True)
             if message["type"] == "http.disconnect":
                 return None
             chunks.append(message.get("body", b""))
@@ -130,6 +132,21 @@ class Edge:
         """Send `err` as the JSON answer, counted by its code."""
         self.service.metrics.errors.labels(code=err.code).inc()
         await err.response()(scope, receive, send)
+
+
+async def _first_of(message: Awaitable[dict], stopping: Awaitable[bool],
+                    timeout: float | None) -> dict | bool | None:
+    """The next message, True if `stopping` comes first, None at the timeout."""
+    tasks = [asyncio.ensure_future(message), asyncio.ensure_future(stopping)]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=None if timeout is None else max(timeout, 0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    if tasks[0] in done:
+        return tasks[0].result()
+    return True if done else None
 
 
 async def _watch_disconnect(receive: Receive, context: RequestContext | None) -> None:

@@ -34,6 +34,9 @@ class Metrics:
         self.batch_seconds = Histogram("keraslm_batch_duration_seconds",
                                        "time to score one gathered batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.batches_stopped = Counter(
+            "keraslm_batches_stopped", "batches stopped early: every request in them gave up",
+            registry=r)
         self.connections_refused = Counter(
             "keraslm_connections_refused", "connections closed at once: over max_connections",
             registry=r)

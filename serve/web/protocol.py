@@ -18,8 +18,12 @@ from serve.web.schemas import RETRY_AFTER, ServiceError
 
 
 def guarded_protocol(max_connections: int, header_timeout: float,
-                     on_refused: Callable[[], None] = lambda: None) -> type[H11Protocol]:
-    """An H11Protocol class enforcing the two limits, for `uvicorn.Config(http=...)`."""
+                     on_refused: Callable[[], None] = lambda: None,
+                     on_shutdown: Callable[[], None] = lambda: None) -> type[H11Protocol]:
+    """An H11Protocol class enforcing the two limits, for `uvicorn.Config(http=...)`.
+
+    `on_refused` counts refused connections; `on_shutdown` is called when the server starts
+    to shut down (so requests still sending their body can be answered at once)."""
     refusal = ServiceError(503, "too_many_connections", f"{max_connections} connections are "
                            f"open (max_connections); retry shortly", limit="max_connections",
                            max=max_connections, retry_after=RETRY_AFTER).http_bytes()
@@ -44,6 +48,10 @@ def guarded_protocol(max_connections: int, header_timeout: float,
         def data_received(self, data: bytes) -> None:
             if not self._refused:
                 super().data_received(data)
+
+        def shutdown(self) -> None:
+            on_shutdown()
+            super().shutdown()
 
         def on_response_complete(self) -> None:
             finished = self.cycle  # super() may start a pipelined request's cycle at once

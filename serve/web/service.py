@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keraslm.errors import UserError
-from serve.scorer import Scorer, TextScore
+from serve.scorer import Scorer, ScoringStopped, TextScore
 from serve.web.admission import Admission, Ticket
 from serve.web.batcher import Batcher, Job
 from serve.web.metrics import Metrics
@@ -71,6 +71,7 @@ class Service:
         self.admission = Admission(settings.queue_size, settings.timeout,
                                    running=lambda: self.batcher.running)
         self._load_task: asyncio.Task | None = None
+        self.stopping = asyncio.Event()  # set when the server starts to shut down
         m = self.metrics = Metrics()
         m.gauge("keraslm_queue_depth", "requests waiting for a batch", lambda: self.batcher.depth)
         m.gauge("keraslm_batch_running_requests", "requests in the batch being scored",
@@ -121,20 +122,25 @@ class Service:
         s = self.settings
         scorer = Scorer(s.bundle, device=s.device, threads=s.threads)
         ids = np.arange(scorer.bptt + 1, dtype=np.int32) % len(scorer.vocab)
-        _score_rows_tmp(scorer, [ids, ids[:1]], s.max_batch)
+        scorer.score_rows([ids, ids[:1]], s.max_batch)
         text = _calibration_text(scorer)
         started = time.perf_counter()
         encoded = _encode(scorer, [text] * CALIBRATION_TEXTS, 2 * CALIBRATION_WORDS,
                           lambda: False, per_token=False)
-        _score_rows_tmp(scorer, [e.ids for e in encoded], s.max_batch)
+        scorer.score_rows([e.ids for e in encoded], s.max_batch)
         self.admission.record(len(text.encode()) * CALIBRATION_TEXTS,
                               time.perf_counter() - started)
         return scorer
 
     # --- scoring ---
 
-    def _run_batch(self, rows: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
-        return _score_rows_tmp(self.scorer, rows, self.settings.max_batch)
+    def _run_batch(self, rows: list[np.ndarray], stop: Callable[[], bool]
+                   ) -> tuple[list[np.ndarray], list[int]]:
+        try:
+            return self.scorer.score_rows(rows, self.settings.max_batch, stop)
+        except ScoringStopped:
+            self.metrics.batches_stopped.inc()
+            raise
 
     def _on_batch(self, requests: int, sizes: list[int], seconds: float) -> None:
         m = self.metrics
@@ -200,7 +206,7 @@ class Service:
         """The job's log-probabilities; withdrawn from the queue if the request gives up."""
         try:
             return await self._until(job.future, ctx)
-        except asyncio.TimeoutError:  # expired in the queue
+        except (asyncio.TimeoutError, ScoringStopped):  # expired in the queue, or while scored
             raise timeout_error(self.settings.timeout) from None
         except UserError as err:
             raise ServiceError(500, "scoring_failed", str(err)) from None
@@ -222,46 +228,6 @@ class Service:
         if left in done:
             raise ServiceError(499, "client_closed_request", "the client closed the connection")
         raise timeout_error(self.settings.timeout)
-
-
-from serve.scorer import PAD_INPUT, PAD_TARGET
-
-Rows = list[np.ndarray]
-
-
-def _score_rows_tmp(scorer: Scorer, rows: Rows, max_rows: int) -> tuple[Rows, list[int]]:
-    """Per-token log-probabilities of every id row, each row scored on its own.
-
-    Rows run longest first, at most `max_rows` to an onnxruntime batch, `scorer.bptt` steps per
-    call with the state carried. Sorted by length, the rows still running are always a prefix of
-    the batch, so a row that has ended leaves it instead of being carried as padding. Returns the
-    float32 log-probabilities of each row (in input order) and the size of every batch run.
-    """
-    out: Rows = [np.zeros(0, np.float32)] * len(rows)
-    order = sorted((i for i, r in enumerate(rows) if r.size), key=lambda i: -rows[i].size)
-    sizes = []
-    for start in range(0, len(order), max_rows):
-        group = order[start:start + max_rows]
-        lengths = np.array([rows[i].size for i in group])
-        width = int(lengths[0])
-        tokens = np.full((len(group), width), PAD_INPUT, np.int32)
-        targets = np.full_like(tokens, PAD_TARGET)
-        for r, i in enumerate(group):
-            tokens[r, 0] = scorer.context_id
-            tokens[r, 1:lengths[r]] = rows[i][:-1]
-            targets[r, :lengths[r]] = rows[i]
-        logprobs = np.zeros(tokens.shape, np.float32)
-        state = scorer.zero_state(len(group))
-        for t in range(0, width, scorer.bptt):
-            live = int(np.count_nonzero(lengths > t))
-            state = [s[:live] for s in state]
-            chunk, state = scorer.step(tokens[:live, t:t + scorer.bptt],
-                                       targets[:live, t:t + scorer.bptt], state)
-            logprobs[:live, t:t + scorer.bptt] = chunk
-        for r, i in enumerate(group):
-            out[i] = logprobs[r, :lengths[r]]
-        sizes.append(len(group))
-    return out, sizes
 
 
 def _check_unicode(texts: list[str]) -> None:
@@ -288,7 +254,7 @@ def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], 
                 if stopped():
                     raise Abandoned
                 if sample or not pipeline.skip_empty:
-                    tokens.extend(pipeline._finish(sample))
+                    tokens.extend(pipeline.sample_tokens(sample))
                 if len(tokens) > limit:
                     raise _too_many_tokens(i, limit)
             ids, oov = scorer.vocab.encode(tokens, return_oov=True)
