@@ -52,3 +52,21 @@ def test_bundle_contract_imports_no_tensorflow_onnxruntime_or_numpy():
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+LIBRARY_SCRIPT = textwrap.dedent("""
+    import sys
+    import serve.bundle, serve.scorer, serve.generate, serve.score
+    app = ("serve.web", "fastapi", "uvicorn", "starlette", "prometheus_client", "tensorflow")
+    loaded = sorted(m for m in sys.modules if m.startswith(app))
+    assert not loaded, loaded
+    print("ok")
+""")
+
+
+def test_the_scoring_library_never_imports_the_http_app():
+    """serve/'s library ([cpu]) works on a host without the [serve] extra."""
+    result = subprocess.run([sys.executable, "-c", LIBRARY_SCRIPT], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
