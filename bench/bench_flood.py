@@ -50,11 +50,12 @@ class Tally:
 
     statuses: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # of the answered (200) requests
+    server: list[float] = field(default_factory=list)  # their time in the server (Server-Timing)
     tokens: int = 0
     seconds: float = 0.0
 
-    def percentile(self, q: float) -> float:
-        xs = sorted(self.latencies)
+    def percentile(self, q: float, server: bool = False) -> float:
+        xs = sorted(self.server if server else self.latencies)
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
@@ -85,6 +86,8 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float,
                 tally.statuses[response.status_code] += 1
                 if response.status_code == 200:
                     tally.latencies.append(time.perf_counter() - t0)
+                    timing = response.headers.get("server-timing", "dur=nan")
+                    tally.server.append(float(timing.rsplit("dur=", 1)[1]) / 1000)
                     tally.tokens += sum(r["tokens"] for r in response.json()["results"])
                 elif response.status_code == 503:
                     await asyncio.sleep(float(response.headers.get("retry-after", 1)))
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's --max-tokens-per-text")
     p.add_argument("--big-clients", type=int, default=200)
     p.add_argument("--small-clients", type=int, default=1000)
+    p.add_argument("--pin", action="store_true",
+                   help="server on the last CPU, this load generator on the others")
     p.add_argument("--data-root", type=Path,
                    default=Path(os.environ.get("KERASLM_DATA", "~/.keraslm/datasets")))
     args = p.parse_args(argv)
@@ -137,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         big, small = request_bodies(data_root / "wikitext-2" / "wiki.valid.tokens",
                                     args.max_texts, args.max_tokens_per_text)
         threads = ["--threads", str(args.threads)] if args.threads else []
+        cpus = sorted(os.sched_getaffinity(0))
+        if args.pin:
+            os.sched_setaffinity(0, cpus[-1:])  # the server inherits this
         proc, url = start_server(bundle, [
             "--timeout", str(args.timeout), "--max-texts", str(args.max_texts),
             "--max-tokens-per-text", str(args.max_tokens_per_text), *threads],
                                  work / "server.log")
+        if args.pin:
+            os.sched_setaffinity(0, cpus[:-1] or cpus)
         try:
             asyncio.run(load(url, big[:1], 1, 60, requests=1))  # warm-up
             phases = [
@@ -166,14 +176,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_tokens_per_text} tokens, threads "
           f"{args.threads or 'all'}, {os.cpu_count()} CPUs; matmul peak {peak:.1f} GFLOP/s "
           f"({peak_how})")
+    print("latency of the answered requests, seen by the client and (server) from arrival to "
+          "answer")
     print(f"{'phase':<34}{'200':>6}{'503':>7}{'504':>6}{'other':>6}{'p50 s':>8}{'p99 s':>8}"
-          f"{'tokens/s':>10}{'of peak':>9}")
+          f"{'(server)':>18}{'tokens/s':>10}{'of peak':>9}")
     for name, t in phases:
         others = {k: n for k, n in t.statuses.items() if k not in (200, 503, 504)}
         other = sum(others.values())
         tps = t.tokens / t.seconds
         print(f"{name:<34}{t.statuses[200]:>6}{t.statuses[503]:>7}{t.statuses[504]:>6}"
-              f"{other:>6}{t.percentile(.5):>8.2f}{t.percentile(.99):>8.2f}{tps:>10,.0f}"
+              f"{other:>6}{t.percentile(.5):>8.2f}{t.percentile(.99):>8.2f}"
+              f"{t.percentile(.5, True):>9.2f}{t.percentile(.99, True):>9.2f}{tps:>10,.0f}"
               f"{tps * flops / 1e9 / peak:>9.2%}")
         if others:
             print(f"    other answers: {others}")

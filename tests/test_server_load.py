@@ -87,10 +87,10 @@ def test_a_full_service_refuses_at_arrival_without_reading_the_body(gated):  # n
 def test_admission_refuses_work_that_would_finish_after_the_timeout():
     admission = Admission(queue_size=100, timeout=10, running=lambda: 0)
     admission.record(1000, 1.0)  # 1 ms per byte
-    first = admission.admit(5000)  # alone, always admitted
-    second = admission.admit(2000)  # 7 s of work expected: within 0.8 x 10 s
+    first = admission.admit(3000)  # alone, always admitted
+    second = admission.admit(2000)  # 5 s of work expected: within 0.5 x 10 s
     with pytest.raises(ServiceError) as refused:
-        admission.admit(2000)  # 9 s > 8 s
+        admission.admit(2000)  # 7 s > 5 s
     assert (refused.value.status, refused.value.code, refused.value.limit) == (
         503, "overloaded", "timeout")
     assert refused.value.retry_after == 1

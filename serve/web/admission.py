@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from serve.web.schemas import RETRY_AFTER, ServiceError
 
-BUDGET = 0.8     # of the timeout, for the expected time of the admitted work
+BUDGET = 0.5     # of the timeout, for the expected time of the admitted work (the rest is the
+                 # margin for a wrong estimate: a busy machine, texts slower than the average)
 SMOOTHING = 0.2  # weight of the newest request in the seconds-per-byte average
 
 

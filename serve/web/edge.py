@@ -1,5 +1,6 @@
 """The outermost ASGI layer: admission before any work, the body read against the deadline, and
-every request counted by path and status."""
+every request counted by path and status (and its time in the server given in a `Server-Timing`
+header: `total;dur=<milliseconds>`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class Edge:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                elapsed = 1000 * (time.perf_counter() - started)
+                message = {**message, "headers": [*message.get("headers", ()), (
+                    b"server-timing", f"total;dur={elapsed:.1f}".encode())]}
             await send(message)
 
         try:
