@@ -119,7 +119,7 @@ def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset:
     from export import graph  # TensorFlow starts here
     from keraslm.model import load_run_model
 
-    model, config = load_run_model(run)
+    model, config = load_run_model(run, fused=False)
     if external_data is None:
         external_data = 4 * config.num_parameters() > LARGE_MODEL_BYTES
     proto = graph.convert(model, config, opset, large=external_data, share_tied=not quantize)

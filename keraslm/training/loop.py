@@ -47,7 +47,8 @@ class EpochLoop:
         optim = self.optim
         tf.keras.utils.set_random_seed(optim.seed)
         with strategy.scope():
-            self.model = build_model(setup.model_config, seed=optim.seed)
+            self.model = build_model(setup.model_config, seed=optim.seed,
+                                     fused=not self.options.jit)  # XLA has no BlockLSTM
             self.optimizer = make_optimizer(optim.optimizer, optim.lr, optim.momentum,
                                             optim.weight_decay)
         if self.options.finetune_from and not setup.resuming:
