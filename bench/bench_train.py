@@ -1,16 +1,20 @@
 """Benchmark: training tokens/s of standard_lstm_lm_200 (batch 20, bptt 35) vs the PyTorch example.
 
-    python bench/bench_train.py [--batches 30] [--variants fused,fused+jit,unfused] [--no-torch]
+    python bench/bench_train.py [--batches 30] [--variants fused,keras-lstm,fused+jit,unfused]
+                                [--max-vocab N] [--no-torch]
 
 Times the real `keraslm.training.step.Trainer` step (fp32, full softmax, SGD, global-norm clipping,
 carried state, dropout) on the first WikiText-2 training batches, and the PyTorch
 `word_language_model` equivalent (bench/torch_word_lm.py, in its own process) on the same ids,
 in the same run. Prints tokens/s, achieved GFLOP/s (3x the forward FLOPs: forward + backward)
 and that as a fraction of the machine's measured fp32 matmul peak (measured before and after,
-the higher kept). Variants:
-  fused       the default: decoder + cross-entropy fused (keraslm.losses), no whole-step XLA
-  fused+jit   the same with the whole per-replica step XLA-compiled (--jit)
-  unfused     Keras logits + tf.nn.sparse_softmax_cross_entropy_with_logits
+the higher kept). `--max-vocab 10000` keeps the 10,000 most frequent words (the rest <unk>): the
+regime where the LSTM recurrence, not the decoder, is most of the step. Variants:
+  fused       the default: FusedLSTM (TensorFlow's BlockLSTM kernel) and the decoder fused with
+              its cross-entropy (keraslm.losses), no whole-step XLA
+  keras-lstm  the same with Keras' generic LSTM (the previous default)
+  fused+jit   the whole per-replica step XLA-compiled (--jit; Keras' LSTM: XLA has no BlockLSTM)
+  unfused     Keras' LSTM, Keras logits + tf.nn.sparse_softmax_cross_entropy_with_logits
 """
 
 from __future__ import annotations
@@ -32,23 +36,26 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import flops_per_token, matmul_peak
 
-VARIANTS = {"fused": {"jit_compile": False, "fused_decoder": True},
-            "fused+jit": {"jit_compile": True, "fused_decoder": True},
-            "unfused": {"jit_compile": False, "fused_decoder": False}}
+VARIANTS = {"fused": {"jit_compile": False, "fused_decoder": True, "fused_lstm": True},
+            "keras-lstm": {"jit_compile": False, "fused_decoder": True, "fused_lstm": False},
+            "fused+jit": {"jit_compile": True, "fused_decoder": True, "fused_lstm": False},
+            "unfused": {"jit_compile": False, "fused_decoder": False, "fused_lstm": False}}
 
 
-def wikitext_ids(data_root: str | None, tokens: int) -> tuple[np.ndarray, int]:
-    """The first `tokens` ids of WikiText-2 train under its full vocabulary."""
+def wikitext_ids(data_root: str | None, tokens: int, max_vocab: int | None = None
+                 ) -> tuple[np.ndarray, int]:
+    """The first `tokens` ids of WikiText-2 train under its vocabulary (at most `max_vocab`)."""
     from keraslm.data import build_vocab, resolve_paths
     from keraslm.text import WIKITEXT
 
     path = resolve_paths("wikitext-2", {}, data_root, splits=("train",))["train"]
-    vocab = build_vocab(path, WIKITEXT)
+    vocab = build_vocab(path, WIKITEXT, max_size=max_vocab)
     stream = (t for _, t in zip(range(tokens), WIKITEXT.iter_tokens(path)))
     return vocab.encode(stream), len(vocab)
 
 
-def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, **options) -> float:
+def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int,
+                  fused_lstm: bool = True, **options) -> float:
     from keraslm.batching import BPTTBatches
     from keraslm.model import build_model, preset_config
     from keraslm.training.devices import make_strategy
@@ -57,7 +64,7 @@ def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, *
     strategy = make_strategy()
     config = preset_config("standard_lstm_lm_200", vocab_size)
     with strategy.scope():
-        model = build_model(config, seed=0)
+        model = build_model(config, seed=0, fused=fused_lstm)
         optimizer = make_optimizer("sgd", 20.0)
     trainer = Trainer(model, optimizer, strategy, clip=0.25, two_biases=config.two_biases,
                       **options)
@@ -89,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=30, help="timed batches per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="fused,fused+jit,unfused")
+    p.add_argument("--variants", default="fused,keras-lstm,fused+jit,unfused")
+    p.add_argument("--max-vocab", type=int, default=None,
+                   help="keep only the N most frequent words (e.g. 10000)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
 
-    ids, vocab_size = wikitext_ids(args.data_root, (args.batches + args.warmup + 1) * 20 * 35 + 20)
+    ids, vocab_size = wikitext_ids(args.data_root, (args.batches + args.warmup + 1) * 20 * 35 + 20,
+                                   args.max_vocab)
     model = {"nhid": 200, "emsize": 200, "nlayers": 2, "vocab_size": vocab_size}
     train_flops = 3 * flops_per_token(model)
     peak, peak_source = matmul_peak()
