@@ -29,11 +29,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_data_modules_never_import_tensorflow():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+def run_ok(script: str) -> None:
+    """Run `script` in a fresh interpreter; it must print "ok"."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_data_modules_never_import_tensorflow():
+    run_ok(SCRIPT)
 
 
 CONTRACT_SCRIPT = textwrap.dedent("""
@@ -48,10 +53,7 @@ CONTRACT_SCRIPT = textwrap.dedent("""
 
 
 def test_bundle_contract_imports_no_tensorflow_onnxruntime_or_numpy():
-    result = subprocess.run([sys.executable, "-c", CONTRACT_SCRIPT], capture_output=True,
-                            text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    run_ok(CONTRACT_SCRIPT)
 
 
 LIBRARY_SCRIPT = textwrap.dedent("""
@@ -66,7 +68,4 @@ LIBRARY_SCRIPT = textwrap.dedent("""
 
 def test_the_scoring_library_never_imports_the_http_app():
     """serve/'s library ([cpu]) works on a host without the [serve] extra."""
-    result = subprocess.run([sys.executable, "-c", LIBRARY_SCRIPT], capture_output=True,
-                            text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    run_ok(LIBRARY_SCRIPT)
