@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.web.edge import CONTEXT_KEY, SCORE_PATH, Edge
+from serve.web.generation import GENERATE_PATH, GenerateRequest, GenerateResponse, generate_text
 from serve.web.metrics import CONTENT_TYPE
+from serve.web.page import page_html
 from serve.web.schemas import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -51,6 +53,17 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         """Score each text on its own: from a zero state with <eos> as context, like
         `Scorer.score` and `serve/score.py --per-line`. Log-likelihoods are natural logs."""
         return JSONResponse(await service.score(body, request.scope[CONTEXT_KEY]))
+
+    @app.post(GENERATE_PATH, response_model=GenerateResponse, responses=ERROR_RESPONSES)
+    async def generate(body: GenerateRequest) -> JSONResponse:
+        """Sample one continuation of `prompt`, as `python serve/generate.py` does with the same
+        options (and seed)."""
+        return JSONResponse(await generate_text(service, body))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        """The page: score a text and see every token coloured by its surprisal."""
+        return HTMLResponse(page_html())
 
     @app.get("/healthz")
     async def healthz() -> dict:

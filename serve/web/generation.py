@@ -1,0 +1,63 @@
+"""POST /v1/generate: one sampled continuation, by `serve.generate.generate` on the model thread.
+
+The options are serve/generate.py's (tokens, temperature, top-k, top-p, seed); the same seed
+gives the same text as `python serve/generate.py --seed`. Limits and errors are answered like
+/v1/score's: `tokens` and the prompt are bounded by `max_tokens_per_text` (413), a bad option is
+422, and a model still loading is 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from keraslm.errors import UserError
+from serve.generate import generate
+from serve.web.schemas import ServiceError
+from serve.web.service import Service
+
+GENERATE_PATH = "/v1/generate"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr = Field("", description="text to continue, through the bundle's pipeline")
+    tokens: int = Field(50, ge=1, description="tokens to generate (at most max_tokens_per_text)")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False,
+                               description="0: greedy; above 1 flatter, below 1 sharper")
+    top_k: int = Field(0, ge=0, description="draw only from the k most likely tokens (0: off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1: off)")
+    seed: int | None = Field(None, ge=0, description="the same seed gives the same text")
+
+
+class GenerateResponse(BaseModel):
+    bundle: str
+    text: str = Field(description="prompt and continuation as readable text")
+    tokens: list[str] = Field(description="the generated tokens (the prompt's not included)")
+
+
+async def generate_text(service: Service, body: GenerateRequest) -> dict:
+    """The answer to one POST /v1/generate (ServiceError for anything but 200)."""
+    scorer = service.check_ready()
+    limit = service.settings.max_tokens_per_text
+    if body.tokens > limit:
+        raise _over_limit(f"{body.tokens} tokens asked for", limit)
+    if len(body.prompt.split()) >= limit:  # as /v1/score bounds a text, before tokenizing
+        raise _over_limit("the prompt has too many tokens", limit)
+
+    def run():
+        return generate(scorer.bundle, body.prompt, tokens=body.tokens,
+                        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                        seed=body.seed)[0]
+
+    try:
+        sample = await asyncio.get_running_loop().run_in_executor(service.model_thread, run)
+    except UserError as err:
+        raise ServiceError(422, "generation_failed", str(err)) from None
+    return {"bundle": service.bundle_name, "text": sample.text, "tokens": sample.tokens}
+
+
+def _over_limit(what: str, limit: int) -> ServiceError:
+    return ServiceError(413, "too_many_tokens", f"{what}; the limit is {limit} "
+                        f"(max_tokens_per_text)", limit="max_tokens_per_text", max=limit)
