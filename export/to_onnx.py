@@ -6,6 +6,8 @@
         vocab.json        copied from the run
         bundle.json       schema version, model config, text pipeline, source run, versions,
                           opset, quantization, and the graph's inputs and outputs
+        README.md         the model's card (export/card.py): model, data, perplexities, usage
+        curve.png         its training curve, when the run has metrics and matplotlib is installed
 
 serve/contract.py defines this format (file names, schema version, graph inputs and outputs) for
 both sides.
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 import keraslm
+from export.card import write_card
 from keraslm.corpora import sha1_of
 from keraslm.errors import UserError
 from keraslm.rundir import RunDir, resolve_run, write_json_atomic
@@ -84,14 +87,16 @@ def export_run(run: RunDir | str | os.PathLike | None, out: str | os.PathLike | 
     try:
         model_fields = _write_model(work, run, run_config, vocab, opset, quantize, external_data)
         shutil.copyfile(run.vocab_path, work / VOCAB_FILE)
-        write_json_atomic(work / BUNDLE_FILE, {
+        info = {
             "schema_version": SCHEMA_VERSION,
             "pipeline": pipeline.to_dict(),
             "source_run": _source_run(run),
             "versions": _versions(),
             "opset": opset,
             **model_fields,
-        })
+        }
+        write_json_atomic(work / BUNDLE_FILE, info)
+        write_card(work, run, info, out.name)
         _replace_dir(work, out)
     except OSError as err:
         raise UserError(f"cannot write the bundle {out}: {err.strerror or err}") from None

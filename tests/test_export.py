@@ -226,8 +226,8 @@ def test_quantize_int8_reports_its_effect(text, tmp_path, capsys, external):
                                stream[:, :-1], stream[:, 1:], zero_state(config, 2))
     assert np.isfinite(logprobs).all() and (logprobs < 0).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "run"]
-    expected = ["bundle.json", "model.onnx", *(["model.onnx.data"] if external else []),
-                "vocab.json"]
+    expected = ["README.md", "bundle.json", "model.onnx",
+                *(["model.onnx.data"] if external else []), "vocab.json"]
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == expected
     assert info["external_data"] == (["model.onnx.data"] if external else [])
 

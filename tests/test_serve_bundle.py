@@ -229,7 +229,7 @@ def test_exported_bundle_follows_the_contract(tiny_bundle):
 
     path = tiny_bundle.bundle
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        [contract.BUNDLE_FILE, contract.MODEL_FILE, contract.VOCAB_FILE])
+        [contract.BUNDLE_FILE, contract.MODEL_FILE, contract.VOCAB_FILE, "README.md"])
     meta = json.loads((path / contract.BUNDLE_FILE).read_text(encoding="utf-8"))
     assert sorted(meta) == sorted(contract.BUNDLE_FIELDS)
     assert meta["schema_version"] == contract.SCHEMA_VERSION
