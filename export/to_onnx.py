@@ -42,6 +42,7 @@ import keraslm
 from export.card import write_card
 from keraslm.corpora import sha1_of
 from keraslm.errors import UserError
+from keraslm.quiet import start_tensorflow
 from keraslm.rundir import RunDir, resolve_run, write_json_atomic
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
@@ -121,6 +122,7 @@ def read_run(run: RunDir) -> tuple[dict, TextPipeline, Vocab]:
 def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset: int,
                  quantize: str | None, external_data: bool | None) -> dict:
     """Convert the run's model into work/MODEL_FILE (checked); its fields of bundle.json."""
+    start_tensorflow()
     from export import graph  # TensorFlow starts here
     from keraslm.model import load_run_model
 

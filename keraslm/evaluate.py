@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 
 from keraslm.errors import UserError
+from keraslm.quiet import start_tensorflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        start_tensorflow()
         from keraslm.evaluation import evaluate_run  # TensorFlow: only once the flags are good
 
         result = evaluate_run(args.run, args.corpus, args.split, batch_size=args.batch_size,

@@ -18,6 +18,7 @@ from typing import Any
 
 from keraslm.config import FIELDS, SECTIONS, TrainConfig, flag_name, resume_config
 from keraslm.errors import UserError
+from keraslm.quiet import start_tensorflow
 from keraslm.rundir import resolve_run
 
 TITLES = {"data": "data", "model": "model", "optim": "optimisation", "run": "run"}
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = config_from_argv(argv)
+        start_tensorflow()
         from keraslm.training import Stopped, train  # TensorFlow: only once the flags are good
 
         try:
