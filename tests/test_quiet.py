@@ -1,5 +1,6 @@
 """Quiet CLIs (keraslm/quiet.py): on a CPU-only machine, training, evaluating and exporting a tiny
-run print no line that looks like an error or a warning; real errors still show."""
+run print no line that looks like an error or a warning; real errors still show. And run.sh
+ends with a short summary of where things are and what to try next."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def test_a_failure_inside_the_block_still_restores_stderr(capfd):
         raise RuntimeError
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "kept\nafter\n"
+
+
+def test_run_sh_ends_with_a_summary():
+    """run.sh's closing lines (its `summary` function; the tutorial itself trains for hours)."""
+    done = subprocess.run(["bash", "-c", ". ./run.sh && summary demo runs/demo/test-scores.txt"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    out = done.stdout
+    for where in ("run:     runs/demo", "bundle:  bundles/demo", "bundles/demo/README.md",
+                  "scores:  runs/demo/test-scores.txt"):
+        assert where in out
+    for command in ("serve/score.py --model bundles/demo -", "serve/generate.py --model bundles/demo",
+                    "python -m serve.server --model bundles/demo"):
+        assert command in out
+    assert done.stderr == ""
