@@ -14,7 +14,8 @@ from serve.web.schemas import ServiceError
 from serve.web.service import RequestContext, Service
 
 SCORE_PATH = "/v1/score"
-PATHS = (SCORE_PATH, "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc")
+PATHS = (SCORE_PATH, "/v1/generate", "/", "/healthz", "/readyz", "/metrics", "/openapi.json",
+         "/docs", "/redoc")
 CONTEXT_KEY = "keraslm.request"  # the RequestContext of an admitted score request, in its scope
 
 Receive = Callable[[], Awaitable[dict]]
