@@ -102,6 +102,24 @@ def test_admission_refuses_work_that_would_finish_after_the_timeout():
     assert admission.backlog == 10
 
 
+def test_admission_learns_the_wall_time_between_answers_while_busy():
+    now = [0.0]
+    admission = Admission(queue_size=100, timeout=10, running=lambda: 0, clock=lambda: now[0])
+    tickets = [admission.admit(1000) for _ in range(3)]  # busy from t = 0
+    now[0] = 2.0
+    admission.record(1000, 0.5, began=0.0)  # 0.5 s of work, but 2 s of wall time
+    assert admission.work_seconds_per_byte == pytest.approx(0.0005)
+    assert admission.wall_seconds_per_byte == pytest.approx(0.002)
+    assert admission.seconds_per_byte == pytest.approx(0.002)  # the more cautious
+    tickets[0].close()
+    now[0] = 9.0
+    admission.record(1000, 0.5, began=8.0)  # a slow upload until t = 8 is not service time
+    assert admission.wall_seconds_per_byte == pytest.approx(0.8 * 0.002 + 0.2 * 0.001)
+    for ticket in tickets[1:]:
+        ticket.close()
+    assert admission.busy_since is None  # idle: the next busy period starts afresh
+
+
 def test_the_queue_bound_counts_requests_being_read_and_tokenized_too():
     running = [0]
     admission = Admission(queue_size=2, timeout=10, running=lambda: running[0])

@@ -3,14 +3,17 @@
 A request is admitted while fewer than `queue_size` admitted requests wait for the model
 (being read, tokenized or queued; the batch being scored is not counted) and while the work
 already admitted, with this request's, is expected to take less than `BUDGET` of the timeout.
-The expected time is the body bytes in flight times the service's seconds per byte: measured at
-load time on a calibration text, then a moving average of answered requests (tokenizing plus
-their share of the model's batches). Refused requests get 503 + Retry-After at once, so a flood
+The expected time is the body bytes in flight times the service's seconds per byte, the larger
+of two moving averages: the work each answered request cost (tokenizing plus its share of the
+model's batches; first measured at load time on a calibration text), and the wall time between
+answers while the service is busy, per byte answered (which sees what the work alone does not:
+the event loop, refusals, other processes on the machine). Refused requests get 503 + Retry-After at once, so a flood
 costs the service almost nothing and what it admits is answered within the timeout.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from serve.web.schemas import RETRY_AFTER, ServiceError
@@ -26,6 +29,8 @@ class Ticket:
     def __init__(self, admission: Admission, size: int) -> None:
         self._admission: Admission | None = admission
         self.size = size
+        if admission.in_flight == 0:
+            admission.busy_since = admission.clock()  # a busy period starts
         admission.in_flight += 1
         admission.backlog += size
 
@@ -40,6 +45,8 @@ class Ticket:
         if self._admission is not None:
             self._admission.in_flight -= 1
             self._admission.backlog -= self.size
+            if self._admission.in_flight == 0:
+                self._admission.busy_since = None
             self._admission = None
 
 
@@ -49,11 +56,22 @@ class Admission:
     `running()` is the number of admitted requests in the batch being scored.
     """
 
-    def __init__(self, queue_size: int, timeout: float, running: Callable[[], int]) -> None:
-        self.queue_size, self.timeout, self.running = queue_size, timeout, running
+    def __init__(self, queue_size: int, timeout: float, running: Callable[[], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.queue_size, self.timeout, self.running, self.clock = (
+            queue_size, timeout, running, clock)
         self.in_flight = 0
         self.backlog = 0  # body bytes of the requests in flight
-        self.seconds_per_byte: float | None = None
+        self.busy_since: float | None = None  # the last answer, or the start of a busy period
+        self.work_seconds_per_byte: float | None = None
+        self.wall_seconds_per_byte: float | None = None
+
+    @property
+    def seconds_per_byte(self) -> float | None:
+        """The larger (the more cautious) of the two estimates known."""
+        known = [x for x in (self.work_seconds_per_byte, self.wall_seconds_per_byte)
+                 if x is not None]
+        return max(known) if known else None
 
     @property
     def waiting(self) -> int:
@@ -78,11 +96,20 @@ class Admission:
         """How long the admitted work plus `size` more bytes is expected to take."""
         return (self.backlog + size) * (self.seconds_per_byte or 0.0)
 
-    def record(self, size: int, seconds: float) -> None:
-        """An answered request of `size` bytes took `seconds` of tokenizing and scoring."""
+    def record(self, size: int, seconds: float, began: float | None = None) -> None:
+        """An answered request of `size` bytes took `seconds` of tokenizing and scoring, from
+        `began` (on `clock`, once its body was read: a slow sender's upload is not service
+        time) to now."""
         if size <= 0:
             return
-        rate = seconds / size
-        previous = self.seconds_per_byte
-        self.seconds_per_byte = rate if previous is None else (
-            (1 - SMOOTHING) * previous + SMOOTHING * rate)
+        self.work_seconds_per_byte = _average(self.work_seconds_per_byte, seconds / size)
+        now = self.clock()
+        if self.busy_since is not None:  # busy since the last answer: the wall time it took
+            start = self.busy_since if began is None else max(self.busy_since, began)
+            self.wall_seconds_per_byte = _average(self.wall_seconds_per_byte,
+                                                  (now - start) / size)
+            self.busy_since = now
+
+
+def _average(previous: float | None, sample: float) -> float:
+    return sample if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * sample

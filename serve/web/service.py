@@ -167,7 +167,7 @@ class Service:
                                f"the limit is {s.max_texts} (max_texts)", limit="max_texts",
                                max=s.max_texts)
         _check_unicode(body.texts)
-        started = time.perf_counter()
+        began, started = self.admission.clock(), time.perf_counter()
         encoded = await self._encode(scorer, body, ctx)
         tokenize_seconds = time.perf_counter() - started
         rows = [e.ids for e in encoded if e.ids.size]
@@ -177,7 +177,7 @@ class Service:
             job = self.batcher.submit(rows, ctx.deadline)
             logprobs = await self._wait(job, ctx)
             model_seconds = job.model_seconds
-        self.admission.record(ctx.ticket.size, tokenize_seconds + model_seconds)
+        self.admission.record(ctx.ticket.size, tokenize_seconds + model_seconds, began)
         results, it = [], iter(logprobs)
         for e in encoded:
             lp = next(it) if e.ids.size else np.zeros(0, np.float32)
