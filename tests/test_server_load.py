@@ -93,7 +93,7 @@ def test_admission_refuses_work_that_would_finish_after_the_timeout():
         admission.admit(2000)  # 7 s > 5 s
     assert (refused.value.status, refused.value.code, refused.value.limit) == (
         503, "overloaded", "timeout")
-    assert refused.value.retry_after == 1
+    assert refused.value.retry_after == 3  # half the 5 s of admitted work, rounded up
     first.close()
     first.close()  # harmless
     assert admission.backlog == 2000 and admission.in_flight == 1

@@ -7,12 +7,14 @@ The expected time is the body bytes in flight times the service's seconds per by
 of two moving averages: the work each answered request cost (tokenizing plus its share of the
 model's batches; first measured at load time on a calibration text), and the wall time between
 answers while the service is busy, per byte answered (which sees what the work alone does not:
-the event loop, refusals, other processes on the machine). Refused requests get 503 + Retry-After at once, so a flood
-costs the service almost nothing and what it admits is answered within the timeout.
+the event loop, refusals, other processes on the machine). Refused requests get 503 at once, with a Retry-After of
+half the admitted work's expected time (1 s at least), so a flood costs the service little,
+clients that honour it do not keep knocking, and what it admits is answered within the timeout.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -83,14 +85,20 @@ class Admission:
         if self.waiting >= self.queue_size:
             raise ServiceError(503, "overloaded", f"{self.queue_size} requests are already "
                                f"waiting (queue_size); retry shortly", limit="queue_size",
-                               max=self.queue_size, retry_after=RETRY_AFTER)
+                               max=self.queue_size, retry_after=self.retry_after())
         expected = self.expected_seconds(size)
         if self.in_flight and expected > BUDGET * self.timeout:
             raise ServiceError(503, "overloaded", f"the work already admitted would keep this "
                                f"request past the timeout ({expected:.1f} s expected, timeout "
                                f"{self.timeout:g} s); retry shortly", limit="timeout",
-                               max=self.timeout, retry_after=RETRY_AFTER)
+                               max=self.timeout, retry_after=self.retry_after())
         return Ticket(self, size)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: until the admitted work is expected to be half
+        done (at least 1, at most the timeout), so retries do not flood a busy service."""
+        seconds = self.expected_seconds(0) / 2
+        return max(RETRY_AFTER, min(math.ceil(seconds), math.ceil(self.timeout)))
 
     def expected_seconds(self, size: int) -> float:
         """How long the admitted work plus `size` more bytes is expected to take."""
