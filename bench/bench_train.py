@@ -15,6 +15,9 @@ regime where the LSTM recurrence, not the decoder, is most of the step. Variants
   keras-lstm  the same with Keras' generic LSTM (the previous default)
   fused+jit   the whole per-replica step XLA-compiled (--jit; Keras' LSTM: XLA has no BlockLSTM)
   unfused     Keras' LSTM, Keras logits + tf.nn.sparse_softmax_cross_entropy_with_logits
+  bf16        `--precision bf16` (mixed precision; Keras' LSTM: BlockLSTM has no bf16 kernel),
+              its own row, never a headline; skipped with the reason on a machine without bf16
+              hardware unless KERASLM_ALLOW_EMULATED_BF16=1
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import flops_per_token, matmul_peak
+from keraslm.errors import UserError
+from keraslm.precision import check_supported as check_precision
 
 VARIANTS = {"fused": {"jit_compile": False, "fused_decoder": True, "fused_lstm": True},
             "keras-lstm": {"jit_compile": False, "fused_decoder": True, "fused_lstm": False},
             "fused+jit": {"jit_compile": True, "fused_decoder": True, "fused_lstm": False},
-            "unfused": {"jit_compile": False, "fused_decoder": False, "fused_lstm": False}}
+            "unfused": {"jit_compile": False, "fused_decoder": False, "fused_lstm": False},
+            "bf16": {"jit_compile": False, "fused_decoder": True, "fused_lstm": True,
+                     "precision": "bf16"}}
 
 
 def wikitext_ids(data_root: str | None, tokens: int, max_vocab: int | None = None
@@ -55,7 +62,7 @@ def wikitext_ids(data_root: str | None, tokens: int, max_vocab: int | None = Non
 
 
 def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int,
-                  fused_lstm: bool = True, **options) -> float:
+                  fused_lstm: bool = True, precision: str = "fp32", **options) -> float:
     from keraslm.batching import BPTTBatches
     from keraslm.model import build_model, preset_config
     from keraslm.training.devices import make_strategy
@@ -64,7 +71,7 @@ def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int,
     strategy = make_strategy()
     config = preset_config("standard_lstm_lm_200", vocab_size)
     with strategy.scope():
-        model = build_model(config, seed=0, fused=fused_lstm)
+        model = build_model(config, seed=0, fused=fused_lstm, precision=precision)
         optimizer = make_optimizer("sgd", 20.0)
     trainer = Trainer(model, optimizer, strategy, clip=0.25, two_biases=config.two_biases,
                       **options)
@@ -114,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if baseline:
             results[f"PyTorch {baseline['torch']} word_language_model"] = baseline["tokens_per_s"]
     for name in args.variants.split(","):
+        try:
+            check_precision(VARIANTS[name].get("precision", "fp32"))
+        except UserError as err:
+            print(f"keraslm {name}: not run: {err}")
+            continue
         results[f"keraslm {name}"] = bench_keraslm(ids, vocab_size, args.batches, args.warmup,
                                                    **VARIANTS[name])
     peak, peak_source = max((peak, peak_source), matmul_peak())
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         gflops = tps * train_flops / 1e9
         ratio = f"{tps / base:.2f}x" if base else "-"
         print(f"{name:<40} {tps:>10,.0f} {gflops:>9.1f} {gflops / peak:>8.1%} {ratio:>11}")
+    ceiling = peak * 1e9 / train_flops  # every training FLOP at the matmul peak, nothing else
+    print(f"{'ceiling: all FLOPs at the matmul peak':<40} {ceiling:>10,.0f} {peak:>9.1f} "
+          f"{1:>8.1%} {f'{ceiling / base:.2f}x' if base else '-':>11}")
     return 0
 
 

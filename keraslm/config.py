@@ -178,6 +178,10 @@ class OptimConfig:
     eval_batch_size: int = option(10, "validation batch size")
     test_batch_size: int = option(1, "test batch size")
     seed: int = option(0, "random seed (initialisation and dropout masks)")
+    precision: str = option("fp32", "compute precision: bf16 is mixed precision (bf16 matmuls, "
+                                    "fp32 weights, softmax, loss and clipping) for CPUs with "
+                                    "AVX512-BF16/AMX and GPUs of compute capability 8.0+",
+                            choices=("fp32", "bf16"))
     max_batches: int | None = option(None, "stop each epoch after this many batches (quick "
                                            "trials)")
 
@@ -193,6 +197,8 @@ class OptimConfig:
                  "--momentum and --weight-decay must not be negative")
         _require(self.max_batches is None or self.max_batches >= 1,
                  f"--max-batches must be at least 1, got {self.max_batches}")
+        _require(self.precision in ("fp32", "bf16"),
+                 f"--precision must be fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

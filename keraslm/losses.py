@@ -5,6 +5,9 @@ At vocabulary 33,278 the decoder is ~90 % of the FLOPs of `standard_lstm_lm_200`
 matmuls). Here the matmuls stay on oneDNN, and the element-wise work on the [tokens, vocab]
 logits (log-sum-exp forward; softmax minus one-hot, masked and scaled, plus the bias gradient,
 backward) is compiled by XLA into single passes over memory.
+
+Under bf16 mixed precision (`hidden` in bfloat16) the three matmuls run in bfloat16 while the
+log-sum-exp, the loss, the logits' gradient and the weight gradients stay float32.
 """
 
 from __future__ import annotations
@@ -41,24 +44,28 @@ def decoder_nll_sum(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, targe
     flat_targets = tf.reshape(targets, [-1])
     mask = tf.not_equal(flat_targets, PAD_TARGET)
     safe_targets = tf.where(mask, flat_targets, tf.zeros_like(flat_targets))
-    weights = tf.cast(mask, hidden.dtype)
+    weights = tf.cast(mask, tf.float32)
     return _fused(flat_hidden, kernel, bias, safe_targets, weights, transposed_kernel)
 
 
 def _fused(hidden, kernel, bias, targets, weights, transposed_kernel: bool):
     @tf.custom_gradient
     def forward(hidden, kernel, bias):
-        logits = tf.nn.bias_add(tf.matmul(hidden, kernel, transpose_b=transposed_kernel), bias)
+        compute = hidden.dtype  # float32, or bfloat16 under mixed precision
+        kernel_c = tf.cast(kernel, compute)
+        logits = tf.matmul(hidden, kernel_c, transpose_b=transposed_kernel)
+        logits = tf.nn.bias_add(tf.cast(logits, tf.float32), bias)
         lse, nll_sum = _log_sum_exp_and_nll(logits, targets, weights)
 
         def backward(upstream):
             grad, bias_grad = _logits_gradient(logits, lse, targets, weights, upstream)
-            hidden_grad = tf.matmul(grad, kernel, transpose_b=not transposed_kernel)
+            grad = tf.cast(grad, compute)
+            hidden_grad = tf.matmul(grad, kernel_c, transpose_b=not transposed_kernel)
             if transposed_kernel:
                 kernel_grad = tf.matmul(grad, hidden, transpose_a=True)
             else:
                 kernel_grad = tf.matmul(hidden, grad, transpose_a=True)
-            return hidden_grad, kernel_grad, bias_grad
+            return hidden_grad, tf.cast(kernel_grad, kernel.dtype), bias_grad
 
         return nll_sum, backward
 

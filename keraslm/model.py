@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from keraslm.config import PRESETS, LMConfig, preset_config
 from keraslm.errors import UserError
+from keraslm.precision import keras_policy
 from keraslm.rundir import RunDir, resolve_run
 
 __all__ = ["PRESETS", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput", "build_model", "load_run_model",
@@ -74,12 +75,14 @@ class TiedOutput(keras.layers.Layer):
         self.embedding = embedding
 
     def build(self, input_shape):
+        # Never autocast: the logits are float32 whatever the compute precision.
         self.bias = self.add_weight(
-            name="bias", shape=(self.embedding.input_dim,), initializer="zeros"
+            name="bias", shape=(self.embedding.input_dim,), initializer="zeros", autocast=False
         )
 
     def call(self, x):
-        return tf.matmul(x, self.embedding.embeddings, transpose_b=True) + self.bias
+        kernel = tf.cast(self.embedding.embeddings, x.dtype)  # bf16 under mixed precision
+        return tf.cast(tf.matmul(x, kernel, transpose_b=True), "float32") + self.bias
 
 
 @keras.saving.register_keras_serializable("keraslm")
@@ -142,11 +145,14 @@ def _icfo(gates: tf.Tensor) -> tf.Tensor:
 EMBEDDING_INIT_RANGE = 0.1  # GluonNLP's and PyTorch's examples: Uniform(-0.1, 0.1)
 
 
-def build_model(config: LMConfig, seed: int | None = None, fused: bool = True) -> keras.Model:
+def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
+                precision: str = "fp32") -> keras.Model:
     """The functional LM: inputs `tokens` [B, T], `noise_keys` [B] and the state; outputs logits.
 
     `fused` runs the LSTMs with TensorFlow's fused kernel (`FusedLSTM`, same weights and
     numbers); export builds the plain Keras LSTM (`fused=False`), which tf2onnx converts.
+    `precision="bf16"` computes in bfloat16 with float32 weights (see `keraslm.precision`);
+    the logits and the returned state are float32 in both precisions.
 
     As GluonNLP's `StandardRNN`: the embedding (and so a tied decoder) starts Uniform(-0.1, 0.1),
     the LSTM kernels Glorot-uniform (MXNet's Xavier), every bias at zero (Keras' differing
@@ -160,12 +166,14 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True) -
     keys = keras.Input(shape=(), dtype="int32", name="noise_keys")
     states = [keras.Input(shape=(config.nhid,), name=name) for name in config.state_names()]
 
+    policy = keras_policy(precision)
     embedding = keras.layers.Embedding(
-        config.vocab_size, config.emsize, name="embedding",
+        config.vocab_size, config.emsize, name="embedding", dtype=policy,
         embeddings_initializer=keras.initializers.RandomUniform(
             -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE, seed=None if seed is None else seed),
     )
-    x = KeyedDropout(config.dropout, salt=0, name="embedding_dropout")(embedding(tokens), keys)
+    x = KeyedDropout(config.dropout, salt=0, name="embedding_dropout",
+                     dtype=policy)(embedding(tokens), keys)
     new_states = []
     for layer in range(config.nlayers):
         lstm = (FusedLSTM if fused else keras.layers.LSTM)(
@@ -178,18 +186,22 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True) -
             unit_forget_bias=False,
             use_cudnn=False,
             name=f"lstm{layer}",
+            dtype=policy,
         )
         x, h, c = lstm(x, initial_state=states[2 * layer : 2 * layer + 2])
         last = layer == config.nlayers - 1
         x = KeyedDropout(config.dropout, salt=layer + 1, shared_over_time=last,
-                         name=f"lstm{layer}_dropout")(x, keys)
-        new_states += [h, c]
+                         name=f"lstm{layer}_dropout", dtype=policy)(x, keys)
+        new_states += [h, c] if precision == "fp32" else [keras.ops.cast(s, "float32")
+                                                          for s in (h, c)]
     if config.tied:
-        logits = TiedOutput(embedding, name="decoder")(x)
+        logits = TiedOutput(embedding, name="decoder", dtype=policy)(x)
     else:
         logits = keras.layers.Dense(
-            config.vocab_size, kernel_initializer=glorot(99), name="decoder"
+            config.vocab_size, kernel_initializer=glorot(99), name="decoder", dtype=policy
         )(x)
+        if precision != "fp32":
+            logits = keras.ops.cast(logits, "float32")
     return keras.Model([tokens, keys, *states], [logits, *new_states], name="lstm_lm")
 
 

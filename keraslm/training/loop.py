@@ -48,7 +48,8 @@ class EpochLoop:
         tf.keras.utils.set_random_seed(optim.seed)
         with strategy.scope():
             self.model = build_model(setup.model_config, seed=optim.seed,
-                                     fused=not self.options.jit)  # XLA has no BlockLSTM
+                                     fused=not self.options.jit,  # XLA has no BlockLSTM
+                                     precision=optim.precision)
             self.optimizer = make_optimizer(optim.optimizer, optim.lr, optim.momentum,
                                             optim.weight_decay)
         if self.options.finetune_from and not setup.resuming:

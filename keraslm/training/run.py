@@ -26,6 +26,7 @@ from keraslm.config import LMConfig, OptimConfig, TrainConfig
 from keraslm.corpora import sha1_of
 from keraslm.data import EncodedSplit, build_vocab, choose_pipeline, encode_file, resolve_paths
 from keraslm.errors import UserError
+from keraslm.precision import check_supported as check_precision
 from keraslm.rundir import RunDir, new_run_name, resolve_run
 from keraslm.text import TextPipeline
 from keraslm.training.devices import is_chief, is_multiworker, make_strategy
@@ -80,6 +81,7 @@ def prepare(config: TrainConfig, is_chief: bool = True,
             command: list[str] | None = None) -> Setup:
     """Resolve data, vocabulary, model and the run directory, failing early on any mistake."""
     data, options, optim = config.data, config.run, config.optim
+    check_precision(optim.precision)
     resumed = resolve_run(options.resume, options.runs_dir) if options.resume else None
     corpus = data.corpus or (None if data.train else "wikitext-2")
     paths = resolve_paths(corpus, {"train": data.train, "valid": data.valid, "test": data.test},
