@@ -203,9 +203,10 @@ def test_a_body_still_arriving_at_the_deadline_gets_408_and_the_connection_close
 
 # ---- connections -----------------------------------------------------------------------------------
 
-def test_slow_headers_are_cut_off_and_connections_are_capped(tiny_bundle, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_slow_headers_are_cut_off_and_connections_are_capped(http, tiny_bundle, tmp_path):  # noqa: F811
     s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), "--header-timeout", "1",
-                     "--max-connections", "4")
+                     "--max-connections", "4", "--http", http)
     try:
         s.wait_ready()
         with raw_connection(s) as slow:

@@ -20,7 +20,7 @@ from serve.argtypes import float_at_least, int_at_least
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.scorer import DEVICES
 from serve.web.app import create_app
-from serve.web.protocol import guarded_protocol
+from serve.web.protocol import HTTP_IMPLEMENTATIONS, guarded_protocol
 from serve.web.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float_at_least(1e-3), default=s.header_timeout,
                    help=f"seconds for a connection to send a request's headers "
                         f"(default {s.header_timeout:g})")
+    p.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default=s.http,
+                   help="HTTP/1.1 parser: httptools (C, uvicorn's fast one) or h11 (pure Python); "
+                        "auto: httptools when installed (default auto)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         app, log_level=args.log_level, access_log=args.access_log,
         http=guarded_protocol(settings.max_connections, settings.header_timeout,
                               on_refused=service.metrics.connections_refused.inc,
-                              on_shutdown=service.stopping.set),
+                              on_shutdown=service.stopping.set, http=settings.http),
         timeout_graceful_shutdown=math.ceil(settings.timeout) + 5)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

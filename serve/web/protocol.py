@@ -1,34 +1,54 @@
 """Connections: at most `max_connections` open, and `header_timeout` to send a request's headers.
 
-uvicorn's HTTP/1.1 protocol (h11) waits forever for a client that sends its request a byte at a
-time, and accepts every connection. This subclass refuses a connection over the cap at once
-(a JSON 503, then closed) and closes one that has not sent a whole request head within
-`header_timeout` of connecting or of its previous answer. The body is bounded by the request's
-own deadline (serve/web/edge.py).
+uvicorn's HTTP/1.1 protocols wait forever for a client that sends its request a byte at a time,
+and accept every connection. The subclass made here (of the httptools protocol, uvicorn's
+C-parser one, when httptools is installed, else of the pure-Python h11 one) refuses a connection
+over the cap at once (a JSON 503, then closed) and closes one that has not sent a whole request
+head within `header_timeout` of connecting or of its previous answer. The body is bounded by the
+request's own deadline (serve/web/edge.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.web.schemas import RETRY_AFTER, ServiceError
 
+HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+
+
+def http_protocol(name: str = "auto") -> type:
+    """uvicorn's protocol class for `name`; "auto" is httptools when installed, else h11."""
+    if name == "auto":
+        name = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if name == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    if name == "h11":
+        return H11Protocol
+    raise ValueError(f"unknown HTTP implementation {name!r}")
+
 
 def guarded_protocol(max_connections: int, header_timeout: float,
                      on_refused: Callable[[], None] = lambda: None,
-                     on_shutdown: Callable[[], None] = lambda: None) -> type[H11Protocol]:
-    """An H11Protocol class enforcing the two limits, for `uvicorn.Config(http=...)`.
+                     on_shutdown: Callable[[], None] = lambda: None,
+                     http: str = "auto") -> type:
+    """A uvicorn protocol class enforcing the two limits, for `uvicorn.Config(http=...)`.
 
     `on_refused` counts refused connections; `on_shutdown` is called when the server starts
-    to shut down (so requests still sending their body can be answered at once)."""
+    to shut down (so requests still sending their body can be answered at once); `http` picks
+    the parser (HTTP_IMPLEMENTATIONS)."""
     refusal = ServiceError(503, "too_many_connections", f"{max_connections} connections are "
                            f"open (max_connections); retry shortly", limit="max_connections",
                            max=max_connections, retry_after=RETRY_AFTER).http_bytes()
+    base = http_protocol(http)
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(base):
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -64,7 +84,9 @@ def guarded_protocol(max_connections: int, header_timeout: float,
             self.loop.call_later(header_timeout, self._close_if_idle, after)
 
         def _close_if_idle(self, cycle_then: object) -> None:
-            if self.cycle is cycle_then and not self.transport.is_closing():
+            idle = cycle_then is None or cycle_then.response_complete  # not still answering
+            if self.cycle is cycle_then and idle and not self.transport.is_closing():
                 self.transport.close()
 
-    return GuardedH11Protocol
+    GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
+    return GuardedProtocol
