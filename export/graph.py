@@ -2,7 +2,8 @@
 
 The exported graph scores text instead of returning logits: the [batch, time, vocab] tensor never
 leaves the runtime. Its inputs and outputs are the bundle contract's (serve/contract.py):
-tokens, targets and the LSTM state in; logprobs (0 at padding), the state out and next_logprobs.
+tokens, targets and the LSTM state in; logprobs (0 at padding), the state out, next_logprobs and
+hidden (the last LSTM layer's output, which the decoder reads; the continuous cache needs it).
 
 The opset is the caller's choice (export/to_onnx.py explains its default).
 
@@ -47,7 +48,8 @@ def output_names(config: LMConfig) -> list[str]:
 
 def scoring_function(model: keras.Model, config: LMConfig, *,
                      fold_bias: bool = True) -> tf.types.experimental.Function:
-    """`(tokens, targets, *state) -> {logprobs, <state>_out..., next_logprobs}` as a tf.function.
+    """`(tokens, targets, *state) -> {logprobs, <state>_out..., next_logprobs, hidden}` as a
+    tf.function.
 
     `fold_bias` computes the decoder as one matmul `[hidden, 1] @ [[W], [bias]]` (see the module
     doc); without it the bias is its own add, which int8 quantization wants: its per-tensor
@@ -65,6 +67,7 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
     def score(tokens, targets, *state):
         no_dropout_keys = tf.zeros(tf.shape(tokens)[:1], tf.int32)
         hidden, *new_state = features([tokens, no_dropout_keys, *state], training=False)
+        last_layer = hidden  # [B, T, H]: the decoder's input, returned for the continuous cache
         weight = tf.transpose(kernel) if transposed else kernel  # [H, V]
         if fold_bias:
             hidden = tf.concat([hidden, tf.ones_like(hidden[..., :1])], axis=-1)
@@ -81,6 +84,7 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
             outputs[contract.state_output(name)] = value
         # a [B, V] slice of what is computed anyway
         outputs[contract.OUTPUT_NEXT_LOGPROBS] = logprobs[:, -1, :]
+        outputs[contract.OUTPUT_HIDDEN] = tf.identity(last_layer)
         return outputs
 
     return score

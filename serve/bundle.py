@@ -376,6 +376,10 @@ def _check_graph(bundle: Bundle) -> None:
     if missing:
         raise BundleError(f"{where}: not a keraslm scoring graph for a {nlayers}"
                           f"-layer model (missing {', '.join(missing)})")
+    hidden = [s for s in bundle.outputs if s.name == contract.OUTPUT_HIDDEN]
+    if hidden and isinstance(hidden[0].shape[-1], int) and hidden[0].shape[-1] != bundle.nhid:
+        raise BundleError(f"{where}: output {contract.OUTPUT_HIDDEN} has size "
+                          f"{hidden[0].shape[-1]} but {BUNDLE_FILE} says nhid {bundle.nhid}")
     state = {s.name: s for s in bundle.inputs if s.name in bundle.state_names}
     for name, spec in state.items():
         if isinstance(spec.shape[-1], int) and spec.shape[-1] != bundle.nhid:

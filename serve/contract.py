@@ -23,6 +23,13 @@ The graph (export/graph.py builds it; `io_specs` gives every dtype and shape):
              h0_out, c0_out, ...  float32 [batch, nhid]    LSTM state out, `state_output`
              next_logprobs float32 [batch, vocab]  log-distribution after the last position
                                                    (optional: older bundles lack it)
+             hidden   float32 [batch, time, nhid]  the last LSTM layer's output at every position
+                                                   (the one the decoder reads), for the
+                                                   continuous cache (serve/cache.py); optional:
+                                                   bundles exported before it lack it
+
+`hidden` is computed for the decoder anyway (onnxruntime runs the whole graph whatever is asked
+for): asking for it costs one copy of [batch, time, nhid].
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ INPUT_TOKENS = "tokens"
 INPUT_TARGETS = "targets"
 OUTPUT_LOGPROBS = "logprobs"
 OUTPUT_NEXT_LOGPROBS = "next_logprobs"
-OPTIONAL_OUTPUTS = (OUTPUT_NEXT_LOGPROBS,)
+OUTPUT_HIDDEN = "hidden"
+OPTIONAL_OUTPUTS = (OUTPUT_NEXT_LOGPROBS, OUTPUT_HIDDEN)
 STATE_OUTPUT_SUFFIX = "_out"
 BATCH_DIM, TIME_DIM = "batch", "time"
 
@@ -68,7 +76,8 @@ def input_names(nlayers: int) -> list[str]:
 
 def output_names(nlayers: int) -> list[str]:
     """Every graph output, in order (a bundle may lack the OPTIONAL_OUTPUTS)."""
-    return [OUTPUT_LOGPROBS, *map(state_output, state_names(nlayers)), OUTPUT_NEXT_LOGPROBS]
+    return [OUTPUT_LOGPROBS, *map(state_output, state_names(nlayers)), OUTPUT_NEXT_LOGPROBS,
+            OUTPUT_HIDDEN]
 
 
 def io_specs(nlayers: int, nhid: int, vocab_size: int) -> dict[str, tuple[str, list[int | str]]]:
@@ -78,6 +87,7 @@ def io_specs(nlayers: int, nhid: int, vocab_size: int) -> dict[str, tuple[str, l
         INPUT_TARGETS: ("int32", [BATCH_DIM, TIME_DIM]),
         OUTPUT_LOGPROBS: ("float32", [BATCH_DIM, TIME_DIM]),
         OUTPUT_NEXT_LOGPROBS: ("float32", [BATCH_DIM, vocab_size]),
+        OUTPUT_HIDDEN: ("float32", [BATCH_DIM, TIME_DIM, nhid]),
     }
     for name in state_names(nlayers):
         specs[name] = specs[state_output(name)] = ("float32", [BATCH_DIM, nhid])

@@ -6,6 +6,12 @@ The summary reads like KenLM's `query` (one `Key:<TAB>value` per line); `--json`
 object instead, and `--per-line out.jsonl` also scores every line (every sentence for raw text)
 on its own. Input that is not text (a NUL byte) is refused in one line.
 Log-likelihoods are natural logs. Runs on onnxruntime alone: never imports TensorFlow.
+
+The continuous cache (serve/cache.py): `--cache-size N` mixes every target's probability with a
+distribution over the words that followed the last N positions of its stream (`--cache-theta`,
+`--cache-lambda`); `--tune-cache VALID` chooses θ and λ on VALID first, then scores the corpus
+with them (or, without a corpus, prints them as flags). A corpus is never scored with settings
+tuned on itself.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import stat
 import sys
@@ -20,6 +27,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# The only BLAS work here is the continuous cache's similarity matmul, which runs between two
+# onnxruntime calls: OpenBLAS's own threads then fight onnxruntime's (measured 2.5x slower at
+# batch 20 on 2 cores), one thread does not. Set before numpy loads; a user's setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if not __package__:  # run as `python serve/score.py`: import `serve` from this checkout
     _here = os.path.dirname(os.path.abspath(__file__))
@@ -30,13 +42,20 @@ from keraslm.errors import UserError
 from keraslm.rundir import atomic_path
 from keraslm.text import pipeline_for_format
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
+from serve.cache import CacheSettings, TuneResult
 from serve.scorer import DEVICES, CorpusScore, Scorer, TextBytes
+
+# GluonNLP's tuned values for standard_lstm_lm_200 on WikiText-2 (cache_language_model.py);
+# tune your own with --tune-cache.
+DEFAULT_THETA, DEFAULT_LAMBDA = 0.662, 0.1279
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python serve/score.py",
                                 description=__doc__.splitlines()[0].split(" — ")[0])
-    p.add_argument("corpus", help="text file to score, or - for standard input")
+    p.add_argument("corpus", nargs="?", default=None,
+                   help="text file to score, or - for standard input (optional with "
+                        "--tune-cache: then only the tuned settings are printed)")
     p.add_argument("--model", default=None,
                    help=f"bundle folder or name under {DEFAULT_BUNDLES_ROOT}/ "
                         "(default: the newest bundle there)")
@@ -56,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="invalid UTF-8: stop with its position (strict) or replace it (replace)")
+    cache = p.add_argument_group(
+        "continuous cache", "mix each target's probability with the words that followed the "
+        "last N positions of its stream, weighted by hidden-state similarity (Grave et al. 2017)")
+    cache.add_argument("--cache-size", metavar="N", default=None,
+                       help="turn the cache on with a window of N positions")
+    cache.add_argument("--cache-theta", metavar="THETA", default=None,
+                       help=f"similarity scale, >= 0 (default {DEFAULT_THETA})")
+    cache.add_argument("--cache-lambda", metavar="LAMBDA", default=None,
+                       help=f"the cache's weight, in [0, 1] (default {DEFAULT_LAMBDA})")
+    cache.add_argument("--tune-cache", metavar="VALID_FILE", default=None,
+                       help="choose THETA and LAMBDA for the window on this validation text "
+                            "(same layout as the scoring; holds 4 x nhid bytes a token in "
+                            "memory), then score the corpus with them")
     return p
 
 
@@ -71,16 +103,32 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 bad input, 2 bad flags)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.corpus is None and (args.tune_cache is None or args.per_line is not None):
+        parser.error("the following arguments are required: corpus")
+    tuning = result = None
     try:
+        cache = cache_settings(args)
+        if args.tune_cache is not None and args.corpus is not None:
+            _check_not_same(args.tune_cache, args.corpus)
         scorer = Scorer(resolve_bundle(args.model), device=args.device, threads=args.threads,
                         batch_size=args.batch_size, bptt=args.bptt,
-                        pipeline=pipeline_for_format(args.format) if args.format else None)
-        name = "<stdin>" if args.corpus == "-" else args.corpus
-        with _readable(args.corpus) as path:
-            result = scorer.score_file(path, errors=args.errors, name=name)
-            if args.per_line is not None:
-                write_per_line(scorer, path, args.per_line, args.errors, name)
+                        pipeline=pipeline_for_format(args.format) if args.format else None,
+                        cache=cache)
+        if args.tune_cache is not None:
+            scorer.cache = None
+            valid = _display_name(args.tune_cache)
+            with _readable(args.tune_cache) as path:
+                tuning = scorer.tune_cache(path, int(args.cache_size), errors=args.errors,
+                                           name=valid)
+            scorer.cache = tuning.settings
+        if args.corpus is not None:
+            name = _display_name(args.corpus)
+            with _readable(args.corpus) as path:
+                result = scorer.score_file(path, errors=args.errors, name=name)
+                if args.per_line is not None:
+                    write_per_line(scorer, path, args.per_line, args.errors, name)
     except UserError as err:
         # The library speaks of its keyword argument; here the user's knob is the flag.
         message = str(err).replace("decode with errors='replace'", "pass --errors replace")
@@ -89,8 +137,62 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result.to_dict()) if args.json else summary(result))
+    if args.json:
+        report = {} if result is None else result.to_dict()
+        if tuning is not None:
+            report["cache_tuning"] = _json_safe(tuning.to_dict())
+        print(json.dumps(report))
+    else:
+        print("\n".join(filter(None, [result and summary(result),
+                                       tuning and tuning_summary(tuning)])))
     return 0
+
+
+def cache_settings(args: argparse.Namespace) -> CacheSettings | None:
+    """The cache settings the flags ask for (None: off); one-line UserError for bad values."""
+    given = [flag for flag, value in (("--cache-theta", args.cache_theta),
+                                      ("--cache-lambda", args.cache_lambda),
+                                      ("--tune-cache", args.tune_cache)) if value is not None]
+    if args.cache_size is None:
+        if given:
+            raise UserError(f"{given[0]} needs --cache-size N (the cache's window)")
+        return None
+    if args.tune_cache is not None and len(given) > 1:
+        raise UserError("--tune-cache chooses theta and lambda: drop --cache-theta and "
+                        "--cache-lambda")
+    size = _parse("--cache-size", args.cache_size, int, "an integer >= 1", lambda v: v >= 1)
+    theta = _parse("--cache-theta", args.cache_theta, float, "a number >= 0",
+                   lambda v: math.isfinite(v) and v >= 0, DEFAULT_THETA)
+    lam = _parse("--cache-lambda", args.cache_lambda, float, "a number in [0, 1]",
+                 lambda v: 0 <= v <= 1, DEFAULT_LAMBDA)
+    return CacheSettings(size, theta, lam)
+
+
+def _parse(flag: str, text: str | None, kind: type, expected: str, ok, default=None):
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise UserError(f"{flag}: expected {expected}, got {text!r}")
+    return value
+
+
+def _display_name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def _check_not_same(valid: str, corpus: str) -> None:
+    """Refuse to report a perplexity with settings tuned on the same text."""
+    same = valid == corpus
+    if not same and "-" not in (valid, corpus):
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(valid, corpus)
+    if same:
+        raise UserError(f"--tune-cache {valid} is the corpus being scored: tune on "
+                        f"validation text and report on other text")
 
 
 def summary(r: CorpusScore) -> str:
@@ -106,18 +208,49 @@ def summary(r: CorpusScore) -> str:
         ("Perplexity including <unk>", f"{r.perplexity:.2f}"),
         ("Perplexity excluding <unk>",
          f"{r.perplexity_excl_unk:.2f} (exp of the mean NLL over targets that are not <unk>)"),
+        ("Cache", "off" if r.cache is None else
+         f"{CacheSettings(r.cache['size'], r.cache['theta'], r.cache['lambda']).describe()} "
+         f"(continuous cache, per stream, carried with the state)"),
         ("Speed", f"{r.tokens_per_second:.0f} tokens/s ({r.seconds:.2f} s)"),
     ]
     return "\n".join(f"{key}:\t{value}" for key, value in rows)
 
 
+def tuning_summary(t: TuneResult) -> str:
+    """The cache tuning's report, in the summary's `Key:<TAB>value` form."""
+    tried = f"{t.num_tokens} targets; {len(t.grid)} theta values, lambda optimal for each"
+    rows = [
+        ("Cache tuned on", f"{t.source} ({tried})"),
+        ("Cache best", t.settings.describe()),
+        ("Cache tuning perplexity",
+         f"{t.perplexity:.2f} with the cache, {t.perplexity_off:.2f} without (on {t.source})"),
+        ("Cache flags", t.settings.flags()),
+    ]
+    return "\n".join(f"{key}:\t{value}" for key, value in rows)
+
+
+def _json_safe(value):
+    """JSON has no infinity or NaN: null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_per_line(scorer: Scorer, path: Path, out: Path, errors: str = "strict",
                    name: str | None = None) -> None:
-    """Score every sample of `path` on its own into `out` (JSON lines; written atomically)."""
+    """Score every sample of `path` on its own into `out` (JSON lines; written atomically).
+
+    Each row says the continuous cache's settings ("cache": null when off); with the cache on,
+    every sample starts with an empty cache."""
     try:
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             scores = scorer.score_samples(path, errors, name=name)
-            f.writelines(json.dumps({"index": i, **score.to_dict()}) + "\n"
+            cache = None if scorer.cache is None else scorer.cache.to_dict()
+            f.writelines(json.dumps({"index": i, **score.to_dict(), "cache": cache}) + "\n"
                          for i, score in enumerate(scores))
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None

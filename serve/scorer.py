@@ -15,6 +15,12 @@ Two ways to score, for two questions:
   block of chunks at a time. Memory stays bounded whatever the size of the corpus or the length
   of its lines (TextPipeline.iter_parts tokenizes a long line in pieces).
 
+The continuous cache (serve/cache.py, `Scorer(cache=CacheSettings(...))`) mixes every target's
+probability with a distribution over the words that followed the last positions of its own
+stream: in `score_file` each column carries its cache from chunk to chunk like its LSTM state; in
+`score_rows` (and so `score`, `score_samples`, --per-line) every row starts with an empty cache.
+It needs the bundle's `hidden` output (bundles exported before it cannot use it).
+
 Files are read as bytes, a chunk at a time; a NUL byte (no text has one: /dev/zero, a binary
 file) stops the reading with a one-line UserError naming the file, the byte and the line.
 Log-likelihoods are natural logs. This module never imports TensorFlow.
@@ -39,9 +45,11 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve.bundle import MODEL_FILE, Bundle, load_bundle
+from serve.cache import CacheSettings, ContinuousCache, Recording, TuneResult, check_memory, tune
 from serve.contract import (
     INPUT_TARGETS,
     INPUT_TOKENS,
+    OUTPUT_HIDDEN,
     OUTPUT_LOGPROBS,
     PAD_INPUT,
     PAD_TARGET,
@@ -89,6 +97,7 @@ class CorpusScore:
     nll_sum: float         # natural log
     nll_sum_unk: float     # the part of nll_sum from <unk> targets
     seconds: float
+    cache: dict | None = None  # the continuous cache's settings (CacheSettings.to_dict), or off
 
     @property
     def oov_rate(self) -> float:
@@ -115,7 +124,9 @@ class CorpusScore:
     def to_dict(self) -> dict:
         derived = {name: _finite_or_none(getattr(self, name)) for name in (
             "oov_rate", "avg_nll", "perplexity", "perplexity_excl_unk", "tokens_per_second")}
-        return {**asdict(self), **derived}
+        # infinite with a cache weight of 1 (a target the cache never saw): JSON has no infinity
+        sums = {name: _finite_or_none(getattr(self, name)) for name in ("nll_sum", "nll_sum_unk")}
+        return {**asdict(self), **sums, **derived}
 
 
 def choose_providers(device: str) -> list[str]:
@@ -139,12 +150,14 @@ class Scorer:
     """An onnxruntime session over a bundle, with its vocabulary and text pipeline.
 
     `pipeline` overrides the bundle's own (e.g. to read raw text with a model trained on
-    WikiText); `batch_size` and `bptt` are the defaults of both scoring methods.
+    WikiText); `batch_size` and `bptt` are the defaults of both scoring methods. `cache` turns
+    the continuous cache on for every method (it can be changed later: `scorer.cache = ...`).
     """
 
     def __init__(self, bundle_path: str | os.PathLike, *, device: str = "auto",
                  threads: int | None = None, batch_size: int = 20, bptt: int = 35,
-                 pipeline: TextPipeline | None = None) -> None:
+                 pipeline: TextPipeline | None = None,
+                 cache: CacheSettings | None = None) -> None:
         _check_positive(batch_size=batch_size, bptt=bptt)
         if threads is not None:
             _check_positive(threads=threads)
@@ -162,10 +175,38 @@ class Scorer:
         self.context_id = self.vocab.token_to_id(self.pipeline.eos or "<eos>")
         self._state_names = self.bundle.state_names
         self._outputs = [OUTPUT_LOGPROBS, *map(state_output, self._state_names)]
+        self.cache = cache
 
     @property
     def provider(self) -> str:
         return self.bundle.providers[0]
+
+    @property
+    def cache(self) -> CacheSettings | None:
+        """The continuous cache's settings, or None (off)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, settings: CacheSettings | None) -> None:
+        if settings is not None:
+            if not isinstance(settings, CacheSettings):
+                raise TypeError(f"cache must be CacheSettings or None, got {settings!r}")
+            self._require_hidden()
+        self._cache = settings
+
+    def _require_hidden(self) -> None:
+        if not self.bundle.has_output(OUTPUT_HIDDEN):
+            run = self.bundle.meta.get("source_run") or {}
+            source = run.get("path") or run.get("name") or "RUN"
+            raise UserError(f"{self.bundle.path}: this bundle has no '{OUTPUT_HIDDEN}' output, "
+                            f"which the continuous cache needs (exported before it); re-export "
+                            f"it: python -m export.to_onnx {source} --out {self.bundle.path}")
+
+    def _new_cache(self, batch: int) -> ContinuousCache | None:
+        if self._cache is None:
+            return None
+        check_memory(batch, self._cache.size, self.bundle.nhid)
+        return ContinuousCache(self._cache, batch, self.bundle.nhid)
 
     # --- one network step ----------------------------------------------------------------------
 
@@ -175,13 +216,32 @@ class Scorer:
     def step(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray]
              ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Log-probabilities of `targets` [batch, time] (0 at padding) and the state after."""
+        logprobs, *new_state = self._run(self._outputs, tokens, targets, state)
+        return logprobs, new_state
+
+    def step_hidden(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray]
+                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """`step`, and the last LSTM layer's output [batch, time, nhid] (the cache's keys)."""
+        self._require_hidden()
+        *out, hidden = self._run([*self._outputs, OUTPUT_HIDDEN], tokens, targets, state)
+        return out[0], out[1:], hidden
+
+    def _run(self, outputs: list[str], tokens: np.ndarray, targets: np.ndarray,
+             state: list[np.ndarray]) -> list[np.ndarray]:
         feed = {INPUT_TOKENS: tokens, INPUT_TARGETS: targets, **dict(zip(self._state_names, state))}
         try:
-            logprobs, *new_state = self.bundle.session.run(self._outputs, feed)
+            return self.bundle.session.run(outputs, feed)
         except _ORT_ERRORS as err:  # e.g. a token id the graph has no row for
             raise UserError(f"{self.bundle.path / MODEL_FILE}: onnxruntime failed "
                             f"({_first_line(err)})") from None
-        return logprobs, new_state
+
+    def _cached_step(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray],
+                     cache: ContinuousCache | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`step`, its log-probabilities mixed with `cache` (which then holds the chunk)."""
+        if cache is None:
+            return self.step(tokens, targets, state)
+        logprobs, state, hidden = self.step_hidden(tokens, targets, state)
+        return cache(hidden, targets, logprobs), state
 
     # --- texts, each on its own ----------------------------------------------------------------
 
@@ -202,7 +262,8 @@ class Scorer:
                    stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[int]]:
         """Per-token log-probabilities of every id row, each row scored on its own.
 
-        Each row starts from a zero state with `<eos>` as context. Rows run longest first, at
+        Each row starts from a zero state with `<eos>` as context (and an empty continuous
+        cache, when it is on). Rows run longest first, at
         most `max_rows` to an onnxruntime batch, `bptt` steps per call with the state carried.
         Sorted by length, the rows still running are always a prefix of the batch, so a row that
         has ended leaves it instead of being carried as padding; the rows that continue are
@@ -217,13 +278,16 @@ class Scorer:
         for start in range(0, len(order), max_rows):
             group = [rows[i] for i in order[start:start + max_rows]]
             state = self.zero_state(len(group))
+            cache = self._new_cache(len(group))
             for t in range(0, group[0].size, self.bptt):
                 if stop is not None and stop():
                     raise ScoringStopped
                 live = sum(row.size > t for row in group)
                 state = [s[:live] for s in state]
+                if cache is not None:
+                    cache.keep(live)
                 tokens, targets = self._row_chunk(group[:live], t)
-                logprobs, state = self.step(tokens, targets, state)
+                logprobs, state = self._cached_step(tokens, targets, state, cache)
                 for r, i in enumerate(order[start:start + live]):
                     n = min(rows[i].size - t, self.bptt)
                     out[i][t:t + n] = logprobs[r, :n]
@@ -295,23 +359,55 @@ class Scorer:
         and in the result.
         """
         name = str(path) if name is None else name
-        batch_size = self.batch_size if batch_size is None else batch_size
         bptt = self.bptt if bptt is None else bptt
-        _check_positive(batch_size=batch_size, bptt=bptt)
         started = time.perf_counter()
+        with self._columns(path, batch_size, bptt, errors, name) as (columns, num_oov):
+            sums = self._score_columns(columns, bptt)
+        return CorpusScore(
+            source=name, bundle=str(self.bundle.path), pipeline=self.pipeline.describe(),
+            provider=self.provider, batch_size=columns.count, bptt=bptt,
+            num_stream_tokens=columns.total, num_oov=num_oov,
+            seconds=time.perf_counter() - started,
+            cache=None if self._cache is None else self._cache.to_dict(), **sums)
+
+    def record_file(self, path: str | os.PathLike, batch_size: int | None = None,
+                    bptt: int | None = None, errors: str = "strict",
+                    name: str | None = None) -> Recording:
+        """Run the network once over a corpus in `score_file`'s layout and keep what the
+        continuous cache needs (serve.cache.Recording: about 4 * nhid bytes a token), so that
+        cache settings can be tried on it without running the network again."""
+        self._require_hidden()
+        name = str(path) if name is None else name
+        bptt = self.bptt if bptt is None else bptt
+        with self._columns(path, batch_size, bptt, errors, name) as (columns, _):
+            recording = Recording(name, columns.count, bptt)
+            state = self.zero_state(columns.count)
+            for tokens, targets in self._column_chunks(columns, bptt):
+                logprobs, state, hidden = self.step_hidden(tokens, targets, state)
+                recording.chunks.append((hidden, targets.copy(), logprobs))
+        return recording
+
+    def tune_cache(self, path: str | os.PathLike, size: int, batch_size: int | None = None,
+                   bptt: int | None = None, errors: str = "strict",
+                   name: str | None = None) -> TuneResult:
+        """The cache's θ and λ for a window of `size`, tuned on a corpus (serve.cache.tune) in
+        `score_file`'s layout. Tune on validation text; report on other text."""
+        return tune(self.record_file(path, batch_size, bptt, errors, name), size)
+
+    @contextlib.contextmanager
+    def _columns(self, path: str | os.PathLike, batch_size: int | None, bptt: int, errors: str,
+                 name: str) -> Iterator[tuple[_Columns, int]]:
+        """Pass 1 over a corpus: its id columns (one when the text is shorter than the batch)
+        and its OOV count."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        _check_positive(batch_size=batch_size, bptt=bptt)
         with _temporary_ids() as ids:
             total, num_oov = self._write_ids(path, ids, errors, name)
             if total == 0:
                 raise UserError(f"{name}: no tokens to score (empty file?)")
             if total == 1:
                 raise UserError(f"{name}: a single token, nothing to predict it from")
-            if total <= batch_size:
-                batch_size = 1
-            sums = self._score_columns(_Columns(ids, total, batch_size), bptt)
-        return CorpusScore(
-            source=name, bundle=str(self.bundle.path), pipeline=self.pipeline.describe(),
-            provider=self.provider, batch_size=batch_size, bptt=bptt, num_stream_tokens=total,
-            num_oov=num_oov, seconds=time.perf_counter() - started, **sums)
+            yield _Columns(ids, total, 1 if total <= batch_size else batch_size), num_oov
 
     def _write_ids(self, path: str | os.PathLike, out: IO[bytes], errors: str, name: str
                    ) -> tuple[int, int]:
@@ -328,14 +424,11 @@ class Scorer:
                 total += ids.size
                 num_oov += oov
 
-    def _score_columns(self, columns: _Columns, bptt: int) -> dict[str, int | float]:
-        """Pass 2: the NLL sums (CorpusScore fields) of the columns, chunk by chunk."""
+    def _column_chunks(self, columns: _Columns, bptt: int
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Pass 2's (tokens, targets) chunks, `bptt` steps of every column at a time."""
         num_batches = -(-(columns.length - 1) // bptt)
         per_block = max(1, BLOCK_IDS // (bptt * columns.count))  # chunks read at a time
-        unk_id = self.vocab.unk_id
-        num_unk = 0
-        nll_sum = nll_unk = 0.0
-        state = self.zero_state(columns.count)
         for first in range(0, num_batches, per_block):
             chunks = min(per_block, num_batches - first)
             block = columns.read(first * bptt, chunks * bptt + 1)
@@ -344,12 +437,22 @@ class Scorer:
                 width = max(1, int(np.count_nonzero(targets != PAD_TARGET, axis=1).max()))
                 targets = np.ascontiguousarray(targets[:, :width])
                 tokens = np.where(targets == PAD_TARGET, PAD_INPUT, block[:, at:at + width])
-                logprobs, state = self.step(tokens, targets, state)
-                nll_sum -= float(logprobs.sum(dtype=np.float64))
-                if unk_id is not None:
-                    is_unk = targets == unk_id
-                    num_unk += int(is_unk.sum())
-                    nll_unk -= float(logprobs[is_unk].sum(dtype=np.float64))
+                yield tokens, targets
+
+    def _score_columns(self, columns: _Columns, bptt: int) -> dict[str, int | float]:
+        """Pass 2: the NLL sums (CorpusScore fields) of the columns, chunk by chunk."""
+        unk_id = self.vocab.unk_id
+        num_unk = 0
+        nll_sum = nll_unk = 0.0
+        state = self.zero_state(columns.count)
+        cache = self._new_cache(columns.count)
+        for tokens, targets in self._column_chunks(columns, bptt):
+            logprobs, state = self._cached_step(tokens, targets, state, cache)
+            nll_sum -= float(logprobs.sum(dtype=np.float64))
+            if unk_id is not None:
+                is_unk = targets == unk_id
+                num_unk += int(is_unk.sum())
+                nll_unk -= float(logprobs[is_unk].sum(dtype=np.float64))
         return {"num_tokens": columns.total - columns.nonempty, "num_unk": num_unk,
                 "nll_sum": nll_sum, "nll_sum_unk": nll_unk}
 

@@ -21,7 +21,7 @@ from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
 
 from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
-from keraslm.model import LMConfig, load_run_model
+from keraslm.model import LMConfig, load_run_model, split_decoder
 from keraslm.vocab import Vocab
 from serve import contract
 
@@ -69,12 +69,15 @@ def zero_state(config: LMConfig, batch: int) -> list[np.ndarray]:
     return [np.zeros((batch, config.nhid), np.float32) for _ in config.state_names()]
 
 
-def onnx_call(sess, config, tokens, targets, state):
-    """(logprobs, new state, next_logprobs) from one call of the exported graph."""
+def onnx_call(sess, config, tokens, targets, state, *, hidden=False):
+    """(logprobs, new state, next_logprobs[, hidden]) from one call of the exported graph."""
     feed = {"tokens": tokens.astype(np.int32), "targets": targets.astype(np.int32),
             **dict(zip(config.state_names(), state))}
-    logprobs, *rest = sess.run(graph.output_names(config), feed)
-    return logprobs, rest[:-1], rest[-1]
+    names = graph.output_names(config)
+    out = dict(zip(names, sess.run(names, feed)))
+    result = (out["logprobs"], [out[contract.state_output(n)] for n in config.state_names()],
+              out["next_logprobs"])
+    return (*result, out["hidden"]) if hidden else result
 
 
 def keras_call(model, config, tokens, targets, state):
@@ -83,6 +86,14 @@ def keras_call(model, config, tokens, targets, state):
     logprobs = tf.nn.log_softmax(logits).numpy()
     picked = np.take_along_axis(logprobs, np.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return np.where(targets >= 0, picked, 0.0), [s.numpy() for s in new_state], logprobs[:, -1]
+
+
+def keras_hidden(model, tokens, state):
+    """The Keras model's last LSTM layer output (the decoder's input) and the state after."""
+    features = split_decoder(model)[0]
+    hidden, *new_state = features([tokens, np.zeros(len(tokens), np.int32), *state],
+                                  training=False)
+    return hidden.numpy(), [s.numpy() for s in new_state]
 
 
 def columns(ids: np.ndarray, batch: int, length: int) -> np.ndarray:
@@ -116,6 +127,27 @@ def test_logprobs_match_keras_with_state_carried_across_chunks(exported, text, b
     assert np.abs(onnx_scores - keras_scores).max() <= 1e-4
     onnx_ppl, keras_ppl = math.exp(-onnx_scores.mean()), math.exp(-keras_scores.mean())
     assert abs(onnx_ppl / keras_ppl - 1) <= 1e-4
+
+
+def test_hidden_output_is_the_last_lstm_layer_that_the_decoder_reads(exported, text):
+    """`hidden` equals Keras' last-layer output over two chunks (state carried), and decoding it
+    with the model's own output layer gives the graph's log-probabilities."""
+    config, model, sess = exported["config"], exported["model"], exported["session"]
+    stream = columns(text[1], 3, 2 * CHUNK)
+    onnx_state = keras_state = zero_state(config, 3)
+    for start in (0, CHUNK):
+        tokens = stream[:, start:start + CHUNK]
+        targets = stream[:, start + 1:start + CHUNK + 1]
+        logprobs, onnx_state, _, hidden = onnx_call(sess, config, tokens, targets, onnx_state,
+                                                    hidden=True)
+        want, keras_state = keras_hidden(model, tokens, keras_state)
+        assert hidden.shape == (3, CHUNK, config.nhid) and hidden.dtype == np.float32
+        np.testing.assert_allclose(hidden, want, rtol=0, atol=1e-5)
+        _, kernel, bias, transposed = split_decoder(model)
+        weight = np.asarray(kernel).T if transposed else np.asarray(kernel)
+        decoded = tf.nn.log_softmax(hidden @ weight + np.asarray(bias)).numpy()
+        picked = np.take_along_axis(decoded, targets[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(picked, logprobs, rtol=0, atol=1e-4)
 
 
 def test_padding_targets_score_zero_and_change_nothing_else(exported, text):
@@ -158,7 +190,7 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert {k: info[k] for k in ("inputs", "outputs")} == graph.describe_io(model)
     assert [i["name"] for i in info["inputs"]] == ["tokens", "targets", *config.state_names()]
     assert [o["name"] for o in info["outputs"]] == [
-        "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs"]
+        "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs", "hidden"]
     assert contract.state_names(config.nlayers) == config.state_names()  # the Keras model's order
     specs = contract.io_specs(config.nlayers, config.nhid, config.vocab_size)
     assert [(v["name"], v["dtype"], v["shape"]) for v in info["inputs"] + info["outputs"]] == [
@@ -169,6 +201,7 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert shapes["logprobs"] == ("float32", ["batch", "time"])
     assert shapes["h0"] == shapes["c0_out"] == ("float32", ["batch", config.nhid])
     assert shapes["next_logprobs"] == ("float32", ["batch", config.vocab_size])
+    assert shapes["hidden"] == ("float32", ["batch", "time", config.nhid])
     assert info["schema_version"] == contract.SCHEMA_VERSION == 1
     assert info["model"] == config.to_dict() and sorted(info) == sorted(contract.BUNDLE_FIELDS)
     assert info["opset"] == DEFAULT_OPSET
