@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 if not __package__:  # run as `python serve/generate.py`: import `serve` from this checkout
@@ -161,10 +161,17 @@ def require_next_logprobs(bundle: Bundle) -> None:
             f"python -m export.to_onnx {run} --out {bundle.path}")
 
 
+class GenerationStopped(Exception):
+    """`generate` was told to stop before it finished."""
+
+
 def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
-             allow_unk: bool = False) -> list[Sample]:
-    """`num_samples` continuations of `prompt`, `tokens` tokens each (see the module doc)."""
+             allow_unk: bool = False, stop: Callable[[], bool] | None = None) -> list[Sample]:
+    """`num_samples` continuations of `prompt`, `tokens` tokens each (see the module doc).
+
+    `stop()`, asked before every onnxruntime call, ends the work early with GenerationStopped
+    (the service's deadline, or its client leaving)."""
     require_next_logprobs(bundle)
     _check_sampling(temperature, top_k, top_p)
     if tokens < 1 or num_samples < 1:
@@ -180,6 +187,8 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
     outputs = [NEXT_LOGPROBS, *map(state_output, names)]
 
     def run(ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        if stop is not None and stop():
+            raise GenerationStopped
         feed = {INPUT_TOKENS: ids, INPUT_TARGETS: np.zeros_like(ids), **dict(zip(names, state))}
         try:
             dist, *new_state = bundle.session.run(outputs, feed)

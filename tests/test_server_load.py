@@ -181,6 +181,30 @@ def test_requests_that_time_out_or_leave_are_never_scored(gated):  # noqa: F811
     assert s.score(["free again"])[0]["tokens"] == 3
 
 
+@pytest.mark.parametrize("gated", [("--timeout", "3", "--queue-size", "1")], indirect=True,
+                         ids=["timeout-3-queue-1"])
+def test_generation_is_admitted_and_timed_like_scoring(gated):  # noqa: F811
+    s = ready(gated)
+    gated.step.touch()
+    ask = {"prompt": "the", "tokens": 5, "seed": 1}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = in_thread(pool, s, ["held in the model"])
+        s.wait_metric("keraslm_batch_running_requests", 1)
+        started = time.monotonic()
+        waiting = pool.submit(s.post, "/v1/generate", json=ask)  # waits for the model thread
+        s.wait_metric("keraslm_requests_in_progress", 2)
+        refused = s.post("/v1/generate", json=ask)  # the queue (1) is full
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        answer = waiting.result(WAIT)
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+        assert 2.5 < time.monotonic() - started < 10
+        gated.step.unlink()
+        assert held.result(WAIT).status_code == 504
+    s.wait_metric("keraslm_requests_in_progress", 0)
+    again = s.post("/v1/generate", json=ask)
+    assert again.status_code == 200 and len(again.json()["tokens"]) == 5
+
+
 @pytest.mark.parametrize("gated", [("--timeout", "1.5")], indirect=True, ids=["timeout-1.5"])
 def test_a_body_still_arriving_at_the_deadline_gets_408_and_the_connection_closes(gated):  # noqa: F811
     s = ready(gated)

@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.web.edge import CONTEXT_KEY, SCORE_PATH, Edge
-from serve.web.generation import GENERATE_PATH, GenerateRequest, GenerateResponse, generate_text
+from serve.web.edge import CONTEXT_KEY, GENERATE_PATH, SCORE_PATH, Edge
+from serve.web.generation import GenerateRequest, GenerateResponse, generate_text
 from serve.web.metrics import CONTENT_TYPE
 from serve.web.page import page_html
 from serve.web.schemas import (
@@ -55,10 +55,10 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         return JSONResponse(await service.score(body, request.scope[CONTEXT_KEY]))
 
     @app.post(GENERATE_PATH, response_model=GenerateResponse, responses=ERROR_RESPONSES)
-    async def generate(body: GenerateRequest) -> JSONResponse:
+    async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
         """Sample one continuation of `prompt`, as `python serve/generate.py` does with the same
         options (and seed)."""
-        return JSONResponse(await generate_text(service, body))
+        return JSONResponse(await generate_text(service, body, request.scope[CONTEXT_KEY]))
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

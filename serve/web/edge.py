@@ -14,9 +14,11 @@ from serve.web.schemas import ServiceError
 from serve.web.service import RequestContext, Service
 
 SCORE_PATH = "/v1/score"
-PATHS = (SCORE_PATH, "/v1/generate", "/", "/healthz", "/readyz", "/metrics", "/openapi.json",
+GENERATE_PATH = "/v1/generate"
+ADMITTED_PATHS = (SCORE_PATH, GENERATE_PATH)  # the model's work: admission and a deadline
+PATHS = (SCORE_PATH, GENERATE_PATH, "/", "/healthz", "/readyz", "/metrics", "/openapi.json",
          "/docs", "/redoc")
-CONTEXT_KEY = "keraslm.request"  # the RequestContext of an admitted score request, in its scope
+CONTEXT_KEY = "keraslm.request"  # the RequestContext of an admitted request, in its scope
 
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -46,8 +48,8 @@ class Edge:
             await send(message)
 
         try:
-            if path == SCORE_PATH and scope["method"] == "POST":
-                await self._score(scope, receive, send_and_see)
+            if path in ADMITTED_PATHS and scope["method"] == "POST":
+                await self._admitted(scope, receive, send_and_see)
             elif scope["method"] == "POST":  # read (and bound) the body of other POSTs too
                 await self._read_then(scope, receive, send_and_see, deadline=None)
             else:
@@ -57,7 +59,7 @@ class Edge:
             m.requests.labels(path=path, status=status).inc()
             m.latency.labels(path=path).observe(time.perf_counter() - started)
 
-    async def _score(self, scope: dict, receive: Receive, send: Send) -> None:
+    async def _admitted(self, scope: dict, receive: Receive, send: Send) -> None:
         """Admit (or refuse at once), read the body by the deadline, then run the app."""
         service, settings = self.service, self.service.settings
         deadline = asyncio.get_running_loop().time() + settings.timeout

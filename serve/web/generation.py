@@ -2,8 +2,10 @@
 
 The options are serve/generate.py's (tokens, temperature, top-k, top-p, seed); the same seed
 gives the same text as `python serve/generate.py --seed`. Limits and errors are answered like
-/v1/score's: `tokens` and the prompt are bounded by `max_tokens_per_text` (413), a bad option is
-422, and a model still loading is 503.
+/v1/score's: admission at arrival (503 while `queue_size` requests wait), one deadline from
+arrival (504; the generation stops between tokens once it passes or the client leaves, 499),
+`tokens` and the prompt bounded by `max_tokens_per_text` (413), a bad option 422, and a model
+still loading 503.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ import asyncio
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from keraslm.errors import UserError
-from serve.generate import generate
-from serve.web.schemas import ServiceError
-from serve.web.service import Service
-
-GENERATE_PATH = "/v1/generate"
+from serve.generate import GenerationStopped, generate
+from serve.web.schemas import ServiceError, timeout_error
+from serve.web.service import RequestContext, Service
 
 
 class GenerateRequest(BaseModel):
@@ -37,8 +37,9 @@ class GenerateResponse(BaseModel):
     tokens: list[str] = Field(description="the generated tokens (the prompt's not included)")
 
 
-async def generate_text(service: Service, body: GenerateRequest) -> dict:
-    """The answer to one POST /v1/generate (ServiceError for anything but 200)."""
+async def generate_text(service: Service, body: GenerateRequest, ctx: RequestContext) -> dict:
+    """The answer to one POST /v1/generate admitted as `ctx` (ServiceError for anything but
+    200)."""
     scorer = service.check_ready()
     limit = service.settings.max_tokens_per_text
     if body.tokens > limit:
@@ -46,15 +47,25 @@ async def generate_text(service: Service, body: GenerateRequest) -> dict:
     if len(body.prompt.split()) >= limit:  # as /v1/score bounds a text, before tokenizing
         raise _over_limit("the prompt has too many tokens", limit)
 
+    loop = asyncio.get_running_loop()
+
+    def gave_up() -> bool:  # asked from the model thread: a flag and the monotonic clock
+        return ctx.disconnected.is_set() or loop.time() >= ctx.deadline
+
     def run():
         return generate(scorer.bundle, body.prompt, tokens=body.tokens,
                         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                        seed=body.seed)[0]
+                        seed=body.seed, stop=gave_up)[0]
 
+    work = loop.run_in_executor(service.model_thread, run)
     try:
-        sample = await asyncio.get_running_loop().run_in_executor(service.model_thread, run)
+        sample = await service.until(work, ctx)
     except UserError as err:
         raise ServiceError(422, "generation_failed", str(err)) from None
+    except GenerationStopped:
+        raise timeout_error(service.settings.timeout) from None
+    finally:
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
     return {"bundle": service.bundle_name, "text": sample.text, "tokens": sample.tokens}
 
 

@@ -197,7 +197,7 @@ class Service:
         work = loop.run_in_executor(self.tokenizer_thread, _encode, scorer, body.texts, limit,
                                     stop.is_set, body.per_token)
         try:
-            return await self._until(work, ctx)
+            return await self.until(work, ctx)
         finally:
             stop.set()  # a no-op once done; otherwise the thread stops at the next sample
             work.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -205,7 +205,7 @@ class Service:
     async def _wait(self, job: Job, ctx: RequestContext) -> list[np.ndarray]:
         """The job's log-probabilities; withdrawn from the queue if the request gives up."""
         try:
-            return await self._until(job.future, ctx)
+            return await self.until(job.future, ctx)
         except (asyncio.TimeoutError, ScoringStopped):  # expired in the queue, or while scored
             raise timeout_error(self.settings.timeout) from None
         except UserError as err:
@@ -214,7 +214,7 @@ class Service:
             if not job.future.done():
                 self.batcher.withdraw(job)
 
-    async def _until(self, future: asyncio.Future, ctx: RequestContext):
+    async def until(self, future: asyncio.Future, ctx: RequestContext):
         """`future`'s result, or 504 at the deadline, or 499 if the client left first."""
         loop = asyncio.get_running_loop()
         left = asyncio.ensure_future(ctx.disconnected.wait())
