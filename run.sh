@@ -29,8 +29,9 @@ main() {
         python3 -m venv .venv
     fi
     . .venv/bin/activate
-    python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet -e ".[train,cpu,serve]"
+    # -qq: errors only (warnings about a machine's own pip configuration are not ours to show)
+    python -m pip install -qq --upgrade pip
+    python -m pip install -qq -e ".[train,cpu,serve]"
 
     export KERASLM_DATA="${KERASLM_DATA:-$HOME/.keraslm/datasets}"
     export NLTK_DATA="${NLTK_DATA:-$KERASLM_DATA/nltk_data}"
