@@ -142,6 +142,8 @@ def _usage_section(name: str) -> str:
 
 ```
 python serve/score.py --model {b} FILE                # perplexity of a file
+python serve/score.py --model {b} FILE --cache-size 2000 --tune-cache VALID_FILE
+                                        # with the continuous cache, tuned on VALID_FILE
 python serve/generate.py --model {b} --prompt "The"   # sample a continuation
 python -m serve.server --model {b}                    # HTTP service and page on :8080
 curl -s localhost:8080/v1/score -H 'content-type: application/json' -d '{{"texts": ["a text"]}}'

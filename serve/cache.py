@@ -17,9 +17,9 @@ occurrence of the target (an honest infinite perplexity).
 
 The cache is per stream: `StreamCache` is a ring buffer of (hidden state, next word) pairs for each
 row of a batch, carried from one chunk to the next exactly like the LSTM state and dropped where
-that state is dropped. Padding positions never enter it. A chunk is scored all at once: one
-[time x (size + time)] similarity matmul per stream, a mask for each position's window, and a
-log-sum-exp over it; nothing loops over tokens.
+that state is dropped. Padding positions never enter it. A chunk is scored all at once (in pieces
+of at most PIECE positions): one [time x (size + PIECE)] similarity matmul per stream, a mask for
+each position's window, and a log-sum-exp over it; nothing loops over tokens.
 
 One difference from GluonNLP's `CacheCell` (`cache_language_model.py`): GluonNLP turns the cache on
 only once a stream has seen `size` positions; here a partly filled window is used from the
@@ -94,9 +94,10 @@ class Window:
     """Every position's similarities to the keys in its window, for one piece of every stream.
 
     `shifted` [B, T, C] holds h_t·h_i minus its row's maximum inside the window (-inf outside);
-    `hits` lists the (row, value) of every key in a window whose next word is that position's
-    target (few: a sparse list, not a mask). The similarities do not depend on θ, so one Window
-    gives log p_cache for any θ (tuning asks for many).
+    `hit_rows` and `hit_values` list every key in a window whose next word is that position's
+    target: its row (b * T + t) and its `shifted` value (few: a sparse list, not a mask). The
+    similarities do not depend on θ, so one Window gives log p_cache for any θ (tuning asks for
+    many).
     """
 
     def __init__(self, shifted: np.ndarray, counts: np.ndarray, hit_rows: np.ndarray,
@@ -109,16 +110,17 @@ class Window:
 
         `overwrite` lets the exponentials be computed in place (the Window is then spent).
         """
-        rows = self.counts.size
-        if theta == 0:  # uniform over the window (exp(0 * -inf) would be NaN)
+        rows, scale = self.counts.size, np.float32(theta)
+        if scale == 0:  # uniform over the window (exp(0 * -inf) would be NaN)
             total = self.counts.astype(np.float64)
             hits = np.bincount(self.hit_rows, minlength=rows)
         else:
             weights = self.shifted if overwrite else np.empty_like(self.shifted)
-            np.multiply(self.shifted, np.float32(theta), out=weights)
+            np.multiply(self.shifted, scale, out=weights)
             np.exp(weights, out=weights)  # 0 outside the window
             total = weights.sum(axis=-1).astype(np.float64)
-            hits = np.bincount(self.hit_rows, np.exp(theta * self.hit_values), minlength=rows)
+            # the same float32 terms as in `total`
+            hits = np.bincount(self.hit_rows, np.exp(scale * self.hit_values), minlength=rows)
         with np.errstate(divide="ignore", invalid="ignore"):
             logp = np.log(hits.reshape(total.shape)) - np.log(total)
         return np.where(self.counts > 0, logp, -np.inf)
@@ -210,7 +212,7 @@ class StreamCache:
         mask_row = row if outside.shape[0] > 1 else row % targets.shape[1]
         inside = ~outside.reshape(-1, self.slots)[mask_row, k]
         row, k = row[inside], k[inside]
-        return Window(sims, counts, row, sims.reshape(-1, self.slots)[row, k].astype(np.float64))
+        return Window(sims, counts, row, sims.reshape(-1, self.slots)[row, k])
 
 
 class ContinuousCache:
