@@ -263,12 +263,12 @@ class Scorer:
         """Per-token log-probabilities of every id row, each row scored on its own.
 
         Each row starts from a zero state with `<eos>` as context (and an empty continuous
-        cache, when it is on). Rows run longest first, at
-        most `max_rows` to an onnxruntime batch, `bptt` steps per call with the state carried.
-        Sorted by length, the rows still running are always a prefix of the batch, so a row that
-        has ended leaves it instead of being carried as padding; the rows that continue are
-        padded at their end and masked. Only one chunk of inputs is built at a time: memory is
-        the rows and their results. Returns the float32 log-probabilities of each row (in input
+        cache, when it is on). Rows run longest first, at most `max_rows` to an onnxruntime
+        batch, at most `bptt` steps per call with the state carried. A call ends early where the
+        shortest running row ends, so no call computes padding (padding would cost as much as
+        real tokens: the decoder runs on every position); sorted by length, the rows still
+        running are always a prefix of the batch, and a row that has ended leaves it. Only one
+        chunk of inputs is built at a time: memory is the rows and their results. Returns the float32 log-probabilities of each row (in input
         order) and the size of every batch run. `stop()`, asked before every onnxruntime call,
         ends the work early with ScoringStopped (e.g. every request waiting for it gave up).
         """
@@ -279,34 +279,33 @@ class Scorer:
             group = [rows[i] for i in order[start:start + max_rows]]
             state = self.zero_state(len(group))
             cache = self._new_cache(len(group))
-            for t in range(0, group[0].size, self.bptt):
+            t = 0
+            while t < group[0].size:
                 if stop is not None and stop():
                     raise ScoringStopped
                 live = sum(row.size > t for row in group)
+                width = min(self.bptt, group[live - 1].size - t)  # the shortest running row
                 state = [s[:live] for s in state]
                 if cache is not None:
                     cache.keep(live)
-                tokens, targets = self._row_chunk(group[:live], t)
+                tokens, targets = self._row_chunk(group[:live], t, width)
                 logprobs, state = self._cached_step(tokens, targets, state, cache)
                 for r, i in enumerate(order[start:start + live]):
-                    n = min(rows[i].size - t, self.bptt)
-                    out[i][t:t + n] = logprobs[r, :n]
+                    out[i][t:t + width] = logprobs[r]
+                t += width
             sizes.append(len(group))
         return out, sizes
 
-    def _row_chunk(self, rows: list[np.ndarray], t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets of steps `t .. t+bptt` of rows sorted longest first, padded."""
-        width = min(self.bptt, rows[0].size - t)
-        tokens = np.full((len(rows), width), PAD_INPUT, np.int32)
-        targets = np.full_like(tokens, PAD_TARGET)
-        for r, row in enumerate(rows):
-            chunk = row[t:t + width]
-            targets[r, :chunk.size] = chunk
-            if t:
-                tokens[r, :chunk.size] = row[t - 1:t - 1 + chunk.size]
-            else:
-                tokens[r, 0] = self.context_id
-                tokens[r, 1:chunk.size] = chunk[:-1]
+    def _row_chunk(self, rows: list[np.ndarray], t: int, width: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets of steps `t .. t+width` of rows that all reach `t + width`."""
+        targets = np.stack([row[t:t + width] for row in rows])
+        if t:
+            tokens = np.stack([row[t - 1:t - 1 + width] for row in rows])
+        else:
+            tokens = np.empty_like(targets)
+            tokens[:, 0] = self.context_id
+            tokens[:, 1:] = targets[:, :-1]
         return tokens, targets
 
     def _score_encoded(self, encoded: Sequence[tuple[np.ndarray, int]]) -> list[TextScore]:

@@ -93,7 +93,8 @@ def test_text_is_scored_from_eos_context_in_one_pass(scorer):
 
 def test_score_rows_scores_each_row_alone_and_drops_rows_that_ended(scorer, monkeypatch):
     """Per-token log-probabilities as each row alone in one pass; longest first, `max_rows` to a
-    batch, and a row that has ended leaves the batch (the calls shrink)."""
+    batch, a call ends where its shortest row ends (no padding is computed), and a row that has
+    ended leaves the batch."""
     ids = scorer.vocab.encode(" ".join(TEXTS).split())
     rows = [ids[:3], ids[:0], ids, ids[:11], ids[:1]]
     calls = []
@@ -102,9 +103,11 @@ def test_score_rows_scores_each_row_alone_and_drops_rows_that_ended(scorer, monk
                         or step(tokens, *rest))
     logprobs, sizes = scorer.score_rows(rows, max_rows=2)
     assert sizes == [2, 2]  # (all of ids, its first 11) and (3, 1); the empty row runs nowhere
-    chunks = -(-ids.size // scorer.bptt)
-    assert [rows for rows, _ in calls] == [2, 2, 2] + [1] * (chunks - 3) + [2]
-    assert calls[-1] == (2, 3)  # the last batch is as wide as its longest row
+    assert max(w for _, w in calls) == scorer.bptt
+    assert sum(r * w for r, w in calls) == sum(row.size for row in rows)  # no padding computed
+    runs = [(r, sum(w for _, w in group)) for r, group in itertools.groupby(calls, lambda c: c[0])]
+    # (ids, its first 11) together for 11 steps, then ids alone; (3, 1) for 1 step, then the 3
+    assert runs == [(2, 11), (1, ids.size - 11), (2, 1), (1, 2)]
     assert [lp.size for lp in logprobs] == [row.size for row in rows]
     for row, lp in zip(rows, logprobs):
         assert lp.dtype == np.float32
