@@ -45,7 +45,15 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve.bundle import MODEL_FILE, Bundle, load_bundle
-from serve.cache import CacheSettings, ContinuousCache, Recording, TuneResult, check_memory, tune
+from serve.cache import (
+    CacheSettings,
+    ContinuousCache,
+    Recording,
+    TuneResult,
+    check_memory,
+    plan,
+    tune,
+)
 from serve.contract import (
     INPUT_TARGETS,
     INPUT_TOKENS,
@@ -202,11 +210,11 @@ class Scorer:
                             f"which the continuous cache needs (exported before it); re-export "
                             f"it: python -m export.to_onnx {source} --out {self.bundle.path}")
 
-    def _new_cache(self, batch: int) -> ContinuousCache | None:
+    def _new_cache(self, batch: int, piece: int) -> ContinuousCache | None:
         if self._cache is None:
             return None
-        check_memory(batch, self._cache.size, self.bundle.nhid)
-        return ContinuousCache(self._cache, batch, self.bundle.nhid)
+        check_memory(batch, self._cache.size, self.bundle.nhid, piece)
+        return ContinuousCache(self._cache, batch, self.bundle.nhid, piece)
 
     # --- one network step ----------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class Scorer:
         for start in range(0, len(order), max_rows):
             group = [rows[i] for i in order[start:start + max_rows]]
             state = self.zero_state(len(group))
-            cache = self._new_cache(len(group))
+            cache = self._new_cache(len(group), plan(len(group), self.bptt)[1])
             t = 0
             while t < group[0].size:
                 if stop is not None and stop():
@@ -380,9 +388,7 @@ class Scorer:
         bptt = self.bptt if bptt is None else bptt
         with self._columns(path, batch_size, bptt, errors, name) as (columns, _):
             recording = Recording(name, columns.count, bptt)
-            state = self.zero_state(columns.count)
-            for tokens, targets in self._column_chunks(columns, bptt):
-                logprobs, state, hidden = self.step_hidden(tokens, targets, state)
+            for hidden, targets, logprobs in self._network(columns, bptt, hidden=True):
                 recording.chunks.append((hidden, targets.copy(), logprobs))
         return recording
 
@@ -438,15 +444,30 @@ class Scorer:
                 tokens = np.where(targets == PAD_TARGET, PAD_INPUT, block[:, at:at + width])
                 yield tokens, targets
 
+    def _network(self, columns: _Columns, bptt: int, hidden: bool = False) -> Iterator[tuple]:
+        """Pass 2's network, chunk by chunk with the state carried: (targets, logprobs), or
+        (hidden, targets, logprobs) with `hidden`."""
+        state = self.zero_state(columns.count)
+        for tokens, targets in self._column_chunks(columns, bptt):
+            if hidden:
+                logprobs, state, last_layer = self.step_hidden(tokens, targets, state)
+                yield last_layer, targets, logprobs
+            else:
+                logprobs, state = self.step(tokens, targets, state)
+                yield targets, logprobs
+
     def _score_columns(self, columns: _Columns, bptt: int) -> dict[str, int | float]:
         """Pass 2: the NLL sums (CorpusScore fields) of the columns, chunk by chunk."""
         unk_id = self.vocab.unk_id
         num_unk = 0
         nll_sum = nll_unk = 0.0
-        state = self.zero_state(columns.count)
-        cache = self._new_cache(columns.count)
-        for tokens, targets in self._column_chunks(columns, bptt):
-            logprobs, state = self._cached_step(tokens, targets, state, cache)
+        group, piece = plan(columns.count, bptt)
+        cache = self._new_cache(columns.count, piece)
+        if cache is None:
+            scored = self._network(columns, bptt)
+        else:  # the cache mixes `group` chunks at a time; each chunk is still summed on its own
+            scored = cache.mix_chunks(self._network(columns, bptt, hidden=True), group)
+        for targets, logprobs in scored:
             nll_sum -= float(logprobs.sum(dtype=np.float64))
             if unk_id is not None:
                 is_unk = targets == unk_id

@@ -17,12 +17,12 @@ from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve import score as score_cli
 from serve.cache import (
-    PIECE,
     CacheSettings,
     ContinuousCache,
     Recording,
     StreamCache,
     mix,
+    plan,
     tune,
 )
 from serve.contract import PAD_TARGET
@@ -48,11 +48,12 @@ def reference_logprobs(hidden: np.ndarray, targets: np.ndarray, model: np.ndarra
     return np.array(out)
 
 
-def run_cache(settings: CacheSettings, chunks) -> np.ndarray:
-    """Mixed log-probabilities of (hidden, targets, model) chunks through one ContinuousCache."""
+def run_cache(settings: CacheSettings, chunks, piece: int = 64, group: int = 1) -> np.ndarray:
+    """Mixed log-probabilities of (hidden, targets, model) chunks through one ContinuousCache
+    mixing `piece` positions at a time, `group` chunks together."""
     batch, nhid = chunks[0][0].shape[0], chunks[0][0].shape[-1]
-    cache = ContinuousCache(settings, batch, nhid)
-    return np.concatenate([cache(*chunk) for chunk in chunks], axis=1)
+    cache = ContinuousCache(settings, batch, nhid, piece)
+    return np.concatenate([mixed for _, mixed in cache.mix_chunks(chunks, group)], axis=1)
 
 
 # ---- the math --------------------------------------------------------------------------------
@@ -83,9 +84,11 @@ def test_a_hand_computed_three_position_example():
         np.testing.assert_allclose(run_cache(settings, pieces), whole, rtol=1e-6)
 
 
-def test_random_streams_match_the_token_by_token_reference():
-    """Several streams, chunks of uneven length (some longer than PIECE), windows smaller and
-    larger than a chunk, a stream that ends early (padding), frequent repeats of words."""
+@pytest.mark.parametrize("piece, group", [(64, 1), (7, 1), (256, 3)])
+def test_random_streams_match_the_token_by_token_reference(piece, group):
+    """Several streams, chunks of uneven length (some longer than a piece), chunks mixed alone
+    or together, windows smaller and larger than a chunk, a stream that ends early (padding),
+    frequent repeats of words."""
     rng = np.random.default_rng(0)
     batch, length, nhid = 3, 300, 8
     hidden = np.tanh(rng.normal(size=(batch, length, nhid)) * 2).astype(np.float32)
@@ -93,12 +96,12 @@ def test_random_streams_match_the_token_by_token_reference():
     model = np.log(rng.uniform(0.01, 0.5, (batch, length))).astype(np.float32)
     ends = [length, length, 170]
     targets[2, ends[2]:] = PAD_TARGET
-    cuts = [0, 35, 40, 40 + PIECE + 30, 250, length]
+    cuts = [0, 35, 40, 134, 250, length]
     for settings in (CacheSettings(5, 1.3, 0.4), CacheSettings(100, 0.5, 0.2),
                      CacheSettings(1000, 2.0, 0.9)):
         chunks = [(hidden[:, a:b], targets[:, a:b], model[:, a:b])
                   for a, b in itertools.pairwise(cuts)]
-        got = run_cache(settings, chunks)
+        got = run_cache(settings, chunks, piece, group)
         assert (got[2, ends[2]:] == 0).all()  # padding scores 0
         for b in range(batch):
             want = reference_logprobs(hidden[b, :ends[b]], targets[b, :ends[b]],
@@ -170,7 +173,7 @@ def test_tune_finds_the_lowest_perplexity_it_tries():
 
 
 def test_the_ring_buffer_keeps_only_the_last_streams():
-    buffer = StreamCache(3, 4, 2)
+    buffer = StreamCache(3, 4, 2, piece=2)
     buffer.add(np.ones((3, 2, 2), np.float32), np.zeros((3, 2), np.int32))
     buffer.keep(2)
     assert buffer.batch == 2 and buffer.keys.shape[0] == 2 and list(buffer.count) == [2, 2]
@@ -211,7 +214,8 @@ def test_lambda_zero_scores_exactly_like_the_plain_scorer(scorer, excerpt):
 
 def test_score_file_equals_the_token_by_token_reference(scorer, excerpt):
     """Batch 1: one unchunked pass of the graph, then the definition token by token, equals
-    score_file's chunked, carried cache (bptt 5 and a chunk longer than PIECE)."""
+    score_file's chunked, carried cache (bptt 5: chunks mixed 51 at a time; bptt 1000: a
+    chunk cut into pieces)."""
     cached = with_cache(scorer, SETTINGS)
     ids = cached.vocab.encode(TextPipeline().iter_tokens(excerpt))[:700]
     path = excerpt.parent / "short.tokens"
@@ -220,7 +224,8 @@ def test_score_file_equals_the_token_by_token_reference(scorer, excerpt):
     tokens, targets = ids[None, :-1].astype(np.int32), ids[None, 1:].astype(np.int32)
     model, _, hidden = cached.step_hidden(tokens, targets, cached.zero_state(1))
     want = reference_logprobs(hidden[0].astype(np.float64), targets[0], model[0], SETTINGS)
-    for bptt in (5, 100):
+    assert plan(1, 5) == (51, 255) and plan(1, 1000) == (1, 256)
+    for bptt in (5, 1000):
         result = cached.score_file(path, batch_size=1, bptt=bptt)
         assert result.num_tokens == targets.size
         assert result.nll_sum == pytest.approx(-want.sum(), rel=1e-6)
