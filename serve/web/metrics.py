@@ -26,17 +26,17 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.texts = Counter("keraslm_texts_scored", "texts scored", registry=r)
         self.tokens = Counter("keraslm_tokens_scored", "tokens scored", registry=r)
-        self.batch_texts = Histogram("keraslm_batch_size_texts", "texts per onnxruntime batch",
+        self.batch_texts = Histogram("keraslm_batch_size_texts", "texts per onnxruntime call",
                                      buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("keraslm_batch_size_requests",
-                                        "requests gathered into one batch",
+                                        "requests with texts in one onnxruntime call",
                                         buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("keraslm_batch_duration_seconds",
-                                       "time to score one gathered batch",
+                                       "time of one onnxruntime call",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.batches_stopped = Counter(
-            "keraslm_batches_stopped", "batches stopped early: every request in them gave up",
-            registry=r)
+        self.texts_abandoned = Counter(
+            "keraslm_texts_abandoned", "texts taken out of the batch unfinished: their request "
+            "gave up (deadline or client gone)", registry=r)
         self.connections_refused = Counter(
             "keraslm_connections_refused", "connections closed at once: over max_connections",
             registry=r)

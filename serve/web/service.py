@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keraslm.errors import UserError
-from serve.scorer import Scorer, ScoringStopped, TextScore
+from serve.row_batch import RowBatch, calibrate
+from serve.scorer import Scorer, TextScore
 from serve.web.admission import Admission, Ticket
 from serve.web.batcher import Batcher, Job
 from serve.web.metrics import Metrics
@@ -65,16 +66,16 @@ class Service:
         self.load_error: str | None = None
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self.batcher = Batcher(self._run_batch, self.model_thread, max_batch=settings.max_batch,
+        self.batcher = Batcher(self.model_thread, max_batch=settings.max_batch,
                                max_wait=settings.max_wait_ms / 1000, coming=self._coming,
-                               on_batch=self._on_batch)
+                               on_call=self._on_call, on_abandoned=self._on_abandoned)
         self.admission = Admission(settings.queue_size, settings.timeout,
                                    running=lambda: self.batcher.running)
         self._load_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()  # set when the server starts to shut down
         m = self.metrics = Metrics()
-        m.gauge("keraslm_queue_depth", "requests waiting for a batch", lambda: self.batcher.depth)
-        m.gauge("keraslm_batch_running_requests", "requests in the batch being scored",
+        m.gauge("keraslm_queue_depth", "requests waiting for the batch", lambda: self.batcher.depth)
+        m.gauge("keraslm_batch_running_requests", "requests with texts in the batch",
                 lambda: self.batcher.running)
         m.gauge("keraslm_requests_in_progress", "score requests admitted and not yet answered",
                 lambda: self.admission.in_flight)
@@ -104,7 +105,7 @@ class Service:
     async def _load(self) -> None:
         started = time.perf_counter()
         try:
-            self.scorer = await asyncio.get_running_loop().run_in_executor(
+            batch = await asyncio.get_running_loop().run_in_executor(
                 self.model_thread, self._open)
         except Exception as err:  # a bundle problem, or anything onnxruntime raises
             self.load_error = str(err) if isinstance(err, UserError) else (
@@ -113,14 +114,21 @@ class Service:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
+        self.batcher.use(batch)
+        self.scorer = batch.scorer
         log.info("keraslm: bundle %s ready on %s in %.1f s", self.settings.bundle,
                  self.scorer.provider, time.perf_counter() - started)
 
-    def _open(self) -> Scorer:
+    def _open(self) -> RowBatch:
         """Open the bundle on the model thread, run one batch (onnxruntime's first is slow),
-        then time a calibration text end to end for admission control's first estimate."""
+        time a calibration text end to end for admission control's first estimate, and measure
+        a call's fixed cost for the batch's choice of widths.
+
+        onnxruntime's threads do not spin while waiting for work: the event loop and the
+        tokenizer share the cores with them (measured 16 % more tokens/s at concurrency 32 on
+        2 cores)."""
         s = self.settings
-        scorer = Scorer(s.bundle, device=s.device, threads=s.threads)
+        scorer = Scorer(s.bundle, device=s.device, threads=s.threads, spin=False)
         ids = np.arange(scorer.bptt + 1, dtype=np.int32) % len(scorer.vocab)
         scorer.score_rows([ids, ids[:1]], s.max_batch)
         text = _calibration_text(scorer)
@@ -130,24 +138,18 @@ class Service:
         scorer.score_rows([e.ids for e in encoded], s.max_batch)
         self.admission.record(len(text.encode()) * CALIBRATION_TEXTS,
                               time.perf_counter() - started)
-        return scorer
+        return RowBatch(scorer, s.max_batch, calibrate(scorer, s.max_batch))
 
     # --- scoring ---
 
-    def _run_batch(self, rows: list[np.ndarray], stop: Callable[[], bool]
-                   ) -> tuple[list[np.ndarray], list[int]]:
-        try:
-            return self.scorer.score_rows(rows, self.settings.max_batch, stop)
-        except ScoringStopped:
-            self.metrics.batches_stopped.inc()
-            raise
-
-    def _on_batch(self, requests: int, sizes: list[int], seconds: float) -> None:
+    def _on_call(self, requests: int, texts: int, seconds: float) -> None:
         m = self.metrics
         m.batch_requests.observe(requests)
-        for size in sizes:
-            m.batch_texts.observe(size)
+        m.batch_texts.observe(texts)
         m.batch_seconds.observe(seconds)
+
+    def _on_abandoned(self, texts: int) -> None:
+        self.metrics.texts_abandoned.inc(texts)
 
     def check_ready(self) -> Scorer:
         """The scorer, or ServiceError 503 while loading (or after loading failed)."""
@@ -206,7 +208,7 @@ class Service:
         """The job's log-probabilities; withdrawn from the queue if the request gives up."""
         try:
             return await self.until(job.future, ctx)
-        except (asyncio.TimeoutError, ScoringStopped):  # expired in the queue, or while scored
+        except asyncio.TimeoutError:  # expired in the queue, or while in the batch
             raise timeout_error(self.settings.timeout) from None
         except UserError as err:
             raise ServiceError(500, "scoring_failed", str(err)) from None

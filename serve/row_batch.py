@@ -1,0 +1,152 @@
+"""Continuous batching: texts scored each on its own, in a batch they join and leave between calls.
+
+`Scorer.score_rows` scores a set of rows known in advance. A service receives texts a request at
+a time; if a batch had to end before the next could start, the model would idle while answers go
+out and new requests come in, and every batch would shrink as its rows end. A `RowBatch` holds up
+to `max_rows` rows, each at its own position with its own LSTM state: `add` puts a row in (zero
+state, `<eos>` as its context, as `score_rows` starts every row), `step` runs one onnxruntime
+call over every row present and hands back the rows it finished, `drop` takes out rows nobody
+waits for. Rows never share state, so a row's numbers do not depend on its batch-mates.
+
+The width of a call. Rows sit at different positions, so a call that ended wherever some row
+ends would be a few steps wide (with 32 rows of 80 tokens, about 2.5), and a call has a cost of
+its own; a call of `bptt` steps pads every row that ends inside it, and a padded position costs
+as much as a real one (the decoder runs on every position). `step` takes the width that scores
+the most tokens per unit of expected cost, where a call of `rows` rows and `width` steps is
+expected to cost `overhead + rows * width` token positions; `calibrate` measures `overhead` for
+the bundle at hand (it grows as the vocabulary shrinks: the per-token decoder gets cheaper).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve.contract import PAD_INPUT, PAD_TARGET
+from serve.scorer import Scorer
+
+DEFAULT_OVERHEAD = 16.0  # token positions a call costs beyond its rows x width, until calibrated
+
+
+@dataclass(eq=False)
+class Row:
+    """One text's ids, the position reached, and the log-probabilities so far."""
+
+    key: Hashable
+    ids: np.ndarray
+    at: int = 0
+    logprobs: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.logprobs = np.zeros(self.ids.size, np.float32)
+
+    @property
+    def remaining(self) -> int:
+        return self.ids.size - self.at
+
+
+class RowBatch:
+    """Up to `max_rows` rows in one batch, stepped together `scorer.bptt` steps at most a call.
+
+    Not thread-safe: call it from one thread at a time (the service calls `step` on the model
+    thread and `add`/`drop` on the event loop, never at the same time).
+    """
+
+    def __init__(self, scorer: Scorer, max_rows: int, overhead: float = DEFAULT_OVERHEAD) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.scorer, self.max_rows, self.overhead = scorer, max_rows, overhead
+        self.rows: list[Row] = []
+        self._state = scorer.zero_state(0)
+
+    @property
+    def free(self) -> int:
+        """Rows that can still be added before the next call."""
+        return self.max_rows - len(self.rows)
+
+    def add(self, key: Hashable, ids: np.ndarray) -> None:
+        """Put a non-empty id row in the batch; it starts at the next `step`."""
+        if not ids.size:
+            raise ValueError("an empty row has nothing to score")
+        if not self.free:
+            raise RuntimeError(f"the batch is full ({self.max_rows} rows)")
+        self.rows.append(Row(key, ids))
+        zero = np.zeros((1, self.scorer.bundle.nhid), np.float32)
+        self._state = [np.concatenate([s, zero]) for s in self._state]
+
+    def drop(self, keys: set) -> int:
+        """Take out the rows whose key is in `keys`; how many there were."""
+        keep = [i for i, row in enumerate(self.rows) if row.key not in keys]
+        dropped = len(self.rows) - len(keep)
+        if dropped:
+            self._keep(keep)
+        return dropped
+
+    def step(self) -> list[Row]:
+        """One onnxruntime call over every row; the rows it finished (taken out of the batch)."""
+        if not self.rows:
+            return []
+        remaining = np.array([row.remaining for row in self.rows])
+        width = best_width(remaining, self.scorer.bptt, self.overhead)
+        tokens, targets = self._inputs(width)
+        logprobs, self._state = self.scorer.step(tokens, targets, self._state)
+        for row, lp in zip(self.rows, logprobs):
+            n = min(width, row.remaining)
+            row.logprobs[row.at:row.at + n] = lp[:n]
+            row.at += n
+        done = [row for row in self.rows if not row.remaining]
+        if done:
+            self._keep([i for i, row in enumerate(self.rows) if row.remaining])
+        return done
+
+    def _keep(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+        self._state = [s[indices] for s in self._state]
+
+    def _inputs(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and targets of the next `width` steps of every row, padded past a row's end."""
+        tokens = np.full((len(self.rows), width), PAD_INPUT, np.int32)
+        targets = np.full((len(self.rows), width), PAD_TARGET, np.int32)
+        for r, row in enumerate(self.rows):
+            n = min(width, row.remaining)
+            targets[r, :n] = row.ids[row.at:row.at + n]
+            if row.at:
+                tokens[r, :n] = row.ids[row.at - 1:row.at - 1 + n]
+            else:
+                tokens[r, 0] = self.scorer.context_id
+                tokens[r, 1:n] = row.ids[:n - 1]
+        return tokens, targets
+
+
+def best_width(remaining: np.ndarray, bptt: int, overhead: float) -> int:
+    """The call width (at most `bptt`) with the most tokens scored per expected cost, where a
+    call costs `overhead + rows * width` token positions; ties go to the narrower call (rows
+    that end leave room for new ones sooner)."""
+    candidates = np.unique(np.minimum(np.append(remaining, bptt), bptt))
+    scored = np.minimum(remaining[None, :], candidates[:, None]).sum(axis=1)
+    value = scored / (overhead + remaining.size * candidates)
+    return int(candidates[np.argmax(value)])
+
+
+def calibrate(scorer: Scorer, rows: int) -> float:
+    """The fixed cost of one call in token positions (see the module doc), measured on the
+    scorer: two calls of `rows` rows, one step and `bptt` steps wide, timed a few times each."""
+    wide = max(scorer.bptt, 2)
+
+    def seconds(width: int) -> float:
+        ids = np.arange(rows * width, dtype=np.int32).reshape(rows, width) % len(scorer.vocab)
+        state = scorer.zero_state(rows)
+        scorer.step(ids, ids, state)  # onnxruntime's first call at a new shape is slower
+        best = np.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            scorer.step(ids, ids, state)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    narrow, full = seconds(1), seconds(wide)
+    per_position = max(full - narrow, 1e-9) / (rows * (wide - 1))
+    return max(narrow / per_position - rows, 0.0)

@@ -1,0 +1,137 @@
+"""Continuous batching (issue 14, goal 3): rows that join and leave a batch between onnxruntime
+calls get the numbers they get alone, calls take the width worth the most, and the service's
+batcher lets a new request into the next call and answers each request as soon as it is done."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
+
+from serve.row_batch import RowBatch, best_width, calibrate
+from serve.scorer import Scorer
+from serve.web.batcher import Batcher
+
+WORDS = ("the game began in 1998 , and a much longer text followed it , longer than several "
+         "bptt chunks , on two lines . " * 4).split()
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+    return Scorer(tiny_bundle.bundle, device="cpu", threads=1, bptt=5, spin=False)
+
+
+def alone(scorer: Scorer, ids: np.ndarray) -> np.ndarray:
+    inputs = np.concatenate([[scorer.context_id], ids[:-1]]).astype(np.int32)
+    logprobs, _ = scorer.step(inputs[None], ids[None], scorer.zero_state(1))
+    return logprobs[0]
+
+
+def test_rows_joining_and_leaving_score_as_each_alone(scorer):
+    ids = scorer.vocab.encode(WORDS)
+    texts = {"long": ids, "short": ids[3:5], "one": ids[7:8], "mid": ids[10:31], "late": ids[:13]}
+    batch = RowBatch(scorer, max_rows=3, overhead=0.0)  # no fixed cost: every call ends at a row
+    batch.add("long", texts["long"])
+    batch.add("short", texts["short"])
+    finished = {row.key: row.logprobs for row in batch.step()}
+    calls, waiting = [2], ["one", "mid", "late"]
+    while batch.rows or waiting:
+        while batch.free and waiting:
+            key = waiting.pop(0)
+            batch.add(key, texts[key])
+        calls.append(len(batch.rows))
+        finished.update((row.key, row.logprobs) for row in batch.step())
+    assert set(finished) == set(texts)
+    for key, lp in finished.items():
+        assert lp.dtype == np.float32 and lp.size == texts[key].size
+        np.testing.assert_allclose(lp, alone(scorer, texts[key]), rtol=1e-5, atol=1e-6)
+    assert calls[:2] == [2, 3]  # "one" took the free row at the second call
+    assert max(calls) == 3
+
+
+def test_dropped_rows_leave_the_others_untouched(scorer):
+    ids = scorer.vocab.encode(WORDS)
+    batch = RowBatch(scorer, max_rows=4)
+    for key, row in (("a", ids[:20]), ("b", ids[5:30]), ("c", ids[2:17])):
+        batch.add(key, row)
+    batch.step()
+    assert batch.drop({"b", "nobody"}) == 1 and [r.key for r in batch.rows] == ["a", "c"]
+    finished = {}
+    while batch.rows:
+        finished.update((row.key, row.logprobs) for row in batch.step())
+    np.testing.assert_allclose(finished["a"], alone(scorer, ids[:20]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(finished["c"], alone(scorer, ids[2:17]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        batch.add("empty", ids[:0])
+
+
+def test_a_call_is_as_wide_as_is_worth_it():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        remaining = rng.integers(1, 90, rng.integers(1, 33))
+        overhead, bptt = float(rng.uniform(0, 60)), int(rng.integers(1, 40))
+        value = [np.minimum(remaining, w).sum() / (overhead + remaining.size * w)
+                 for w in range(1, bptt + 1)]
+        chosen = best_width(remaining, bptt, overhead)
+        assert 1 <= chosen <= bptt
+        assert value[chosen - 1] == pytest.approx(max(value), rel=1e-12)
+    # with no fixed cost a call never pads; with a large one it never stops short of bptt
+    assert best_width(np.array([3, 80, 80]), 35, 0.0) == 3
+    assert best_width(np.array([3, 80, 80]), 35, 1000.0) == 35
+
+
+def test_calibrate_measures_a_fixed_cost(scorer):
+    overhead = calibrate(scorer, rows=4)
+    assert math.isfinite(overhead) and overhead >= 0
+
+
+def test_the_batcher_lets_new_requests_into_the_next_call(scorer):
+    ids = scorer.vocab.encode(WORDS)
+    calls: list[tuple[int, int]] = []
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as model_thread:
+            loop = asyncio.get_running_loop()
+            never = loop.time() + 3600
+            joined = {}
+
+            def join_after_first_call(requests, texts, seconds):
+                calls.append((requests, texts))
+                if len(calls) == 1:
+                    joined["short"] = batcher.submit([ids[:2]], never)
+                    joined["expired"] = batcher.submit([ids[:4]], loop.time() - 1)
+                    joined["withdrawn"] = batcher.submit([ids[:4]], never)
+                    batcher.withdraw(joined["withdrawn"])
+
+            batcher = Batcher(model_thread, max_batch=4, max_wait=0.0,
+                              on_call=join_after_first_call)
+            batcher.use(RowBatch(scorer, 4, overhead=0.0))
+            batcher.start()
+            long = batcher.submit([ids[:40], ids[:12]], never)
+            short = await asyncio.wait_for(_joined(joined, "short"), 60)
+            assert not long.future.done()  # answered before the request it joined
+            [got] = await asyncio.wait_for(short, 60)
+            np.testing.assert_allclose(got, alone(scorer, ids[:2]), rtol=1e-5, atol=1e-6)
+            assert not long.future.done()
+            first, second = await asyncio.wait_for(long.future, 60)
+            np.testing.assert_allclose(first, alone(scorer, ids[:40]), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(second, alone(scorer, ids[:12]), rtol=1e-5, atol=1e-6)
+            with pytest.raises(asyncio.TimeoutError):
+                await joined["expired"].future
+            assert joined["withdrawn"].future.cancelled()
+            assert batcher.running == 0 and batcher.depth == 0
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert calls[0] == (1, 2) and calls[1] == (2, 3)  # the short text joined the second call
+    assert max(texts for _, texts in calls) == 3  # the expired and withdrawn never did
+
+
+async def _joined(joined: dict, key: str) -> asyncio.Future:
+    while key not in joined:
+        await asyncio.sleep(0.001)
+    return joined[key].future
