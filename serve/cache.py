@@ -110,7 +110,7 @@ def check_memory(batch: int, size: int, nhid: int, piece: int) -> None:
 class Window:
     """Every position's similarities to the keys in its window, for one piece of every stream.
 
-    `shifted` [B, T, C] holds h_t·h_i minus its row's maximum inside the window (-inf outside);
+    `shifted` [B, T, slots] holds h_t·h_i minus its row's maximum inside the window (-inf outside);
     `hit_rows` and `hit_values` list every key in a window whose next word is that position's
     target: its row (b * T + t) and its `shifted` value (few: a sparse list, not a mask). The
     similarities do not depend on θ, so one Window gives log p_cache for any θ (tuning asks for
@@ -205,15 +205,20 @@ class StreamCache:
         self.words[rows, slots] = targets[rows, cols]
         self.ranks[rows, slots] = ranks[rows, cols]
         self.count = start + scored.sum(axis=1)
+        # Until the ring first wraps, rank r sits in slot r: only the first `used` slots hold
+        # anything (a short text, or a stream's first `size` positions, costs what it holds).
+        used = min(self.slots, max(int(self.count.max()), 1))
+        keys, words = self.keys[:, :, :used], self.words[:, :used]
 
-        sims = np.matmul(hidden, self.keys)  # [B, T, slots]
+        sims = np.matmul(hidden, keys)  # [B, T, used]
         # The window of position t: the keys whose rank is 1 to `size` below t's. With ranks
         # relative to the piece's start (they fit in int32: the buffer holds the last `slots`),
         # age - 1 outside [0, size) -- as unsigned, negative is huge -- means outside: keys at or
         # after t, too old, or empty. Streams that have scored the same positions (every column
         # of a corpus, every row of a batch of texts, until it ends) share one [T, slots] mask.
-        relative = np.where(self.ranks == _EMPTY, np.iinfo(np.int32).max,
-                            self.ranks - start[:, None]).astype(np.int32)
+        held = self.ranks[:, :used]
+        relative = np.where(held == _EMPTY, np.iinfo(np.int32).max,
+                            held - start[:, None]).astype(np.int32)
         last = (before - 1).astype(np.int32)
         if (relative == relative[0]).all() and ((before == before[0]) | ~scored).all():
             relative, last = relative[:1], last[:1]  # lockstep: one mask for every stream
@@ -225,12 +230,12 @@ class StreamCache:
         sims -= top
         counts = np.minimum(start[:, None] + before, self.size)  # keys in each window
         # The keys followed by the position's target, found as a sparse list.
-        flat = np.flatnonzero(self.words[:, None, :] == targets[:, :, None])
-        row, k = np.divmod(flat, self.slots)  # row: b * T + t
+        flat = np.flatnonzero(words[:, None, :] == targets[:, :, None])
+        row, k = np.divmod(flat, used)  # row: b * T + t
         mask_row = row if outside.shape[0] > 1 else row % targets.shape[1]
-        inside = ~outside.reshape(-1, self.slots)[mask_row, k]
+        inside = ~outside.reshape(-1, used)[mask_row, k]
         row, k = row[inside], k[inside]
-        return Window(sims, counts, row, sims.reshape(-1, self.slots)[row, k])
+        return Window(sims, counts, row, sims.reshape(-1, used)[row, k])
 
 
 class ContinuousCache:
