@@ -67,24 +67,37 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
     def score(tokens, targets, *state):
         no_dropout_keys = tf.zeros(tf.shape(tokens)[:1], tf.int32)
         hidden, *new_state = features([tokens, no_dropout_keys, *state], training=False)
-        last_layer = hidden  # [B, T, H]: the decoder's input, returned for the continuous cache
+        batch, steps = tf.shape(targets)[0], tf.shape(targets)[1]
+        flat_targets = tf.reshape(targets, [-1])
+        # The decoder runs only where it is read: at every target, and at each row's last
+        # position (next_logprobs). Padding then costs the LSTM, not the [vocab]-wide decoder.
+        is_target = flat_targets >= 0
+        is_last = tf.range(batch * steps) % steps == steps - 1
+        decoded = tf.where(is_target | is_last)[:, 0]  # flat positions, in order
+        inputs = tf.gather(tf.reshape(hidden, [-1, hidden.shape[-1]]), decoded)  # [N, H]
         weight = tf.transpose(kernel) if transposed else kernel  # [H, V]
         if fold_bias:
-            hidden = tf.concat([hidden, tf.ones_like(hidden[..., :1])], axis=-1)
-            logits = tf.matmul(hidden, tf.concat([weight, bias[None, :]], axis=0))
+            inputs = tf.concat([inputs, tf.ones_like(inputs[:, :1])], axis=-1)
+            logits = tf.matmul(inputs, tf.concat([weight, bias[None, :]], axis=0))
         else:
-            logits = tf.matmul(hidden, weight) + bias
-        logprobs = tf.nn.log_softmax(logits)  # [B, T, V]: stays inside the graph
-        is_target = targets >= 0
+            logits = tf.matmul(inputs, weight) + bias
+        logprobs = tf.nn.log_softmax(logits)  # [N, V]: stays inside the graph
+        wanted = tf.gather(flat_targets, decoded)
         # Mask before gathering: a -1 index would silently read the last word.
-        safe_targets = tf.where(is_target, targets, tf.zeros_like(targets))
-        picked = tf.gather(logprobs, safe_targets, batch_dims=2)
-        outputs = {contract.OUTPUT_LOGPROBS: tf.where(is_target, picked, tf.zeros_like(picked))}
+        picked = tf.gather(tf.reshape(logprobs, [-1]),
+                           tf.range(tf.shape(wanted)[0]) * tf.shape(logprobs)[1]
+                           + tf.maximum(wanted, 0))
+        picked = tf.where(wanted >= 0, picked, tf.zeros_like(picked))
+        scattered = tf.scatter_nd(decoded[:, None], picked, tf.cast([batch * steps], tf.int64))
+        outputs = {contract.OUTPUT_LOGPROBS: tf.reshape(scattered, [batch, steps])}
         for name, value in zip(states, new_state):
             outputs[contract.state_output(name)] = value
-        # a [B, V] slice of what is computed anyway
-        outputs[contract.OUTPUT_NEXT_LOGPROBS] = logprobs[:, -1, :]
-        outputs[contract.OUTPUT_HIDDEN] = tf.identity(last_layer)
+        # each row's last position among the decoded ones: a [B, V] slice of what is computed
+        order = tf.cumsum(tf.cast(is_target | is_last, tf.int32)) - 1
+        outputs[contract.OUTPUT_NEXT_LOGPROBS] = tf.gather(
+            logprobs, tf.gather(order, tf.range(1, batch + 1) * steps - 1))
+        # the decoder's input, returned for the continuous cache
+        outputs[contract.OUTPUT_HIDDEN] = tf.identity(hidden)
         return outputs
 
     return score

@@ -10,11 +10,13 @@ waits for. Rows never share state, so a row's numbers do not depend on its batch
 
 The width of a call. Rows sit at different positions, so a call that ended wherever some row
 ends would be a few steps wide (with 32 rows of 80 tokens, about 2.5), and a call has a cost of
-its own; a call of `bptt` steps pads every row that ends inside it, and a padded position costs
-as much as a real one (the decoder runs on every position). `step` takes the width that scores
-the most tokens per unit of expected cost, where a call of `rows` rows and `width` steps is
-expected to cost `overhead + rows * width` token positions; `calibrate` measures `overhead` for
-the bundle at hand (it grows as the vocabulary shrinks: the per-token decoder gets cheaper).
+its own; a call of `bptt` steps pads every row that ends inside it. `step` takes the width that
+scores the most tokens per unit of expected cost (`CallCost`): a fixed cost per call, plus every
+position, a padded one costing a fraction of a scored one. That fraction is the bundle's: the
+graph exported since issue 14 runs its [vocab]-wide decoder only at targets, so padding costs
+the LSTM alone (about a sixth of a position at WikiText-2's vocabulary); in older bundles the
+decoder runs everywhere and padding costs as much as a target. `calibrate` measures both for
+the bundle at hand (the fixed cost grows as the vocabulary shrinks: the decoder gets cheaper).
 """
 
 from __future__ import annotations
@@ -28,7 +30,18 @@ import numpy as np
 from serve.contract import PAD_INPUT, PAD_TARGET
 from serve.scorer import Scorer
 
-DEFAULT_OVERHEAD = 16.0  # token positions a call costs beyond its rows x width, until calibrated
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """A call's expected cost in scored positions: `overhead` for the call, one for every
+    position scored, and `padding` for every padded one."""
+
+    overhead: float = 16.0
+    padding: float = 1.0
+
+    def of(self, rows: int, width: int, scored: int) -> float:
+        return self.overhead + scored + self.padding * (rows * width - scored)
 
 
 @dataclass(eq=False)
@@ -55,10 +68,10 @@ class RowBatch:
     thread and `add`/`drop` on the event loop, never at the same time).
     """
 
-    def __init__(self, scorer: Scorer, max_rows: int, overhead: float = DEFAULT_OVERHEAD) -> None:
+    def __init__(self, scorer: Scorer, max_rows: int, cost: CallCost = CallCost()) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
-        self.scorer, self.max_rows, self.overhead = scorer, max_rows, overhead
+        self.scorer, self.max_rows, self.cost = scorer, max_rows, cost
         self.rows: list[Row] = []
         self._state = scorer.zero_state(0)
 
@@ -90,7 +103,7 @@ class RowBatch:
         if not self.rows:
             return []
         remaining = np.array([row.remaining for row in self.rows])
-        width = best_width(remaining, self.scorer.bptt, self.overhead)
+        width = best_width(remaining, self.scorer.bptt, self.cost)
         tokens, targets = self._inputs(width)
         logprobs, self._state = self.scorer.step(tokens, targets, self._state)
         for row, lp in zip(self.rows, logprobs):
@@ -121,32 +134,35 @@ class RowBatch:
         return tokens, targets
 
 
-def best_width(remaining: np.ndarray, bptt: int, overhead: float) -> int:
-    """The call width (at most `bptt`) with the most tokens scored per expected cost, where a
-    call costs `overhead + rows * width` token positions; ties go to the narrower call (rows
-    that end leave room for new ones sooner)."""
+def best_width(remaining: np.ndarray, bptt: int, cost: CallCost) -> int:
+    """The call width (at most `bptt`) with the most tokens scored per expected `cost`, for
+    rows with `remaining` tokens each; ties go to the narrower call (rows that end leave room
+    for new ones sooner)."""
     candidates = np.unique(np.minimum(np.append(remaining, bptt), bptt))
     scored = np.minimum(remaining[None, :], candidates[:, None]).sum(axis=1)
-    value = scored / (overhead + remaining.size * candidates)
+    value = scored / cost.of(remaining.size, candidates, scored)
     return int(candidates[np.argmax(value)])
 
 
-def calibrate(scorer: Scorer, rows: int) -> float:
-    """The fixed cost of one call in token positions (see the module doc), measured on the
-    scorer: two calls of `rows` rows, one step and `bptt` steps wide, timed a few times each."""
+def calibrate(scorer: Scorer, rows: int) -> CallCost:
+    """The CallCost of `scorer`'s bundle, from three calls of `rows` rows timed a few times
+    each: one step wide, `bptt` steps wide, and `bptt` steps with only the first a target."""
     wide = max(scorer.bptt, 2)
 
-    def seconds(width: int) -> float:
+    def seconds(width: int, targets: int) -> float:
         ids = np.arange(rows * width, dtype=np.int32).reshape(rows, width) % len(scorer.vocab)
+        wanted = np.where(np.arange(width) < targets, ids, PAD_TARGET).astype(np.int32)
         state = scorer.zero_state(rows)
-        scorer.step(ids, ids, state)  # onnxruntime's first call at a new shape is slower
+        scorer.step(ids, wanted, state)  # onnxruntime's first call at a new shape is slower
         best = np.inf
         for _ in range(3):
             started = time.perf_counter()
-            scorer.step(ids, ids, state)
+            scorer.step(ids, wanted, state)
             best = min(best, time.perf_counter() - started)
         return best
 
-    narrow, full = seconds(1), seconds(wide)
-    per_position = max(full - narrow, 1e-9) / (rows * (wide - 1))
-    return max(narrow / per_position - rows, 0.0)
+    narrow, full, padded = seconds(1, 1), seconds(wide, wide), seconds(wide, 1)
+    extra = max(full - narrow, 1e-9)  # rows * (wide - 1) more scored positions
+    overhead = narrow / (extra / (rows * (wide - 1))) - rows
+    return CallCost(overhead=max(overhead, 0.0),
+                    padding=min(max((padded - narrow) / extra, 0.0), 1.0))

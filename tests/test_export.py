@@ -158,12 +158,40 @@ def test_padding_targets_score_zero_and_change_nothing_else(exported, text):
     padded[0, -4:] = -1  # a ragged end
     padded[2, 5] = -1
     state = zero_state(config, 3)
-    full, full_state, _ = onnx_call(sess, config, tokens, targets, state)
-    got, got_state, _ = onnx_call(sess, config, tokens, padded, state)
+    full, full_state, full_next = onnx_call(sess, config, tokens, targets, state)
+    got, got_state, got_next = onnx_call(sess, config, tokens, padded, state)
     assert np.all(got[padded < 0] == 0.0)
     np.testing.assert_array_equal(got[padded >= 0], full[padded >= 0])
     for a, b in zip(got_state, full_state):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got_next, full_next)  # row 0's last position is padding
+
+
+def test_the_decoder_runs_only_at_targets_and_last_positions(exported, text, tmp_path):
+    """Padding costs the LSTM, not the [vocab]-wide decoder: onnxruntime's own profile shows
+    the decoder's matmul given one row per target, plus each row's last position."""
+    config = exported["config"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    sess = ort.InferenceSession(str(exported["bundle"] / "model.onnx"), options,
+                                providers=["CPUExecutionProvider"])
+    stream = columns(text[1], 3, CHUNK)
+    tokens, targets = stream[:, :-1], stream[:, 1:].copy()
+    targets[:, 4:] = -1
+    targets[1, 7] = 5  # rows' targets: 4, 5 and 4; their last positions: 3 more
+    onnx_call(sess, config, tokens, targets, zero_state(config, 3))
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+
+    def dims(shapes: list[dict]) -> list[list[int]]:  # [{"float": [16, 17]}, ...]
+        return [next(iter(shape.values())) for shape in shapes]
+
+    decoder_inputs = [dims(event["args"]["input_type_shape"])[0] for event in trace
+                      if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                      and event["args"].get("op_name") in ("MatMul", "Gemm", "FusedMatMul")
+                      and dims(event["args"]["output_type_shape"])[0][-1:] == [VOCAB_SIZE]]
+    assert decoder_inputs and all(shape[0] == 16 for shape in decoder_inputs)
 
 
 def test_two_halves_score_like_the_whole(exported, text):

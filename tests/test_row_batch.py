@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
 
-from serve.row_batch import RowBatch, best_width, calibrate
+from serve.row_batch import CallCost, RowBatch, best_width, calibrate
 from serve.scorer import Scorer
 from serve.web.batcher import Batcher
 
@@ -34,7 +34,7 @@ def alone(scorer: Scorer, ids: np.ndarray) -> np.ndarray:
 def test_rows_joining_and_leaving_score_as_each_alone(scorer):
     ids = scorer.vocab.encode(WORDS)
     texts = {"long": ids, "short": ids[3:5], "one": ids[7:8], "mid": ids[10:31], "late": ids[:13]}
-    batch = RowBatch(scorer, max_rows=3, overhead=0.0)  # no fixed cost: every call ends at a row
+    batch = RowBatch(scorer, max_rows=3, cost=CallCost(0.0, 1.0))  # every call ends at a row
     batch.add("long", texts["long"])
     batch.add("short", texts["short"])
     finished = {row.key: row.logprobs for row in batch.step()}
@@ -73,20 +73,27 @@ def test_a_call_is_as_wide_as_is_worth_it():
     rng = np.random.default_rng(0)
     for _ in range(200):
         remaining = rng.integers(1, 90, rng.integers(1, 33))
-        overhead, bptt = float(rng.uniform(0, 60)), int(rng.integers(1, 40))
-        value = [np.minimum(remaining, w).sum() / (overhead + remaining.size * w)
-                 for w in range(1, bptt + 1)]
-        chosen = best_width(remaining, bptt, overhead)
+        bptt = int(rng.integers(1, 40))
+        cost = CallCost(float(rng.uniform(0, 60)), float(rng.uniform(0, 1)))
+        value = []
+        for w in range(1, bptt + 1):
+            scored = np.minimum(remaining, w).sum()
+            value.append(scored / (cost.overhead + scored
+                                   + cost.padding * (remaining.size * w - scored)))
+        chosen = best_width(remaining, bptt, cost)
         assert 1 <= chosen <= bptt
         assert value[chosen - 1] == pytest.approx(max(value), rel=1e-12)
-    # with no fixed cost a call never pads; with a large one it never stops short of bptt
-    assert best_width(np.array([3, 80, 80]), 35, 0.0) == 3
-    assert best_width(np.array([3, 80, 80]), 35, 1000.0) == 35
+    # no fixed cost and costly padding: a call never pads; a large fixed cost or free padding:
+    # it never stops short of bptt
+    assert best_width(np.array([3, 80, 80]), 35, CallCost(0.0, 1.0)) == 3
+    assert best_width(np.array([3, 80, 80]), 35, CallCost(1000.0, 1.0)) == 35
+    assert best_width(np.array([3, 80, 80]), 35, CallCost(5.0, 0.0)) == 35
 
 
-def test_calibrate_measures_a_fixed_cost(scorer):
-    overhead = calibrate(scorer, rows=4)
-    assert math.isfinite(overhead) and overhead >= 0
+def test_calibrate_gives_a_cost_in_range(scorer):
+    cost = calibrate(scorer, rows=4)
+    assert math.isfinite(cost.overhead) and cost.overhead >= 0
+    assert 0 <= cost.padding <= 1
 
 
 def test_the_batcher_lets_new_requests_into_the_next_call(scorer):
@@ -109,7 +116,7 @@ def test_the_batcher_lets_new_requests_into_the_next_call(scorer):
 
             batcher = Batcher(model_thread, max_batch=4, max_wait=0.0,
                               on_call=join_after_first_call)
-            batcher.use(RowBatch(scorer, 4, overhead=0.0))
+            batcher.use(RowBatch(scorer, 4, CallCost(0.0, 1.0)))
             batcher.start()
             long = batcher.submit([ids[:40], ids[:12]], never)
             short = await asyncio.wait_for(_joined(joined, "short"), 60)
