@@ -7,10 +7,12 @@ Starts `python -m serve.server` on a free loopback port over standard_lstm_lm_20
 vocabulary, 33,278 tokens; `--run`, else an untrained one: speed does not depend on the weights),
 then, at each concurrency, keeps that many requests in flight (each the next non-empty lines of
 WikiText-2 valid) until `--requests` are answered or `--seconds` pass, and prints texts/s,
-tokens/s, p50/p99 latency, errors, and the mean texts per onnxruntime batch from the server's
-/metrics. Then the same text through `serve/score.py` (Scorer.score_file: carried streams, no
-HTTP) and `Scorer.score` (each line on its own, batched, no HTTP), and the server's peak RSS.
-The load generator shares the machine with the server: on a small machine it takes a real share.
+tokens/s (and their fraction of the CLI's), p50/p99 latency, errors, the mean texts per
+onnxruntime call from the server's /metrics, and the load generator's own CPU (in cores). The
+same text through `serve/score.py` (Scorer.score_file: carried streams, no HTTP) runs before and
+after the server, then `Scorer.score` (each line on its own, batched, no HTTP); and the server's
+peak RSS. The load generator shares the machine with the server: on a small machine it takes a
+real share (its CPU column says how much).
 """
 
 from __future__ import annotations
@@ -63,37 +65,63 @@ def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.
         time.sleep(0.1)
 
 
+async def post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
+                    body: bytes) -> tuple[int, bytes]:
+    """One POST on a kept-alive connection: (status, response body)."""
+    writer.write(head % len(body) + body)
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if not status_line:
+        raise ConnectionError("the server closed the connection")
+    return int(status_line.split()[1]), await reader.readexactly(length)
+
+
 async def load(url: str, requests: list[list[str]], concurrency: int, count: int,
                seconds: float) -> dict:
-    """Keep `concurrency` requests in flight until `count` are answered or `seconds` pass."""
-    import httpx
+    """Keep `concurrency` requests in flight until `count` are answered or `seconds` pass.
 
+    The clients are raw keep-alive HTTP/1.1 connections with their bodies encoded beforehand:
+    the load generator shares the machine with the server, so it does as little as it can
+    (httpx took about a fifth of a core at concurrency 32). Its CPU time is reported."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: %d\r\n\r\n").encode()
+    bodies = [json.dumps({"texts": texts}).encode() for texts in requests]
     latencies: list[float] = []
     errors, texts, tokens, sent = 0, 0, 0, 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    cpu_before = time.process_time()
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120,
-                                 trust_env=False) as client:
-        async def worker() -> None:
-            nonlocal errors, texts, tokens, sent
+
+    async def client() -> None:
+        nonlocal errors, texts, tokens, sent
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
             while sent < count and time.perf_counter() - started < seconds:
-                body = {"texts": requests[sent % len(requests)]}
+                body = bodies[sent % len(bodies)]
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post("/v1/score", json=body)
-                except httpx.HTTPError:
+                    status, answer = await post_json(reader, writer, head, body)
+                except (ConnectionError, asyncio.IncompleteReadError):
                     errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
                     continue
                 latencies.append(time.perf_counter() - t0)
-                if response.status_code != 200:
+                if status != 200:
                     errors += 1
                     continue
-                results = response.json()["results"]
+                results = json.loads(answer)["results"]
                 texts += len(results)
                 tokens += sum(r["tokens"] for r in results)
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - started
     latencies.sort()
 
@@ -102,7 +130,8 @@ async def load(url: str, requests: list[list[str]], concurrency: int, count: int
 
     return {"requests": len(latencies), "errors": errors, "texts_per_s": texts / wall,
             "tokens_per_s": tokens / wall, "p50_ms": 1000 * pct(0.50),
-            "p99_ms": 1000 * pct(0.99), "seconds": wall}
+            "p99_ms": 1000 * pct(0.99), "seconds": wall,
+            "client_cpu": (time.process_time() - cpu_before) / wall}
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -157,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
 
         threads = ["--threads", str(args.threads)] if args.threads else []
+
+        def cli() -> dict:
+            report = subprocess.run(
+                [sys.executable, str(REPO / "serve" / "score.py"), str(text), "--model",
+                 str(bundle), "--json", *threads], capture_output=True, text=True, check=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+            return json.loads(report.stdout)
+
+        streams = [cli()]  # before and after the server: the machine's noise, seen
         proc, url = start_server(bundle, [
             "--max-batch", str(args.max_batch), "--queue-size", str(args.queue_size),
             "--max-tokens-per-text", "100000", "--max-body-bytes", str(16 << 20), *threads],
@@ -179,11 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 code = proc.wait()
 
-        report = subprocess.run(
-            [sys.executable, str(REPO / "serve" / "score.py"), str(text), "--model", str(bundle),
-             "--json", *threads], capture_output=True, text=True, check=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
-        stream = json.loads(report.stdout)
+        streams.append(cli())
+        stream = streams[0]
+        cli_tps = [s["tokens_per_second"] for s in streams]
+        cli_mean = sum(cli_tps) / len(cli_tps)
 
         from serve.scorer import Scorer
 
@@ -199,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
           f"server --max-batch {args.max_batch} --threads {args.threads or 'all'}, "
           f"{os.cpu_count()} CPUs (load average {load_before:.1f} before starting)")
     print(f"{'concurrency':>11}{'requests':>9}{'errors':>7}{'texts/s':>9}{'tokens/s':>10}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'texts/batch':>12}")
+          f"{'vs CLI':>8}{'p50 ms':>8}{'p99 ms':>8}{'texts/call':>11}{'client CPU':>11}")
     for concurrency, r in rows:
         print(f"{concurrency:>11}{r['requests']:>9}{r['errors']:>7}{r['texts_per_s']:>9.1f}"
-              f"{r['tokens_per_s']:>10,.0f}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
-              f"{r['mean_batch']:>12.1f}")
+              f"{r['tokens_per_s']:>10,.0f}{r['tokens_per_s'] / cli_mean:>8.0%}"
+              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['mean_batch']:>11.1f}"
+              f"{r['client_cpu']:>10.2f}c")
     print(f"serve/score.py (Scorer.score_file, {stream['batch_size']} streams x bptt "
-          f"{stream['bptt']}, no HTTP): {stream['tokens_per_second']:,.0f} tokens/s")
+          f"{stream['bptt']}, no HTTP), before and after the server: "
+          f"{' and '.join(f'{x:,.0f}' for x in cli_tps)} tokens/s (vs CLI: their mean)")
     print(f"Scorer.score (each line on its own, batches of {args.max_batch}, no HTTP): "
           f"{alone_tps:,.0f} tokens/s")
     print(f"server peak RSS {rss:.0f} MB; exit status after SIGTERM {code}")
