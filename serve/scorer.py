@@ -150,6 +150,28 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+_ARENA: list[bool] = []  # whether the process-wide CPU arena below was registered
+
+
+def _use_exact_size_arena() -> bool:
+    """Register (once per process) a CPU memory arena that grows by exactly what is asked.
+
+    The scoring graph's decoder works on as many rows as a call has targets, so the size of its
+    [rows, vocab] buffers changes from call to call; onnxruntime's default arena grows in powers
+    of two and keeps every region, which took a service's peak RSS from 310 to 590 MB on
+    WikiText-2's vocabulary (430 MB with this one, at the same speed).
+    """
+    if not _ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+            _ARENA.append(True)
+        except Exception:  # noqa: BLE001 - an onnxruntime without it: its default arena
+            _ARENA.append(False)
+    return _ARENA[0]
+
+
 class ScoringStopped(Exception):
     """`Scorer.score_rows` was told to stop before it finished."""
 
@@ -175,6 +197,8 @@ class Scorer:
         options.log_severity_level = 3
         if not spin:  # idle intra-op threads sleep instead of spinning for the next call
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _use_exact_size_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
