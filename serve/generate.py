@@ -42,7 +42,7 @@ from serve.bundle import (
     load_bundle,
     resolve_bundle,
 )
-from serve.contract import INPUT_TARGETS, INPUT_TOKENS, state_output
+from serve.contract import INPUT_TARGETS, INPUT_TOKENS, PAD_TARGET, state_output
 from serve.scorer import DEVICES, choose_providers
 
 Rng = np.random.Generator | Sequence[np.random.Generator]
@@ -189,7 +189,9 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
     def run(ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         if stop is not None and stop():
             raise GenerationStopped
-        feed = {INPUT_TOKENS: ids, INPUT_TARGETS: np.zeros_like(ids), **dict(zip(names, state))}
+        # no targets: the decoder runs at the last position alone (bundles since issue 14)
+        feed = {INPUT_TOKENS: ids, INPUT_TARGETS: np.full_like(ids, PAD_TARGET),
+                **dict(zip(names, state))}
         try:
             dist, *new_state = bundle.session.run(outputs, feed)
         except Exception as err:  # noqa: BLE001 - onnxruntime's own error types
