@@ -18,7 +18,7 @@ from keraslm.data import choose_pipeline, encode_file, resolve_paths
 from keraslm.losses import decoder_nll_sum
 from keraslm.model import load_run_model, split_decoder
 from keraslm.rundir import RunDir, resolve_run
-from keraslm.text import TextPipeline
+from keraslm.text import TextPipeline, use_data_root
 
 
 class Evaluator:
@@ -111,6 +111,8 @@ def evaluate_run(run: RunDir | str | None, source: str, split: str = "valid", *,
     run_pipeline = TextPipeline.from_dict(run.read_config()["pipeline"])
     pipeline = choose_pipeline(source, fmt, moses_tutorial, inherited=run_pipeline)
     path = resolve_paths(None, {split: source}, data_root, splits=(split,))[split]
+    if data_root:
+        use_data_root(data_root)
     encoded = encode_file(split, path, pipeline, vocab)
     batches = BPTTBatches(encoded.ids, batch_size, bptt, "keep")
     nll_sum, count = Evaluator(model, jit_compile=jit_compile)(batches)

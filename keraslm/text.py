@@ -296,15 +296,26 @@ def _moses_tokenize(text: str, escape: bool, protected: tuple[str, ...]) -> list
 
 # --- punkt ------------------------------------------------------------------------------------
 
-def default_nltk_dirs() -> list[Path]:
-    """Where punkt is looked for by default: ``$NLTK_DATA`` entries, then ``<data root>/nltk_data``.
+_DATA_ROOTS: list[Path] = []  # data roots named by the program (--data-root), newest first
 
-    The data root is ``$KERASLM_DATA`` or ``~/.keraslm/datasets``.
-    """
+
+def use_data_root(root: str | os.PathLike[str]) -> None:
+    """Look for punkt in ``<root>/nltk_data`` too (before ``$KERASLM_DATA``'s): a CLI given
+    ``--data-root`` finds the sentence model where it finds the corpora."""
+    folder = Path(root).expanduser().absolute()
+    if folder not in _DATA_ROOTS:
+        _DATA_ROOTS.insert(0, folder)
+
+
+def default_nltk_dirs() -> list[Path]:
+    """Where punkt is looked for by default: ``$NLTK_DATA`` entries, then ``<data root>/nltk_data``
+    for every root given to `use_data_root`, then for ``$KERASLM_DATA`` (or
+    ``~/.keraslm/datasets``)."""
     env = [Path(p).expanduser().absolute()
            for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
     root = Path(os.environ.get("KERASLM_DATA") or "~/.keraslm/datasets").expanduser().absolute()
-    return env + [root / "nltk_data"]
+    roots = [*_DATA_ROOTS, *([root] if root not in _DATA_ROOTS else [])]
+    return env + [r / "nltk_data" for r in roots]
 
 
 def punkt_tokenizer(nltk_data: NltkDirs = None, *, download: bool = True) -> Any:

@@ -31,7 +31,6 @@ from serve.contract import PAD_INPUT, PAD_TARGET
 from serve.scorer import Scorer
 
 
-
 @dataclass(frozen=True)
 class CallCost:
     """A call's expected cost in scored positions: `overhead` for the call, one for every

@@ -20,8 +20,10 @@ from keraslm.text import (
     RAW_TUTORIAL,
     WIKITEXT,
     TextPipeline,
+    default_nltk_dirs,
     pipeline_for_format,
     punkt_tokenizer,
+    use_data_root,
 )
 
 DATA = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
@@ -170,6 +172,18 @@ def test_missing_file_is_a_user_error(tmp_path):
 def test_missing_punkt_says_where_it_looked(tmp_path):
     with pytest.raises(UserError, match=rf"punkt_tab.*not found.*{tmp_path}.*nltk.downloader"):
         punkt_tokenizer(tmp_path, download=False)
+
+
+def test_a_data_root_given_by_the_program_is_searched_for_punkt(tmp_path, monkeypatch):
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    monkeypatch.setenv("KERASLM_DATA", str(tmp_path / "env-root"))
+    monkeypatch.setattr(text_module, "_DATA_ROOTS", [])
+    assert default_nltk_dirs() == [tmp_path / "env-root" / "nltk_data"]
+    use_data_root(DATA)
+    use_data_root(DATA)  # once is enough
+    assert default_nltk_dirs() == [DATA.absolute() / "nltk_data", tmp_path / "env-root" / "nltk_data"]
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
+    assert default_nltk_dirs()[0] == tmp_path / "nltk"  # $NLTK_DATA still comes first
 
 
 def test_punkt_from_an_explicit_folder():

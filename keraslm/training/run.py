@@ -28,7 +28,7 @@ from keraslm.data import EncodedSplit, build_vocab, choose_pipeline, encode_file
 from keraslm.errors import UserError
 from keraslm.precision import check_supported as check_precision
 from keraslm.rundir import RunDir, new_run_name, resolve_run
-from keraslm.text import TextPipeline
+from keraslm.text import TextPipeline, use_data_root
 from keraslm.training.devices import is_chief, is_multiworker, make_strategy
 from keraslm.training.loop import EpochLoop
 from keraslm.training.signals import StopRequest
@@ -86,6 +86,8 @@ def prepare(config: TrainConfig, is_chief: bool = True,
     corpus = data.corpus or (None if data.train else "wikitext-2")
     paths = resolve_paths(corpus, {"train": data.train, "valid": data.valid, "test": data.test},
                           data.data_root)
+    if data.data_root:
+        use_data_root(data.data_root)
     if resumed is not None:
         model_config = resumed.model_config()
         vocab = resumed.read_vocab(model_config.vocab_size)
