@@ -42,6 +42,7 @@ import keraslm
 from export.card import write_card
 from keraslm.corpora import sha1_of
 from keraslm.errors import UserError
+from keraslm.files import current_umask
 from keraslm.quiet import start_tensorflow
 from keraslm.rundir import RunDir, resolve_run, write_json_atomic
 from keraslm.text import TextPipeline
@@ -199,16 +200,10 @@ def _work_dir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700; give the bundle the usual mode
+        os.chmod(work, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the bundle the usual mode
         return work
     except OSError as err:
         raise UserError(f"cannot write the bundle {out}: {err.strerror or err}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(new: Path, target: Path) -> None:
