@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--max-batch", type=int_at_least(1), default=s.max_batch,
-                   help=f"texts per onnxruntime batch (default {s.max_batch})")
+                   help=f"texts sharing an onnxruntime call (default {s.max_batch})")
     p.add_argument("--max-wait-ms", type=float_at_least(0), default=s.max_wait_ms,
-                   help="how long a batch may wait for requests already arriving "
-                        f"(default {s.max_wait_ms:g})")
+                   help="how long the first call after idle may wait for requests already "
+                        f"arriving (default {s.max_wait_ms:g})")
     p.add_argument("--queue-size", type=int_at_least(1), default=s.queue_size,
                    help=f"requests admitted and waiting for the model (being read, tokenized or "
                         f"queued); more get 503 at once (default {s.queue_size})")
