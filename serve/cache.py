@@ -17,12 +17,13 @@ occurrence of the target (an honest infinite perplexity).
 
 The cache is per stream: `StreamCache` is a ring buffer of (hidden state, next word) pairs for each
 row of a batch, carried from one chunk to the next exactly like the LSTM state and dropped where
-that state is dropped. Padding positions never enter it. Positions are mixed a piece at a time:
-one [piece x (size + piece)] similarity matmul per stream, a mask for each position's window, and
-a log-sum-exp over it; nothing loops over tokens. A corpus's chunks are grouped into pieces of up
-to MAX_PIECE positions (`plan`), which amortizes NumPy's per-call cost and feeds the matmul more
-rows (measured at batch 1, bptt 35, window 2000: 64 µs a token in pieces of 35, 38 in pieces of
-245); the numbers do not depend on the grouping beyond float32 round-off.
+that state is dropped. Padding positions never enter it. Positions are mixed a piece at a time,
+a stream at a time: one [piece x (piece - 1 + size)] similarity matmul against the run of keys
+the piece's windows cover, each position's window a band of it (a strided view: no mask), and a
+sum of exponentials over it; nothing loops over tokens. Streams are mixed on as many threads as
+there are cores (the network and the cache take turns on them). A corpus's chunks are grouped
+into pieces of up to MAX_PIECE positions (`plan`), which amortizes NumPy's per-call cost and
+feeds the matmul more rows; the numbers do not depend on the grouping beyond float32 round-off.
 
 One difference from GluonNLP's `CacheCell` (`cache_language_model.py`): GluonNLP turns the cache on
 only once a stream has seen `size` positions; here a partly filled window is used from the
@@ -36,7 +37,9 @@ numpy without running the network again. This module imports numpy only.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,12 +49,17 @@ from serve.contract import PAD_TARGET
 
 MAX_CACHE_BYTES = 4 << 30  # refuse a cache (ring buffers and one piece's work) bigger than this
 MAX_PIECE = 256  # positions of a stream mixed at once, at most
-PIECE_WORK = 3072  # ... and at most about this many over all streams (its arrays: [B, piece, slots])
-_EMPTY = np.iinfo(np.int64).min // 2  # the rank of an empty slot: in no window
-# Exponents are clamped here before exp: below it float32 goes subnormal, which is several times
-# slower to compute, and exp(-80) = 1.8e-35 is far below a window's total (>= 1: its largest
-# term is exp(0)), so the totals do not change; outside the window -inf becomes this too.
-_EXP_FLOOR = np.float32(-80.0)
+PIECE_WORK = 3072  # ... and at most about this many over all streams (the ring has room for a piece)
+# Streams are mixed on this many threads (NumPy releases the GIL in the matmuls and elementwise
+# loops that do most of the work), as many as the cores onnxruntime's network runs on: the
+# network and the cache take turns, so the cores would otherwise idle while the cache works.
+_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+_POOL: list[ThreadPoolExecutor] = []
+# A row of exponents whose largest is in this range is exponentiated as it is: its sum is a
+# normal float32 far from overflow, and terms small enough to go subnormal (below -87) are
+# below 1e-29 of it. Other rows are shifted by their largest first.
+_SAFE_LOW, _SAFE_HIGH = np.float32(-20.0), np.float32(60.0)
 
 
 @dataclass(frozen=True)
@@ -98,51 +106,14 @@ def plan(batch: int, bptt: int) -> tuple[int, int]:
 
 def check_memory(batch: int, size: int, nhid: int, piece: int) -> None:
     """UserError when a cache for `batch` streams would need more than MAX_CACHE_BYTES."""
-    need = batch * (size + piece) * (4 * nhid + 4 + 8 + 6 * 4 * piece)
+    need = batch * (size + piece) * (4 * nhid + 4) + _WORKERS * piece * (size + piece) * 8
     if need > MAX_CACHE_BYTES:
         raise UserError(f"a cache of {size} positions for {batch} streams of {nhid} units needs "
                         f"about {need / 2**30:.1f} GiB (limit {MAX_CACHE_BYTES / 2**30:.0f}): "
                         f"use a smaller --cache-size or --batch-size")
 
 
-# --- one chunk's windows -----------------------------------------------------------------------
-
-class Window:
-    """Every position's similarities to the keys in its window, for one piece of every stream.
-
-    `shifted` [B, T, slots] holds h_t·h_i minus its row's maximum inside the window (-inf outside);
-    `hit_rows` and `hit_values` list every key in a window whose next word is that position's
-    target: its row (b * T + t) and its `shifted` value (few: a sparse list, not a mask). The
-    similarities do not depend on θ, so one Window gives log p_cache for any θ (tuning asks for
-    many).
-    """
-
-    def __init__(self, shifted: np.ndarray, counts: np.ndarray, hit_rows: np.ndarray,
-                 hit_values: np.ndarray) -> None:
-        self.shifted, self.counts = shifted, counts  # counts [B, T]: keys in each window
-        self.hit_rows, self.hit_values = hit_rows, hit_values  # into the flattened [B * T]
-
-    def log_probs(self, theta: float, overwrite: bool = False) -> np.ndarray:
-        """log p_cache(target) [B, T] (float64): -inf where the window is empty or lacks it.
-
-        `overwrite` lets the exponentials be computed in place (the Window is then spent).
-        """
-        rows, scale = self.counts.size, np.float32(theta)
-        if scale == 0:  # uniform over the window (exp(0 * -inf) would be NaN)
-            total = self.counts.astype(np.float64)
-            hits = np.bincount(self.hit_rows, minlength=rows)
-        else:
-            weights = self.shifted if overwrite else np.empty_like(self.shifted)
-            np.multiply(self.shifted, scale, out=weights)
-            np.maximum(weights, _EXP_FLOOR, out=weights)
-            np.exp(weights, out=weights)  # ~0 outside the window
-            total = weights.sum(axis=-1).astype(np.float64)
-            # the same float32 terms as in `total`
-            hits = np.bincount(self.hit_rows, np.exp(scale * self.hit_values), minlength=rows)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logp = np.log(hits.reshape(total.shape)) - np.log(total)
-        return np.where(self.counts > 0, logp, -np.inf)
-
+# --- mixing ------------------------------------------------------------------------------------
 
 def mix(model_logprobs: np.ndarray, cache_logprobs: np.ndarray, lam: float,
         scored: np.ndarray) -> np.ndarray:
@@ -156,18 +127,28 @@ def mix(model_logprobs: np.ndarray, cache_logprobs: np.ndarray, lam: float,
     return np.where(scored, mixed, 0.0).astype(np.float32)
 
 
+def _exp(exponents: np.ndarray, top: np.ndarray) -> None:
+    """exp(exponents - shift) in place, row by row, where each row's shift is 0 when its
+    largest exponent `top` is in [_SAFE_LOW, _SAFE_HIGH] (most rows: no pass to shift them),
+    else `top`. The shift cancels in p_cache (a ratio of sums of one row's terms)."""
+    unsafe = (top < _SAFE_LOW) | (top > _SAFE_HIGH)
+    if unsafe.any():
+        exponents -= np.where(unsafe, top, np.float32(0))[:, None]
+    np.exp(exponents, out=exponents)
+
+
 # --- the per-stream ring buffer ---------------------------------------------------------------
 
 class StreamCache:
     """The last `size` (hidden state, next word) pairs of each of `batch` streams, and room for
     one more piece of at most `piece` positions.
 
-    A piece is added first and its windows computed after, so that one matmul against the whole
-    buffer gives every similarity: what the piece overwrites is older than any of its windows
-    reach. Slot order does not matter (the math is a sum over the window); each slot records the
-    rank of its position in its stream (0 for the stream's first scored position), and a key
-    lies in position t's window when 1 <= rank(t) - rank(key) <= size. Hidden states are stored
-    transposed, [B, H, slots], so the matmul runs on contiguous operands.
+    A piece is added first and its windows computed after, so that the keys of its own earlier
+    positions are in place: what the piece overwrites is older than any of its windows reach.
+    A stream's scored positions are numbered from 0 (its rank) and rank r lives in slot
+    r mod slots, so the window of a position, the `size` ranks before it, is a run of slots
+    (modulo the ring). Hidden states are stored transposed, [B, H, slots], so that a run of keys
+    is one matrix operand.
     """
 
     def __init__(self, batch: int, size: int, nhid: int, piece: int) -> None:
@@ -175,8 +156,8 @@ class StreamCache:
         self.slots = size + piece
         self.keys = np.zeros((batch, nhid, self.slots), np.float32)
         self.words = np.full((batch, self.slots), PAD_TARGET, np.int32)
-        self.ranks = np.full((batch, self.slots), _EMPTY, np.int64)
         self.count = np.zeros(batch, np.int64)  # positions each stream has scored
+        self._ones = np.ones(size, np.float32)
 
     @property
     def batch(self) -> int:
@@ -184,58 +165,112 @@ class StreamCache:
 
     def keep(self, rows: int) -> None:
         """Keep the first `rows` streams (the others have ended)."""
-        self.keys, self.words = self.keys[:rows], self.words[:rows]
-        self.ranks, self.count = self.ranks[:rows], self.count[:rows]
+        self.keys, self.words, self.count = self.keys[:rows], self.words[:rows], self.count[:rows]
 
-    def add(self, hidden: np.ndarray, targets: np.ndarray) -> Window:
-        """Add a piece's scored positions and return the piece's windows.
+    def add(self, hidden: np.ndarray, targets: np.ndarray, thetas: Sequence[float]
+            ) -> np.ndarray:
+        """Add a piece's scored positions; log p_cache(target) of each for each θ.
 
-        `hidden` [B, T, H] and `targets` [B, T] (padding < 0, never added), T <= piece.
+        `hidden` [B, T, H] and `targets` [B, T] (padding < 0, never added), T <= piece. Returns
+        [len(thetas), B, T] float64: -inf where the window is empty or lacks the target, and at
+        padding.
         """
         if targets.shape[1] > self.piece:
             raise ValueError(f"a piece has at most {self.piece} positions, got {targets.shape[1]}")
-        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        hidden = np.asarray(hidden, dtype=np.float32)
         scored = targets != PAD_TARGET
         start = self.count
-        before = np.cumsum(scored, axis=1) - scored  # [B, T]: scored positions before t here
-        ranks = start[:, None] + before
+        ranks = start[:, None] + np.cumsum(scored, axis=1) - scored
         rows, cols = np.nonzero(scored)
         slots = ranks[rows, cols] % self.slots
         self.keys[rows, :, slots] = hidden[rows, cols]
         self.words[rows, slots] = targets[rows, cols]
-        self.ranks[rows, slots] = ranks[rows, cols]
         self.count = start + scored.sum(axis=1)
-        # Until the ring first wraps, rank r sits in slot r: only the first `used` slots hold
-        # anything (a short text, or a stream's first `size` positions, costs what it holds).
-        used = min(self.slots, max(int(self.count.max()), 1))
-        keys, words = self.keys[:, :, :used], self.words[:, :used]
 
-        sims = np.matmul(hidden, keys)  # [B, T, used]
-        # The window of position t: the keys whose rank is 1 to `size` below t's. With ranks
-        # relative to the piece's start (they fit in int32: the buffer holds the last `slots`),
-        # age - 1 outside [0, size) -- as unsigned, negative is huge -- means outside: keys at or
-        # after t, too old, or empty. Streams that have scored the same positions (every column
-        # of a corpus, every row of a batch of texts, until it ends) share one [T, slots] mask.
-        held = self.ranks[:, :used]
-        relative = np.where(held == _EMPTY, np.iinfo(np.int32).max,
-                            held - start[:, None]).astype(np.int32)
-        last = (before - 1).astype(np.int32)
-        if (relative == relative[0]).all() and ((before == before[0]) | ~scored).all():
-            relative, last = relative[:1], last[:1]  # lockstep: one mask for every stream
-        age = last[:, :, None] - relative[:, None, :]
-        outside = age.view(np.uint32) >= self.size
-        np.copyto(sims, np.float32(-np.inf), where=outside)
-        top = sims.max(axis=-1, keepdims=True)
+        out = np.full((len(thetas), *targets.shape), -np.inf)
+        split = -(-_WORKERS // self.batch)  # bands a stream's piece is cut into: 1 unless few
+        bands = [(b, cols, int(ranks[b, cols[0]])) for b in range(self.batch)
+                 for cols in np.array_split(np.flatnonzero(scored[b]), split) if cols.size]
+
+        def run(band: tuple[int, np.ndarray, int]) -> None:
+            b, cols, first = band
+            out[:, b, cols] = self._band(b, first, hidden[b, cols], targets[b, cols], thetas)
+
+        for _ in _map(run, bands):
+            pass
+        return out
+
+    def _band(self, stream: int, first: int, hidden: np.ndarray, targets: np.ndarray,
+              thetas: Sequence[float]) -> np.ndarray:
+        """log p_cache [len(thetas), n] of n consecutive positions of `stream`, ranks `first`
+        onwards, already in the buffer.
+
+        Row t's window is the ranks first + t - w .. first + t - 1 (w: the widest window among
+        the rows), so one [n, n - 1 + w] matmul against that run of keys holds every window
+        as a band: row t's are columns t .. t + w - 1, read as a strided [n, w] view (no mask).
+        Ranks below 0 (in a stream's first positions' windows) are empty: -inf.
+        """
+        n = targets.size
+        width = min(self.size, first + n - 1)
+        if width == 0:  # the stream's first position alone: an empty window
+            return np.full((len(thetas), n), -np.inf)
+        lowest, columns = first - width, n - 1 + width
+        sims = self._similarities(stream, hidden, lowest, columns)
+        words = self.words[stream].take(np.arange(lowest, lowest + columns), mode="wrap")
+        if lowest < 0:  # (their slots are not written yet: zero keys, padding for words)
+            sims[:, :-lowest] = -np.inf
+        band = _band_view(sims, width)
+        top = band.max(axis=1)
         top[~np.isfinite(top)] = 0.0  # an empty window: nothing to shift
-        sims -= top
-        counts = np.minimum(start[:, None] + before, self.size)  # keys in each window
         # The keys followed by the position's target, found as a sparse list.
-        flat = np.flatnonzero(words[:, None, :] == targets[:, :, None])
-        row, k = np.divmod(flat, used)  # row: b * T + t
-        mask_row = row if outside.shape[0] > 1 else row % targets.shape[1]
-        inside = ~outside.reshape(-1, used)[mask_row, k]
-        row, k = row[inside], k[inside]
-        return Window(sims, counts, row, sims.reshape(-1, used)[row, k])
+        hit_rows, hit_cols = np.divmod(
+            np.flatnonzero(_band_view(words, width) == targets[:, None]), width)
+        counts = np.minimum(np.arange(first, first + n), self.size)  # keys in each window
+        out = np.empty((len(thetas), n))
+        for i, (logp, theta) in enumerate(zip(out, thetas)):
+            if theta == 0:  # uniform over the window (exp(0 * -inf) would be NaN)
+                total = counts.astype(np.float64)
+                hits = np.bincount(hit_rows, minlength=n)
+            else:
+                scale = np.float32(theta)  # the last θ may overwrite the similarities
+                weights = np.multiply(band, scale, out=band if i == len(thetas) - 1 else None)
+                _exp(weights, scale * top)
+                total = (weights @ self._ones[:width]).astype(np.float64)
+                hits = np.bincount(hit_rows, weights[hit_rows, hit_cols], minlength=n)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.subtract(np.log(hits), np.log(total), out=logp)
+            logp[counts == 0] = -np.inf
+        return out
+
+    def _similarities(self, stream: int, hidden: np.ndarray, lowest: int, columns: int
+                      ) -> np.ndarray:
+        """hidden · the keys of ranks lowest .. lowest + columns - 1: [n, columns] float32 (the
+        run of slots may wrap around the ring: then two matmuls)."""
+        sims = np.empty((hidden.shape[0], columns), np.float32)
+        keys = self.keys[stream]
+        at = lowest % self.slots
+        tail = min(columns, self.slots - at)
+        np.matmul(hidden, keys[:, at:at + tail], out=sims[:, :tail])
+        if tail < columns:
+            np.matmul(hidden, keys[:, :columns - tail], out=sims[:, tail:])
+        return sims
+
+
+def _band_view(run: np.ndarray, width: int) -> np.ndarray:
+    """The [n, width] view of a contiguous `run` whose row t starts t elements further than
+    row t - 1's: of an [n, columns] matrix, its band; of a vector, its sliding windows."""
+    rows, step = (run.shape[0], run.shape[1] + 1) if run.ndim == 2 else (run.size - width + 1, 1)
+    return np.ndarray((rows, width), run.dtype, run, strides=(step * run.itemsize, run.itemsize))
+
+
+def _map(function, items: list) -> Iterator:
+    """map(function, items) on the cache's worker threads (NumPy releases the GIL in the
+    matmuls and elementwise loops that do most of the work)."""
+    if len(items) < 2 or _WORKERS < 2:
+        return map(function, items)
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_WORKERS, thread_name_prefix="keraslm-cache"))
+    return _POOL[0].map(function, items)
 
 
 class ContinuousCache:
@@ -253,9 +288,9 @@ class ContinuousCache:
         """The chunk's mixed log-probabilities (float32, 0 at padding); the cache then holds it."""
         mixed = np.empty(targets.shape, np.float32)
         for part in pieces(targets.shape[1], self.buffer.piece):
-            window = self.buffer.add(hidden[:, part], targets[:, part])
-            mixed[:, part] = mix(logprobs[:, part], window.log_probs(self.settings.theta, True),
-                                 self.settings.lam, targets[:, part] != PAD_TARGET)
+            (cache,) = self.buffer.add(hidden[:, part], targets[:, part], [self.settings.theta])
+            mixed[:, part] = mix(logprobs[:, part], cache, self.settings.lam,
+                                 targets[:, part] != PAD_TARGET)
         return mixed
 
     def mix_chunks(self, chunks: Iterable[Chunk], group: int
@@ -334,9 +369,9 @@ class Recording:
         buffer = StreamCache(self.batch_size, size, nhid, piece)
         out: list[list[np.ndarray]] = [[] for _ in thetas]
         for hidden, targets, _ in self.pieces():
-            window, scored = buffer.add(hidden, targets), targets != PAD_TARGET
-            for row, theta in zip(out, thetas):
-                row.append(window.log_probs(theta)[scored])
+            scored = targets != PAD_TARGET
+            for row, cache in zip(out, buffer.add(hidden, targets, thetas)):
+                row.append(cache[scored])
         return np.array([np.concatenate(row) for row in out])
 
     def nll(self, settings: CacheSettings) -> float:

@@ -15,6 +15,7 @@ from test_serve_bundle import edit_json, tiny_bundle  # noqa: F401 - the shared 
 
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
+from serve import cache as cache_module
 from serve import score as score_cli
 from serve.cache import (
     CacheSettings,
@@ -84,11 +85,14 @@ def test_a_hand_computed_three_position_example():
         np.testing.assert_allclose(run_cache(settings, pieces), whole, rtol=1e-6)
 
 
-@pytest.mark.parametrize("piece, group", [(64, 1), (7, 1), (256, 3)])
-def test_random_streams_match_the_token_by_token_reference(piece, group):
+@pytest.mark.parametrize("piece, group, workers", [(64, 1, 1), (7, 1, 1), (256, 3, 1),
+                                                    (64, 1, 4), (256, 3, 8)])
+def test_random_streams_match_the_token_by_token_reference(piece, group, workers, monkeypatch):
     """Several streams, chunks of uneven length (some longer than a piece), chunks mixed alone
-    or together, windows smaller and larger than a chunk, a stream that ends early (padding),
-    frequent repeats of words."""
+    or together, windows smaller and larger than a chunk (the ring wraps), a stream that ends
+    early (padding), frequent repeats of words; streams mixed on one thread or several (a
+    stream's piece then cut into bands)."""
+    monkeypatch.setattr(cache_module, "_WORKERS", workers)
     rng = np.random.default_rng(0)
     batch, length, nhid = 3, 300, 8
     hidden = np.tanh(rng.normal(size=(batch, length, nhid)) * 2).astype(np.float32)
@@ -174,7 +178,7 @@ def test_tune_finds_the_lowest_perplexity_it_tries():
 
 def test_the_ring_buffer_keeps_only_the_last_streams():
     buffer = StreamCache(3, 4, 2, piece=2)
-    buffer.add(np.ones((3, 2, 2), np.float32), np.zeros((3, 2), np.int32))
+    buffer.add(np.ones((3, 2, 2), np.float32), np.zeros((3, 2), np.int32), [1.0])
     buffer.keep(2)
     assert buffer.batch == 2 and buffer.keys.shape[0] == 2 and list(buffer.count) == [2, 2]
 
