@@ -68,17 +68,19 @@ class CacheClock:
 def speed(scorer: Scorer, path: Path, settings: CacheSettings, batch_size: int,
           repeats: int, clock: CacheClock) -> dict:
     """score_file off and on, alternating `repeats` times: tokens/s of each (best and median),
-    and the share of the cached runs' time spent in the cache's own code."""
+    and the share of the cached runs' time spent in the cache's own code. Each as
+    `serve/score.py` runs it: `scorer` (onnxruntime's threads spinning) without the cache, a
+    scorer made with the cache (not spinning: the cache's threads need the cores) with it."""
+    cached = Scorer(scorer.bundle.path, batch_size=scorer.batch_size, bptt=scorer.bptt,
+                    cache=settings)
     runs: dict[str, list] = {"off": [], "on": []}
     cache_seconds = []
     for _ in range(repeats):
-        for key, cache in (("off", None), ("on", settings)):
-            scorer.cache = cache
+        for key, which in (("off", scorer), ("on", cached)):
             before = clock.seconds
-            runs[key].append(scorer.score_file(path, batch_size=batch_size))
-            if cache is not None:
+            runs[key].append(which.score_file(path, batch_size=batch_size))
+            if which is cached:
                 cache_seconds.append(clock.seconds - before)
-    scorer.cache = None
     best = {key: max(r.tokens_per_second for r in results) for key, results in runs.items()}
     median = {key: statistics.median(r.tokens_per_second for r in results)
               for key, results in runs.items()}

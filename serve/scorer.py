@@ -183,18 +183,21 @@ class Scorer:
     WikiText); `batch_size` and `bptt` are the defaults of both scoring methods. `cache` turns
     the continuous cache on for every method (it can be changed later: `scorer.cache = ...`).
     `spin=False` keeps onnxruntime's idle threads from spinning between calls, for a process
-    that needs the cores between calls too (the HTTP service).
+    that needs the cores between calls too: the HTTP service, or the continuous cache, whose
+    threads work between network calls (the default: spin unless `cache` is given here).
     """
 
     def __init__(self, bundle_path: str | os.PathLike, *, device: str = "auto",
                  threads: int | None = None, batch_size: int = 20, bptt: int = 35,
                  pipeline: TextPipeline | None = None,
-                 cache: CacheSettings | None = None, spin: bool = True) -> None:
+                 cache: CacheSettings | None = None, spin: bool | None = None) -> None:
         _check_positive(batch_size=batch_size, bptt=bptt)
         if threads is not None:
             _check_positive(threads=threads)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if spin is None:
+            spin = cache is None
         if not spin:  # idle intra-op threads sleep instead of spinning for the next call
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if _use_exact_size_arena():
