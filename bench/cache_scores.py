@@ -69,10 +69,9 @@ def speed(scorer: Scorer, path: Path, settings: CacheSettings, batch_size: int,
           repeats: int, clock: CacheClock) -> dict:
     """score_file off and on, alternating `repeats` times: tokens/s of each (best and median),
     and the share of the cached runs' time spent in the cache's own code. Each as
-    `serve/score.py` runs it: `scorer` (onnxruntime's threads spinning) without the cache, a
-    scorer made with the cache (not spinning: the cache's threads need the cores) with it."""
-    cached = Scorer(scorer.bundle.path, batch_size=scorer.batch_size, bptt=scorer.bptt,
-                    cache=settings)
+    `serve/score.py` runs it: `scorer` without the cache, and a scorer made with the cache and
+    this batch size (which decides how onnxruntime's threads wait: see Scorer) with it."""
+    cached = Scorer(scorer.bundle.path, batch_size=batch_size, bptt=scorer.bptt, cache=settings)
     runs: dict[str, list] = {"off": [], "on": []}
     cache_seconds = []
     for _ in range(repeats):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -296,17 +296,36 @@ class ContinuousCache:
     def mix_chunks(self, chunks: Iterable[Chunk], group: int
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(targets, mixed log-probabilities) of every (hidden, targets, logprobs) chunk, in
-        order, mixing `group` chunks at a time (what `plan` chose)."""
-        for together in grouped(chunks, group):
-            mixed = self(*(np.concatenate(parts, axis=1) for parts in zip(*together)))
-            at = 0
-            for _, targets, _ in together:
-                width = targets.shape[1]
-                yield targets, np.ascontiguousarray(mixed[:, at:at + width])
-                at += width
+        order, mixing `group` chunks at a time (what `plan` chose).
+
+        A group is mixed on a thread of its own while `chunks` computes the next one (the
+        network's recurrence leaves cores idle that the cache can use); groups are still mixed
+        one after the other, in order.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="keraslm-cache-mix") as mixer:
+            previous = None
+            for together in grouped(chunks, group):
+                current = together, mixer.submit(self._mix_group, together)
+                if previous is not None:
+                    yield from _split(*previous)
+                previous = current
+            if previous is not None:
+                yield from _split(*previous)
+
+    def _mix_group(self, together: list[Chunk]) -> np.ndarray:
+        return self(*(np.concatenate(parts, axis=1) for parts in zip(*together)))
 
 
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # hidden [B, T, H], targets, logprobs [B, T]
+
+
+def _split(together: list[Chunk], mixed: Future) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(targets, mixed log-probabilities) of each chunk of a group, once it is mixed."""
+    at, mixed = 0, mixed.result()
+    for _, targets, _ in together:
+        width = targets.shape[1]
+        yield targets, np.ascontiguousarray(mixed[:, at:at + width])
+        at += width
 
 
 def grouped(chunks: Iterable[Chunk], group: int) -> Iterator[list[Chunk]]:
