@@ -34,7 +34,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import IO
 
@@ -172,10 +172,6 @@ def _use_exact_size_arena() -> bool:
     return _ARENA[0]
 
 
-class ScoringStopped(Exception):
-    """`Scorer.score_rows` was told to stop before it finished."""
-
-
 class Scorer:
     """An onnxruntime session over a bundle, with its vocabulary and text pipeline.
 
@@ -301,19 +297,18 @@ class Scorer:
         return self._score_encoded([self.vocab.encode(tokens, return_oov=True)
                                     for tokens in token_lists])
 
-    def score_rows(self, rows: list[np.ndarray], max_rows: int,
-                   stop: Callable[[], bool] | None = None) -> tuple[list[np.ndarray], list[int]]:
+    def score_rows(self, rows: list[np.ndarray], max_rows: int
+                   ) -> tuple[list[np.ndarray], list[int]]:
         """Per-token log-probabilities of every id row, each row scored on its own.
 
         Each row starts from a zero state with `<eos>` as context (and an empty continuous
         cache, when it is on). Rows run longest first, at most `max_rows` to an onnxruntime
         batch, at most `bptt` steps per call with the state carried. A call ends early where the
-        shortest running row ends, so no call computes padding (padding would cost as much as
-        real tokens: the decoder runs on every position); sorted by length, the rows still
+        shortest running row ends, so no call computes padding; sorted by length, the rows still
         running are always a prefix of the batch, and a row that has ended leaves it. Only one
-        chunk of inputs is built at a time: memory is the rows and their results. Returns the float32 log-probabilities of each row (in input
-        order) and the size of every batch run. `stop()`, asked before every onnxruntime call,
-        ends the work early with ScoringStopped (e.g. every request waiting for it gave up).
+        chunk of inputs is built at a time: memory is the rows and their results. Returns the
+        float32 log-probabilities of each row (in input order) and the size of every batch run.
+        (The HTTP service scores rows that arrive over time with serve/row_batch.py instead.)
         """
         out = [np.zeros(row.size, np.float32) for row in rows]
         order = sorted((i for i, row in enumerate(rows) if row.size), key=lambda i: -rows[i].size)
@@ -324,8 +319,6 @@ class Scorer:
             cache = self._new_cache(len(group), plan(len(group), self.bptt)[1])
             t = 0
             while t < group[0].size:
-                if stop is not None and stop():
-                    raise ScoringStopped
                 live = sum(row.size > t for row in group)
                 width = min(self.bptt, group[live - 1].size - t)  # the shortest running row
                 state = [s[:live] for s in state]
