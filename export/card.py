@@ -132,7 +132,7 @@ def _graph_section(info: dict) -> str:
     rows = [(kind, f"`{io['name']}`", io["dtype"], "[" + ", ".join(map(str, io["shape"])) + "]")
             for kind in ("inputs", "outputs") for io in info.get(kind, [])]
     return ("## ONNX graph\n\n`model.onnx`, opset " + str(info.get("opset")) + " (the contract "
-            "is serve/contract.py). Log-probabilities are natural logs; a target < 0 is padding "
+            "is keraslm/contract.py). Log-probabilities are natural logs; a target < 0 is padding "
             "and scores 0.\n\n" + _table(("", "name", "dtype", "shape"), rows))
 
 

@@ -1,7 +1,7 @@
 """The scoring graph: a Keras LM as a `tf.function`, converted by tf2onnx, then tidied for serving.
 
 The exported graph scores text instead of returning logits: the [batch, time, vocab] tensor never
-leaves the runtime. Its inputs and outputs are the bundle contract's (serve/contract.py):
+leaves the runtime. Its inputs and outputs are the bundle contract's (keraslm/contract.py):
 tokens, targets and the LSTM state in; logprobs (0 at padding), the state out, next_logprobs and
 hidden (the last LSTM layer's output, which the decoder reads; the continuous cache needs it).
 
@@ -33,7 +33,7 @@ import tf2onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from keraslm.model import LMConfig, split_decoder
-from serve import contract
+from keraslm import contract
 
 
 def input_names(config: LMConfig) -> list[str]:

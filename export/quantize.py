@@ -13,7 +13,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
-from serve.contract import INPUT_TARGETS, INPUT_TOKENS, OUTPUT_LOGPROBS, state_output
+from keraslm.contract import INPUT_TARGETS, INPUT_TOKENS, OUTPUT_LOGPROBS, state_output
 
 SAMPLE_COLUMNS, SAMPLE_LENGTH, SAMPLE_CHUNK = 4, 100, 25  # 400 scored tokens in 4 chunks
 TIMING_REPEATS = 3

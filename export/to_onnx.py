@@ -9,7 +9,7 @@
         README.md         the model's card (export/card.py): model, data, perplexities, usage
         curve.png         its training curve, when the run has metrics and matplotlib is installed
 
-serve/contract.py defines this format (file names, schema version, graph inputs and outputs) for
+keraslm/contract.py defines this format (file names, schema version, graph inputs and outputs) for
 both sides.
 
 The bundle is built in a temporary folder beside its destination, checked with the ONNX checker,
@@ -47,7 +47,7 @@ from keraslm.quiet import start_tensorflow
 from keraslm.rundir import RunDir, resolve_run, write_json_atomic
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
-from serve.contract import (
+from keraslm.contract import (
     BUNDLE_FILE,
     DATA_FILE,
     DEFAULT_BUNDLES_ROOT,

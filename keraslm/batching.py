@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from keraslm.errors import UserError
-from serve.contract import PAD_INPUT, PAD_TARGET  # the padding ids the exported graph honours
+from keraslm.contract import PAD_INPUT, PAD_TARGET
 
 LAST_BATCH = ("keep", "discard")
 

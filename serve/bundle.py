@@ -1,6 +1,6 @@
 """Load and validate a serving bundle (`bundles/<name>/`), never importing TensorFlow.
 
-serve/contract.py describes the format: model.onnx, perhaps its external data, vocab.json and
+keraslm/contract.py describes the format: model.onnx, perhaps its external data, vocab.json and
 bundle.json.
 
 A bundle is checked when it is opened, so every later failure is about the text, not the model:
@@ -27,15 +27,15 @@ import onnxruntime as ort
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
-from serve import contract
-from serve.contract import (  # re-exported: serve modules import these from here
+from keraslm import contract
+from keraslm.contract import (  # re-exported: serve modules import these from here
     BUNDLE_FILE,
     DEFAULT_BUNDLES_ROOT,
     MODEL_FILE,
     SCHEMA_VERSION,
     VOCAB_FILE,
 )
-from serve.contract import OUTPUT_NEXT_LOGPROBS as NEXT_LOGPROBS
+from keraslm.contract import OUTPUT_NEXT_LOGPROBS as NEXT_LOGPROBS
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLES_ROOT", "MODEL_FILE", "NEXT_LOGPROBS", "SCHEMA_VERSION",
            "VOCAB_FILE", "Bundle", "BundleError", "TensorSpec", "load_bundle", "resolve_bundle"]

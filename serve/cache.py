@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keraslm.errors import UserError
-from serve.contract import PAD_TARGET
+from keraslm.contract import PAD_TARGET
 
 MAX_CACHE_BYTES = 4 << 30  # refuse a cache (ring buffers and one piece's work) bigger than this
 MAX_PIECE = 256  # positions of a stream mixed at once, at most

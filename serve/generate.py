@@ -42,7 +42,7 @@ from serve.bundle import (
     load_bundle,
     resolve_bundle,
 )
-from serve.contract import INPUT_TARGETS, INPUT_TOKENS, PAD_TARGET, state_output
+from keraslm.contract import INPUT_TARGETS, INPUT_TOKENS, PAD_TARGET, state_output
 from serve.scorer import DEVICES, choose_providers
 
 Rng = np.random.Generator | Sequence[np.random.Generator]

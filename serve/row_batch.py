@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.contract import PAD_INPUT, PAD_TARGET
+from keraslm.contract import PAD_INPUT, PAD_TARGET
 from serve.scorer import Scorer
 
 

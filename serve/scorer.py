@@ -54,7 +54,7 @@ from serve.cache import (
     plan,
     tune,
 )
-from serve.contract import (
+from keraslm.contract import (
     INPUT_TARGETS,
     INPUT_TOKENS,
     OUTPUT_HIDDEN,

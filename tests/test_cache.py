@@ -26,7 +26,7 @@ from serve.cache import (
     plan,
     tune,
 )
-from serve.contract import PAD_TARGET
+from keraslm.contract import PAD_TARGET
 from serve.scorer import Scorer
 
 SETTINGS = CacheSettings(size=40, theta=0.7, lam=0.3)

@@ -23,7 +23,7 @@ from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
 from keraslm.model import LMConfig, load_run_model, split_decoder
 from keraslm.vocab import Vocab
-from serve import contract
+from keraslm import contract
 
 VOCAB_SIZE = 150
 CONFIGS = {

@@ -43,11 +43,11 @@ def test_data_modules_never_import_tensorflow():
 
 CONTRACT_SCRIPT = textwrap.dedent("""
     import sys
-    import serve.contract
+    import keraslm.contract
     heavy = ("tensorflow", "keras", "onnxruntime", "onnx", "numpy")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
     assert not loaded, loaded
-    assert serve.contract.state_names(2) == ["h0", "c0", "h1", "c1"]
+    assert keraslm.contract.state_names(2) == ["h0", "c0", "h1", "c1"]
     print("ok")
 """)
 

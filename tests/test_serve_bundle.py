@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import serve.bundle
-from serve import contract
+from keraslm import contract
 from serve.bundle import BundleError, load_bundle, resolve_bundle
 
 
