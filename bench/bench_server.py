@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,6 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
 from bench.bench_score import PRESET, pick_run, text_prefix, untrained_run
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, with the standard library only (no proxies: loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=30) as response:
+            return response.status, response.read().decode("utf-8")
+    except urllib.error.HTTPError as err:  # a status, not a transport error
+        return err.code, err.read().decode("utf-8", "replace")
 
 
 def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -48,16 +60,14 @@ def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited: {log.read_text()}")
         try:
-            if httpx.get(url + "/readyz", trust_env=False).status_code == 200:
+            if http_get(url + "/readyz")[0] == 200:
                 return proc, url
-        except httpx.TransportError:
+        except OSError:  # not listening yet (urllib's URLError is an OSError)
             pass
         if time.monotonic() > deadline:
             proc.kill()
@@ -86,7 +96,7 @@ async def load(url: str, requests: list[list[str]], concurrency: int, count: int
 
     The clients are raw keep-alive HTTP/1.1 connections with their bodies encoded beforehand:
     the load generator shares the machine with the server, so it does as little as it can
-    (httpx took about a fifth of a core at concurrency 32). Its CPU time is reported."""
+    (an httpx client took about a fifth of a core at concurrency 32). Its CPU time is reported."""
     host, port = url.removeprefix("http://").split(":")
     head = (f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: %d\r\n\r\n").encode()
@@ -136,9 +146,7 @@ async def load(url: str, requests: list[list[str]], concurrency: int, count: int
 
 def batch_stats(url: str) -> tuple[float, float]:
     """(sum, count) of the server's texts-per-batch histogram."""
-    import httpx
-
-    text = httpx.get(url + "/metrics", trust_env=False).text
+    text = http_get(url + "/metrics")[1]
     values = dict(line.rsplit(" ", 1) for line in text.splitlines()
                   if line.startswith("keraslm_batch_size_texts_"))
     return float(values["keraslm_batch_size_texts_sum"]), float(
