@@ -260,15 +260,22 @@ def test_bad_input_gives_one_clear_line(corpus, tmp_path, capsys):
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("a b c\n")
-    cases = {
-        "empty.txt": [*tiny_args(corpus, runs), "--train", str(empty)],
-        "short": [*tiny_args(corpus, runs), "--train", str(short)],
-        "unknown preset": [*tiny_args(corpus, runs), "--preset", "nope"],
-        "nope.txt": [*tiny_args(corpus, runs), "--valid", str(tmp_path / "nope.txt")],
-    }
-    for needle, argv in cases.items():
+    # each line names the file (or setting) at fault and says what is wrong with it
+    cases = [
+        ([*tiny_args(corpus, runs), "--train", str(empty)],
+         [f"{empty}: ", "no tokens to build a vocabulary from"]),
+        ([*tiny_args(corpus, runs), "--train", str(short)],
+         [f"{short} (train split)", "has 4 tokens, too few for one batch",
+          "batch size 8 and bptt 10 need at least 88"]),
+        ([*tiny_args(corpus, runs), "--preset", "nope"],
+         ["unknown preset 'nope'", "standard_lstm_lm_200"]),
+        ([*tiny_args(corpus, runs), "--valid", str(tmp_path / "nope.txt")],
+         [f"valid corpus '{tmp_path / 'nope.txt'}'", "not found", "nor a known corpus"]),
+    ]
+    for argv, needles in cases:
         assert train_cli.main(argv) != 0
-        assert needle.split()[0] in _error_line(capsys)
+        line = _error_line(capsys)
+        assert all(needle in line for needle in needles), (needles, line)
     assert not runs.exists() or not any(runs.iterdir())
 
 
