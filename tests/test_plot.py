@@ -52,7 +52,8 @@ def test_plot_draws_every_epoch_of_metrics_jsonl(tmp_path, capsys, saved_figures
 
     (fig,) = saved_figures
     (ax,) = fig.axes
-    curves = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    curves = {line.get_label(): line for line in ax.get_lines()
+              if not line.get_label().startswith("_")}  # axvline's are "_child<n>"
     assert set(curves) == {"train", "validation", "test"}
 
     def points(label):
