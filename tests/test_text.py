@@ -26,7 +26,7 @@ from keraslm.text import (
     use_data_root,
 )
 
-DATA = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
+DATA = Path(os.environ["KERASLM_DATA"])  # conftest sets it (the shared data root by default)
 WIKI = DATA / "wikitext-2"
 SHERLOCK = DATA / "sherlockholmes"
 
@@ -215,12 +215,18 @@ def test_from_dict_rejects_unknown_keys_and_bad_values():
     assert TextPipeline.from_dict({}) == WIKITEXT
 
 
-def test_presets_and_formats():
-    assert pipeline_for_format("tokens") is WIKITEXT
-    assert pipeline_for_format("raw") is RAW
-    assert pipeline_for_format("raw", tutorial=True) is RAW_TUTORIAL
-    assert (RAW.escape, RAW.protected) == (False, ("<unk>", "<eos>"))
-    assert (RAW_TUTORIAL.escape, RAW_TUTORIAL.protected) == (True, ())
+def test_each_format_reads_text_as_it_says():
+    """tokens: a sample per line, split at whitespace; raw: punkt sentences tokenized by Moses,
+    <unk> kept and nothing escaped; raw with the tutorial's setting: XML-escaped, <unk> too."""
+    text = 'He said <unk> & "hi". Then he left.'
+    assert pipeline_for_format("tokens").process(text + "\nnext") == [
+        ["He", "said", "<unk>", "&", '"hi".', "Then", "he", "left.", "<eos>"], ["next", "<eos>"]]
+    then = ["Then", "he", "left", ".", "<eos>"]
+    assert pipeline_for_format("raw").process(text) == [
+        ["He", "said", "<unk>", "&", '"', "hi", '"', ".", "<eos>"], then]
+    assert pipeline_for_format("raw", True).process(text) == [
+        ["He", "said", "&lt;", "unk", "&gt;", "&amp;", "&quot;", "hi", "&quot;", ".", "<eos>"],
+        then]
     with pytest.raises(UserError, match="unknown text format 'xml'"):
         pipeline_for_format("xml")
 
@@ -267,6 +273,41 @@ def test_reading_in_small_chunks_equals_the_whole_text(tmp_path, monkeypatch, re
     if pipeline is WIKITEXT:
         assert whole[:6] == ["caf\u00e9", "na\u00efve", "\U0001F600", "x", "<eos>", "<eos>"]
         assert whole.count("<eos>") == 8
+
+
+def test_reads_of_the_real_size_split_no_character_token_or_line_break(tmp_path):
+    """At the READ_BYTES the module really uses: a 4-byte and a 2-byte character, a \\r\\n and
+    a word each straddle a read boundary of the file, and a \\r\\n one of a text stream; the
+    tokens are those of the whole text."""
+    size = text_module.READ_BYTES
+
+    def up_to(data: bytes, offset: int) -> bytes:  # ASCII filler until `offset`; each
+        # piece put after it starts with a space, so no token joins the filler
+        filler = b"ab cd\n" * (1 + (offset - len(data)) // 6)
+        return data + filler[:offset - len(data)]
+
+    data = up_to(b"", size - 3) + " x\U0001F600y ".encode()  # the emoji: bytes size - 1 .. + 2
+    data = up_to(data, 2 * size - 2) + " \u00e9t\u00e9 ".encode()  # é: 2 * size - 1, 2 * size
+    data = up_to(data, 3 * size - 5) + b" end\r\nnext "  # \r, \n: 3 * size - 1, 3 * size
+    data = up_to(data, 4 * size - 6) + b" straddling tail"
+    assert data[size - 1:size + 3] == "\U0001F600".encode()
+    assert data[2 * size - 1:2 * size + 1] == "\u00e9".encode()
+    assert data[3 * size - 1:3 * size + 1] == b"\r\n"
+    assert data[4 * size - 1:4 * size + 1] == b"dd"  # inside "straddling"
+    path = tmp_path / "boundaries.txt"
+    path.write_bytes(data)
+
+    whole = [t for s in WIKITEXT.process(data.decode("utf-8")) for t in s]
+    assert {"x\U0001F600y", "\u00e9t\u00e9", "end", "next", "straddling"} <= set(whole)
+    assert list(WIKITEXT.iter_tokens(path)) == whole
+    with path.open("rb") as f:
+        assert list(WIKITEXT.iter_tokens(f)) == whole
+    # a text stream is read READ_BYTES characters at a time: a \r\n across its first boundary
+    text = up_to(b"", size - 5).decode() + " end\r\nnext tail"
+    assert text[size - 1:size + 1] == "\r\n"
+    tokens = list(WIKITEXT.iter_tokens(io.StringIO(text)))
+    assert tokens == [t for s in WIKITEXT.process(text) for t in s]
+    assert tokens[-5:] == ["end", "<eos>", "next", "tail", "<eos>"]
 
 
 @pytest.mark.parametrize("read_bytes", [1, 3, 1 << 20])
@@ -323,6 +364,21 @@ def test_long_line_pieces_give_the_tokens_of_the_whole_line(tmp_path, monkeypatc
     parts = list(pipeline.iter_parts(path))
     assert len(parts) > 100
     assert list(pipeline.iter_processed(path)) == expected
+
+
+def test_a_word_across_the_real_piece_boundary_stays_one_token(tmp_path):
+    """At the MAX_PIECE_CHARS the module really uses: a line one piece and a bit long, with a
+    long word over the place a piece must end, gives the whole line's tokens."""
+    limit = text_module.MAX_PIECE_CHARS
+    word = "w" * 40 + "\u00e9" * 40
+    head = "ab " * ((limit - 50) // 3)
+    line = head + word + " " + "cd " * 100 + "tail"
+    assert len(head) < limit < len(head) + len(word)
+    path = tmp_path / "piece.txt"
+    path.write_text(f"{line}\nshort\n", encoding="utf-8")
+    parts = list(WIKITEXT.iter_parts(path))
+    assert len(parts) >= 3  # the long line came in at least two pieces
+    assert [t for part, _ in parts for t in part] == [*line.split(), "<eos>", "short", "<eos>"]
 
 
 def test_a_line_without_whitespace_for_max_piece_chars_is_refused(tmp_path, monkeypatch):
