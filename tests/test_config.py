@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import typing
+from pathlib import Path
 
 import pytest
 from helpers_runs import wikitext_slices
@@ -10,17 +13,19 @@ from helpers_runs import wikitext_slices
 from keraslm import train as train_cli
 from keraslm.config import (
     FIELDS,
-    OVERRIDE,
+    PRESETS,
     PROCESS,
-    SAVED,
+    SECTIONS,
     DataConfig,
     ModelOptions,
     OptimConfig,
     RunConfig,
     TrainConfig,
+    flag_name,
     resume_config,
 )
 from keraslm.errors import UserError
+from keraslm.rundir import RunDir
 from keraslm.training import train
 
 
@@ -81,10 +86,106 @@ def test_resume_keeps_saved_settings_and_takes_only_overridable_flags():
         resume_config(saved, {"seed": 5})
 
 
-def test_every_field_has_help_and_a_resume_policy():
-    for name, (_, field) in FIELDS.items():
-        assert field.metadata["help"], name
-        assert field.metadata["resume"] in (SAVED, OVERRIDE, PROCESS), name
+def _other_values(name: str, default, hint, runs: Path) -> list:
+    """Values of a field other than its default, valid for its type (every one for a bool with
+    no default, every other choice, every other preset)."""
+    if name == "preset":
+        return [p for p in PRESETS if p != default]
+    if name == "resume":  # a real run to continue
+        run = RunDir(runs / "saved").create()
+        run.write_config({"train": TrainConfig().to_dict()})
+        return [str(run.path)]
+    choices = FIELDS[name][1].metadata["choices"]
+    if choices:
+        return [c for c in choices if c != default]
+    kind = train_cli._base_type(hint)
+    if kind is bool:
+        return [True, False] if default is None else [not default]
+    if kind is int:
+        return [3 if default is None else default + 1]
+    if kind is float:  # not a whole number, so an int-typed flag would refuse it
+        return [(default or 1.0) * 0.375 + 0.0625]
+    assert kind is str, (name, hint)
+    return [f"x-{name}"]
+
+
+def _field_cases(runs: Path) -> list[tuple[str, object]]:
+    cases = []
+    for name, (section, f) in FIELDS.items():
+        hint = typing.get_type_hints(SECTIONS[section])[name]
+        cases += [(name, value) for value in _other_values(name, f.default, hint, runs)]
+    return cases
+
+
+def test_every_field_is_a_flag_that_round_trips(tmp_path):
+    """For every field of TrainConfig and every kind of value it takes: its flag gives it, the
+    config's command line gives the same config back, and config.json keeps it (unless it
+    belongs to this process only)."""
+    cases = _field_cases(tmp_path / "runs")
+    assert {name for name, _ in cases} == set(FIELDS)
+    for name, value in cases:
+        config = TrainConfig.from_values({name: value})
+        assert config != TrainConfig(), name
+        flag = flag_name(name)
+        given = ([flag] if value is True else [f"--no-{flag[2:]}"] if value is False
+                 else [flag, str(value)])
+        assert train_cli.config_from_argv(given) == config, (name, given)
+        argv = config.to_argv()
+        assert argv == given, (name, argv)
+        assert train_cli.config_from_argv(argv) == config, (name, argv)
+        saved = TrainConfig.from_saved({"train": json.loads(json.dumps(config.to_dict()))})
+        process = FIELDS[name][1].metadata["resume"] == PROCESS
+        assert saved == (TrainConfig() if process else config), name
+
+
+def test_all_fields_changed_at_once_round_trip(tmp_path):
+    firsts = dict(reversed(_field_cases(tmp_path / "runs")))  # the first value of each field
+    del firsts["resume"]  # (resuming refuses new values of the saved settings)
+    config = TrainConfig.from_values(firsts)
+    assert train_cli.config_from_argv(config.to_argv()) == config
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """--flag -> its help text, from argparse's --help output (one entry per option)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        start = re.match(r"  (--?[\w-]+)", line)
+        if start:
+            current = start.group(1)
+            entries[current] = line[start.end():]
+        elif current and line.startswith(" " * 4):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+def test_help_documents_every_flag_with_the_defaults_no_flags_give(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exited:
+        train_cli.main(["--help"])
+    assert exited.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    no_flags = train_cli.config_from_argv([]).values()
+    for name, (section, f) in FIELDS.items():
+        entry = entries.get(flag_name(name))
+        assert entry is not None, f"{flag_name(name)} is not in --help"
+        kind = train_cli._base_type(typing.get_type_hints(SECTIONS[section])[name])
+        described = entry.split(" ", 1)[-1] if kind is not bool else entry
+        assert len(described.split()) >= 2, f"{flag_name(name)} has no help: {entry!r}"
+        claims = re.findall(r"\(default ([^()]*)\)", entry)
+        if kind is bool:
+            assert not claims, (name, entry)  # on or off by the flag itself
+        elif no_flags[name] is not None:  # (None is resolved later; its help says how, in words)
+            assert claims and kind(claims[-1]) == no_flags[name], (name, entry, no_flags[name])
+    preset_help = entries["--preset"]
+    listed = [p for p in PRESETS if p in preset_help]
+    assert listed == list(PRESETS), preset_help
+    for preset in listed:  # every preset the help offers is one the flag takes
+        model = train_cli.config_from_argv(["--preset", preset]).model.resolve(1000)
+        assert (model.emsize, model.nhid, model.dropout) == tuple(
+            PRESETS[preset][k] for k in ("emsize", "nhid", "dropout"))
 
 
 def test_train_is_callable_from_python_with_a_config(tmp_path, data_root):
