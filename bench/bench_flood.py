@@ -88,7 +88,7 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float,
                     tally.latencies.append(time.perf_counter() - t0)
                     timing = response.headers.get("server-timing", "dur=nan")
                     tally.server.append(float(timing.rsplit("dur=", 1)[1]) / 1000)
-                    tally.tokens += sum(r["tokens"] for r in response.json()["results"])
+                    tally.tokens += sum(r["num_tokens"] for r in response.json()["results"])
                 elif response.status_code == 503:
                     await asyncio.sleep(float(response.headers.get("retry-after", 1)))
 

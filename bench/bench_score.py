@@ -94,8 +94,9 @@ def bench_keras(run, text: Path, batch_size: int, bptt: int,
     (fused: XLA log-sum-exp beside the decoder matmul), or plain Keras logits followed by
     tf.nn.sparse_softmax_cross_entropy_with_logits (fused=False)."""
     from keraslm.batching import BPTTBatches
-    from keraslm.evaluation import Evaluator, perplexity
-    from keraslm.model import load_run_model
+    from keraslm.evaluation import Evaluator
+    from keraslm.runs import load_run_model
+    from keraslm.scores import perplexity
     from keraslm.text import TextPipeline
 
     model, model_config = load_run_model(run)

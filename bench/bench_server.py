@@ -127,7 +127,7 @@ async def load(url: str, requests: list[list[str]], concurrency: int, count: int
                     continue
                 results = json.loads(answer)["results"]
                 texts += len(results)
-                tokens += sum(r["tokens"] for r in results)
+                tokens += sum(r["num_tokens"] for r in results)
         finally:
             writer.close()
 

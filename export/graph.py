@@ -20,20 +20,21 @@ tf2onnx 1.17 rewrites Keras 3 `LSTM(use_cudnn=False)` loops into native ONNX `LS
 fail rather than ship a slow Loop if a future version stops matching.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (keraslm.backend must precede tf2onnx)
 
 import contextlib
 from collections.abc import Iterator
 
-import keras
 import numpy as np
 import onnx
-import tensorflow as tf
-import tf2onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from keraslm.model import LMConfig, split_decoder
+# keraslm.backend before tf2onnx: tf2onnx imports TensorFlow, and TensorFlow imports Keras
+# on the backend the environment says, unless keraslm.backend has set it first.
+from keraslm.backend import keras, tf
+import tf2onnx
 from keraslm import contract
+from keraslm.model import LMConfig, split_decoder
 
 
 def input_names(config: LMConfig) -> list[str]:
@@ -263,13 +264,14 @@ def external_data_files(proto: onnx.ModelProto) -> list[str]:
                    for entry in tensor.external_data if entry.key == "location"})
 
 
-def describe_io(proto: onnx.ModelProto) -> dict[str, list[dict]]:
-    """The graph's inputs and outputs as bundle.json records them: name, dtype, shape."""
-    def record(value: onnx.ValueInfoProto) -> dict:
+def describe_io(proto: onnx.ModelProto
+                ) -> tuple[tuple[contract.TensorSpec, ...], tuple[contract.TensorSpec, ...]]:
+    """The graph's (inputs, outputs) as bundle.json records them: name, dtype, shape."""
+    def record(value: onnx.ValueInfoProto) -> contract.TensorSpec:
         tensor = value.type.tensor_type
         dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in tensor.shape.dim]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-        return {"name": value.name, "dtype": dtype, "shape": dims}
+        return contract.TensorSpec(value.name, dtype, tuple(dims))
 
-    return {"inputs": [record(v) for v in proto.graph.input],
-            "outputs": [record(v) for v in proto.graph.output]}
+    return (tuple(record(v) for v in proto.graph.input),
+            tuple(record(v) for v in proto.graph.output))

@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
-from keraslm.contract import INPUT_TARGETS, INPUT_TOKENS, OUTPUT_LOGPROBS, state_output
+from serve.session import ModelSession
 
 SAMPLE_COLUMNS, SAMPLE_LENGTH, SAMPLE_CHUNK = 4, 100, 25  # 400 scored tokens in 4 chunks
 TIMING_REPEATS = 3
@@ -32,26 +31,14 @@ def quantize_int8(fp32_path: Path, int8_path: Path, *, external_data: bool = Fal
             "op_types": op_types}
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def score_stream(sess: ort.InferenceSession, ids: np.ndarray, chunk: int) -> np.ndarray:
+def score_stream(session: ModelSession, ids: np.ndarray, chunk: int) -> np.ndarray:
     """Log-probabilities of ids[:, 1:] given the prefix, fed `chunk` steps at a time with the
     state carried between chunks (ids: int [columns, length + 1]; result float [columns, length])."""
-    state_inputs = [i for i in sess.get_inputs() if i.name not in (INPUT_TOKENS, INPUT_TARGETS)]
-    state = {i.name: np.zeros((ids.shape[0], i.shape[1]), np.float32) for i in state_inputs}
-    out_names = [OUTPUT_LOGPROBS, *map(state_output, state)]
+    state = session.zero_state(ids.shape[0])
     pieces = []
     for start in range(0, ids.shape[1] - 1, chunk):
         window = ids[:, start:start + chunk + 1].astype(np.int32)
-        logprobs, *new_state = sess.run(
-            out_names, {INPUT_TOKENS: window[:, :-1], INPUT_TARGETS: window[:, 1:], **state}
-        )
-        state = dict(zip(state, new_state))
+        logprobs, state = session.step(window[:, :-1], window[:, 1:], state)
         pieces.append(logprobs)
     return np.concatenate(pieces, axis=1)
 
@@ -75,12 +62,12 @@ def compare(fp32_path: Path, int8_path: Path, ids: np.ndarray, sample: str) -> d
     """Perplexity and scoring time of both models on the same token columns."""
     report: dict = {"sample_tokens": int(ids.shape[0] * (ids.shape[1] - 1)), "sample": sample}
     for label, path in (("fp32", fp32_path), ("int8", int8_path)):
-        sess = session(path)
-        logprobs = score_stream(sess, ids, SAMPLE_CHUNK)  # also the warm-up run
+        session = ModelSession(path, threads=1)
+        logprobs = score_stream(session, ids, SAMPLE_CHUNK)  # also the warm-up run
         seconds = []
         for _ in range(TIMING_REPEATS):
             start = time.perf_counter()
-            score_stream(sess, ids, SAMPLE_CHUNK)
+            score_stream(session, ids, SAMPLE_CHUNK)
             seconds.append(time.perf_counter() - start)
         report[f"perplexity_{label}"] = math.exp(-float(logprobs.mean()))
         report[f"seconds_{label}"] = min(seconds)

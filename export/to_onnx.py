@@ -27,8 +27,8 @@ here and score identically; a newer one buys this graph nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
-import json
 import os
 import shutil
 import sys
@@ -44,7 +44,7 @@ from keraslm.corpora import sha1_of
 from keraslm.errors import UserError
 from keraslm.files import current_umask
 from keraslm.quiet import start_tensorflow
-from keraslm.rundir import RunDir, resolve_run, write_json_atomic
+from keraslm.rundir import RunDir, resolve_run
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 from keraslm.contract import (
@@ -52,8 +52,8 @@ from keraslm.contract import (
     DATA_FILE,
     DEFAULT_BUNDLES_ROOT,
     MODEL_FILE,
-    SCHEMA_VERSION,
     VOCAB_FILE,
+    BundleMeta,
 )
 
 if TYPE_CHECKING:
@@ -87,18 +87,12 @@ def export_run(run: RunDir | str | os.PathLike | None, out: str | os.PathLike | 
     _check_replaceable(out)
     work = _work_dir(out)
     try:
-        model_fields = _write_model(work, run, run_config, vocab, opset, quantize, external_data)
+        meta = _write_model(work, run, run_config, vocab, opset, quantize, external_data)
+        meta = dataclasses.replace(meta, pipeline=pipeline.to_dict(), source_run=_source_run(run),
+                                   versions=_versions())
         shutil.copyfile(run.vocab_path, work / VOCAB_FILE)
-        info = {
-            "schema_version": SCHEMA_VERSION,
-            "pipeline": pipeline.to_dict(),
-            "source_run": _source_run(run),
-            "versions": _versions(),
-            "opset": opset,
-            **model_fields,
-        }
-        write_json_atomic(work / BUNDLE_FILE, info)
-        write_card(work, run, info, out.name)
+        meta.write(work / BUNDLE_FILE)
+        write_card(work, run, meta.to_dict(), out.name)
         _replace_dir(work, out)
     except OSError as err:
         raise UserError(f"cannot write the bundle {out}: {err.strerror or err}") from None
@@ -114,18 +108,17 @@ def read_run(run: RunDir) -> tuple[dict, TextPipeline, Vocab]:
     if not isinstance(run_config.get("pipeline"), dict):
         raise UserError(f"{run.config_path}: no text pipeline")
     pipeline = TextPipeline.from_dict(run_config["pipeline"])
-    if not run.best_weights_path.is_file():
-        raise UserError(f"{run.path}: no {run.best_weights_path.name} "
-                        "(the run has not finished an epoch)")
+    run.require_best_weights()
     return run_config, pipeline, run.read_vocab(model_config.vocab_size)
 
 
 def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset: int,
-                 quantize: str | None, external_data: bool | None) -> dict:
-    """Convert the run's model into work/MODEL_FILE (checked); its fields of bundle.json."""
+                 quantize: str | None, external_data: bool | None) -> BundleMeta:
+    """Convert the run's model into work/MODEL_FILE (checked); the bundle.json of its graph
+    (the caller adds the pipeline, source run and versions)."""
     start_tensorflow()
     from export import graph  # TensorFlow starts here
-    from keraslm.model import load_run_model
+    from keraslm.runs import load_run_model
 
     model, config = load_run_model(run, fused=False)
     if external_data is None:
@@ -139,12 +132,10 @@ def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset:
         _save_checked(proto, work / MODEL_FILE, external_data)
         quantization = None
     written = onnx.load(work / MODEL_FILE, load_external_data=False)
-    return {
-        "model": config.to_dict(),
-        "external_data": graph.external_data_files(written),
-        "quantization": quantization,
-        **graph.describe_io(written),
-    }
+    inputs, outputs = graph.describe_io(written)
+    return BundleMeta(model=config.to_dict(), pipeline={}, inputs=inputs, outputs=outputs,
+                      opset=opset, external_data=tuple(graph.external_data_files(written)),
+                      quantization=quantization)
 
 
 def _source_run(run: RunDir) -> dict:
@@ -259,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantize:
         from export.quantize import summary
 
-        bundle_info = json.loads((bundle / BUNDLE_FILE).read_text(encoding="utf-8"))
-        print(summary(bundle_info["quantization"]["measured"]))
+        print(summary(BundleMeta.read(bundle / BUNDLE_FILE).quantization["measured"]))
     return 0
 
 

@@ -1,7 +1,9 @@
 """The bundle contract: what `export/` writes and `serve/` reads, defined once.
 
 Pure Python with no imports beyond the standard library, so the trainer, the exporter and a
-serving host (which never has TensorFlow) can all share it.
+serving host (which never has TensorFlow) can all share it. `BundleMeta` is bundle.json as one
+typed object: export builds it and writes `to_dict()`, serve reads it with `BundleMeta.read`,
+which validates every field before anything is allocated from it.
 
 A bundle is one folder, `bundles/<run name>/` by default:
 
@@ -34,7 +36,13 @@ for): asking for it costs one copy of [batch, time, nhid].
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from keraslm.errors import UserError
+from keraslm.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 DEFAULT_BUNDLES_ROOT = Path("bundles")
@@ -43,8 +51,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 VOCAB_FILE = "vocab.json"
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FIELDS = ("schema_version", "model", "pipeline", "inputs", "outputs", "external_data",
-                 "quantization", "opset", "source_run", "versions")
 
 INPUT_TOKENS = "tokens"
 INPUT_TARGETS = "targets"
@@ -92,3 +98,163 @@ def io_specs(nlayers: int, nhid: int, vocab_size: int) -> dict[str, tuple[str, l
     for name in state_names(nlayers):
         specs[name] = specs[state_output(name)] = ("float32", [BATCH_DIM, nhid])
     return specs
+
+
+# --- bundle.json ---------------------------------------------------------------------------------
+
+# Bounds checked before anything is allocated: a bundle.json is a few kB, and these sizes are far
+# beyond any model onnxruntime could hold (a 2-layer nhid-65,536 LSTM alone is 68 GB).
+MAX_BUNDLE_JSON_BYTES = 1 << 20
+MODEL_LIMITS = {"vocab_size": 100_000_000, "emsize": 65_536, "nhid": 65_536, "nlayers": 64}
+ORT_DTYPES = {"tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(float)": "float32",
+              "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+class BundleError(UserError):
+    """A bundle is missing, corrupt, or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, dtype (numpy name) and shape (int or symbolic dims)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TensorSpec:
+        if not (isinstance(d, dict) and isinstance(d.get("name"), str)
+                and isinstance(d.get("dtype"), str) and isinstance(d.get("shape"), list)):
+            raise TypeError(f"expected {{name, dtype, shape}}, got {d!r}")
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    @classmethod
+    def from_ort(cls, arg: Any) -> TensorSpec:
+        """From an onnxruntime NodeArg (name, type such as 'tensor(float)', shape)."""
+        return cls(arg.name, ORT_DTYPES.get(arg.type, arg.type), tuple(arg.shape))
+
+    def matches(self, graph: TensorSpec) -> bool:
+        """Same name, dtype and rank; fixed sizes agree (a symbolic dim matches anything)."""
+        return (self.name == graph.name and self.dtype == graph.dtype
+                and len(self.shape) == len(graph.shape)
+                and all(not isinstance(a, int) or not isinstance(b, int) or a == b
+                        for a, b in zip(self.shape, graph.shape)))
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """bundle.json: what a bundle is, how its text is read, and its graph's inputs and outputs.
+
+    `model` is the LMConfig as a dict (vocab_size, emsize, nhid, nlayers, ...) and `pipeline`
+    the TextPipeline's; both are kept as plain dicts here so that this module needs neither.
+    """
+
+    model: dict[str, Any]
+    pipeline: dict[str, Any]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int | None = None
+    external_data: tuple[str, ...] = ()
+    quantization: dict[str, Any] | None = None
+    source_run: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model["vocab_size"])
+
+    @property
+    def nhid(self) -> int:
+        return int(self.model["nhid"])
+
+    @property
+    def nlayers(self) -> int:
+        return int(self.model["nlayers"])
+
+    @property
+    def source_run_path(self) -> str:
+        """The run the bundle was exported from, for messages that say how to re-export it."""
+        return self.source_run.get("path") or self.source_run.get("name") or "RUN"
+
+    def has_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version, "model": self.model,
+            "pipeline": self.pipeline, "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs], "opset": self.opset,
+            "external_data": list(self.external_data), "quantization": self.quantization,
+            "source_run": self.source_run, "versions": self.versions,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | Path = BUNDLE_FILE) -> BundleMeta:
+        """Validate a parsed bundle.json; BundleError naming `where` for the first problem."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            raise BundleError(f"{where}: schema_version {version!r}, this keraslm reads "
+                              f"{SCHEMA_VERSION}" + (" (the bundle is newer: upgrade keraslm)"
+                                                     if newer else ""))
+        for key, kind in (("model", dict), ("pipeline", dict), ("inputs", list),
+                          ("outputs", list)):
+            if not isinstance(d.get(key), kind):
+                raise BundleError(f"{where}: '{key}' missing or not a JSON {kind.__name__}")
+        for key, kind in (("external_data", list), ("quantization", dict), ("source_run", dict),
+                          ("versions", dict), ("opset", int)):
+            if d.get(key) is not None and not isinstance(d[key], kind):
+                raise BundleError(f"{where}: '{key}' is not a JSON {kind.__name__}")
+        _check_model(d["model"], where)
+        try:
+            inputs = tuple(TensorSpec.from_dict(s) for s in d["inputs"])
+            outputs = tuple(TensorSpec.from_dict(s) for s in d["outputs"])
+        except TypeError as err:
+            raise BundleError(f"{where}: bad inputs/outputs entry: {err}") from None
+        return cls(model=d["model"], pipeline=d["pipeline"], inputs=inputs, outputs=outputs,
+                   opset=d.get("opset"), external_data=tuple(d.get("external_data") or ()),
+                   quantization=d.get("quantization"), source_run=d.get("source_run") or {},
+                   versions=d.get("versions") or {}, schema_version=version)
+
+    @classmethod
+    def read(cls, path: str | Path) -> BundleMeta:
+        """Read and validate a bundle.json file (at most MAX_BUNDLE_JSON_BYTES)."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_BUNDLE_JSON_BYTES + 1)
+        except FileNotFoundError:
+            raise BundleError(f"{path}: file not found") from None
+        except OSError as err:
+            raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
+        if len(data) > MAX_BUNDLE_JSON_BYTES:
+            raise BundleError(f"{path}: more than the {MAX_BUNDLE_JSON_BYTES:,} bytes a "
+                              f"{BUNDLE_FILE} may have")
+        try:
+            parsed = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: JSON, huge ints
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise BundleError(f"{path}: not valid JSON ({reason})") from None
+        return cls.from_dict(parsed, path)
+
+    def write(self, path: str | Path) -> None:
+        """Write bundle.json atomically."""
+        write_json_atomic(path, self.to_dict())
+
+
+def _check_model(model: dict[str, Any], where: str | Path) -> None:
+    for key, limit in MODEL_LIMITS.items():
+        value = model.get(key)
+        if key == "emsize" and value is None:
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise BundleError(f"{where}: model.{key} missing or not a positive integer")
+        if value > limit:
+            raise BundleError(f"{where}: model.{key} is {value:,}, more than {limit:,}")

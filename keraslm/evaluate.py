@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
 
 from keraslm.errors import UserError
 from keraslm.quiet import start_tensorflow
@@ -49,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({**asdict(result), "oov_rate": result.oov_rate}))
+        print(json.dumps(result.to_dict()))
     else:
-        print(f"run: {result.run}\ntext: {result.path} ({result.pipeline})\n"
+        print(f"run: {result.model}\ntext: {result.source} ({result.pipeline})\n"
               f"tokens scored: {result.num_tokens:,}\n"
               f"OOV: {result.num_oov:,} ({100 * result.oov_rate:.2f}%)\n"
               f"perplexity: {result.perplexity:.2f} (batch size {result.batch_size}, "

@@ -6,19 +6,19 @@ at zero and is carried from batch to batch.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import time
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET, BPTTBatches
-from keraslm.data import choose_pipeline, encode_file, resolve_paths
+from keraslm.data import corpus_format, encode_file, resolve_paths
 from keraslm.losses import decoder_nll_sum
-from keraslm.model import load_run_model, split_decoder
+from keraslm.model import split_decoder
 from keraslm.rundir import RunDir, resolve_run
-from keraslm.text import TextPipeline, use_data_root
+from keraslm.runs import load_run_model
+from keraslm.scores import CorpusScore
+from keraslm.text import TextPipeline, pipeline_for_format, use_data_root
 
 
 class Evaluator:
@@ -68,38 +68,10 @@ def masked_nll_sum(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.where(mask, nll, tf.zeros_like(nll)))
 
 
-def perplexity(nll_sum: float, count: int) -> float:
-    """exp(mean token NLL); inf when the mean overflows."""
-    if count == 0:
-        return float("nan")
-    mean = nll_sum / count
-    return math.exp(mean) if mean < 700 else float("inf")
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Perplexity of one run on one text, and exactly what was scored."""
-
-    run: str
-    source: str
-    path: str
-    num_tokens: int      # targets scored
-    num_oov: int         # stream tokens not in the vocabulary (mapped to <unk>)
-    nll_sum: float
-    perplexity: float
-    batch_size: int
-    bptt: int
-    pipeline: str
-
-    @property
-    def oov_rate(self) -> float:
-        return self.num_oov / max(self.num_tokens, 1)
-
-
 def evaluate_run(run: RunDir | str | None, source: str, split: str = "valid", *,
                  batch_size: int = 10, bptt: int = 35, data_root: str | None = None,
                  fmt: str | None = None, moses_tutorial: bool = False, runs_root: str = "runs",
-                 jit_compile: bool = False) -> EvalResult:
+                 jit_compile: bool = False) -> CorpusScore:
     """Perplexity of `run`'s best weights on a corpus split or a file, with the run's vocab.
 
     A named corpus is read with its own text format; your own file is read as the run's corpus
@@ -109,14 +81,17 @@ def evaluate_run(run: RunDir | str | None, source: str, split: str = "valid", *,
     model, config = load_run_model(run)
     vocab = run.read_vocab(config.vocab_size)
     run_pipeline = TextPipeline.from_dict(run.read_config()["pipeline"])
-    pipeline = choose_pipeline(source, fmt, moses_tutorial, inherited=run_pipeline)
+    pipeline = pipeline_for_format(corpus_format(source, fmt), moses_tutorial,
+                                   inherited=run_pipeline)
     path = resolve_paths(None, {split: source}, data_root, splits=(split,))[split]
     if data_root:
         use_data_root(data_root)
     encoded = encode_file(split, path, pipeline, vocab)
     batches = BPTTBatches(encoded.ids, batch_size, bptt, "keep")
+    started = time.perf_counter()
     nll_sum, count = Evaluator(model, jit_compile=jit_compile)(batches)
-    return EvalResult(run=str(run.path), source=source, path=str(path), num_tokens=count,
-                      num_oov=encoded.num_oov, nll_sum=nll_sum,
-                      perplexity=perplexity(nll_sum, count), batch_size=batch_size, bptt=bptt,
-                      pipeline=pipeline.describe())
+    return CorpusScore(source=str(path), model=str(run.path), pipeline=pipeline.describe(),
+                       runtime="tensorflow", batch_size=batch_size, bptt=bptt,
+                       num_stream_tokens=encoded.num_tokens, num_tokens=count,
+                       num_oov=encoded.num_oov, num_unk=None, nll_sum=nll_sum, nll_sum_unk=None,
+                       seconds=time.perf_counter() - started)

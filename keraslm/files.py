@@ -1,4 +1,5 @@
-"""Files that readers see whole or not at all: write to a temporary name, then rename."""
+"""Files: written so that readers see them whole or not at all (a temporary name, then a
+rename), and opened for reading with a user's mistake (missing, a folder, unreadable) as one line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from keraslm.errors import UserError
 
@@ -63,3 +65,17 @@ def read_json(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def open_binary(path: str | os.PathLike, name: str | None = None) -> IO[bytes]:
+    """Open a user's file for reading bytes; a missing, folder or unreadable file is a one-line
+    UserError naming it (as `name`, when given: e.g. "<stdin>" for a temporary copy)."""
+    name = str(path) if name is None else name
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        raise UserError(f"file not found: {name}") from None
+    except IsADirectoryError:
+        raise UserError(f"{name}: is a directory, not a text file") from None
+    except OSError as err:
+        raise UserError(f"cannot read {name}: {err.strerror or err}") from None

@@ -151,21 +151,41 @@ class StreamCache:
     is one matrix operand.
     """
 
-    def __init__(self, batch: int, size: int, nhid: int, piece: int) -> None:
+    def __init__(self, batch: int, size: int, nhid: int, piece: int,
+                 capacity: int | None = None) -> None:
         self.size, self.piece = size, piece
         self.slots = size + piece
-        self.keys = np.zeros((batch, nhid, self.slots), np.float32)
-        self.words = np.full((batch, self.slots), PAD_TARGET, np.int32)
-        self.count = np.zeros(batch, np.int64)  # positions each stream has scored
+        capacity = max(batch, capacity or 0)
+        self.keys = np.zeros((capacity, nhid, self.slots), np.float32)
+        self.words = np.full((capacity, self.slots), PAD_TARGET, np.int32)
+        self.count = np.zeros(capacity, np.int64)  # positions each stream has scored
+        self.streams = np.arange(batch)  # the buffer row of each stream, in batch order
         self._ones = np.ones(size, np.float32)
 
     @property
     def batch(self) -> int:
-        return self.count.size
+        return self.streams.size
 
-    def keep(self, rows: int) -> None:
-        """Keep the first `rows` streams (the others have ended)."""
-        self.keys, self.words, self.count = self.keys[:rows], self.words[:rows], self.count[:rows]
+    def keep(self, streams: list[int] | np.ndarray) -> None:
+        """Keep only `streams` (indices, in their new order): the others have ended."""
+        self.streams = self.streams[np.asarray(streams, dtype=np.int64)]
+
+    def add_streams(self, n: int) -> None:
+        """Append `n` empty streams, in buffer rows no stream uses (growing it if need be)."""
+        free = np.setdiff1d(np.arange(self.count.size), self.streams)
+        if free.size < n:
+            grow = max(n - free.size, self.count.size)
+            self.keys = np.concatenate(
+                [self.keys, np.zeros((grow, *self.keys.shape[1:]), np.float32)])
+            self.words = np.concatenate([self.words, np.full((grow, self.slots), PAD_TARGET,
+                                                             np.int32)])
+            self.count = np.concatenate([self.count, np.zeros(grow, np.int64)])
+            free = np.setdiff1d(np.arange(self.count.size), self.streams)
+        new = free[:n]
+        self.keys[new] = 0.0
+        self.words[new] = PAD_TARGET
+        self.count[new] = 0
+        self.streams = np.concatenate([self.streams, new])
 
     def add(self, hidden: np.ndarray, targets: np.ndarray, thetas: Sequence[float]
             ) -> np.ndarray:
@@ -179,13 +199,13 @@ class StreamCache:
             raise ValueError(f"a piece has at most {self.piece} positions, got {targets.shape[1]}")
         hidden = np.asarray(hidden, dtype=np.float32)
         scored = targets != PAD_TARGET
-        start = self.count
+        start = self.count[self.streams]
         ranks = start[:, None] + np.cumsum(scored, axis=1) - scored
         rows, cols = np.nonzero(scored)
         slots = ranks[rows, cols] % self.slots
-        self.keys[rows, :, slots] = hidden[rows, cols]
-        self.words[rows, slots] = targets[rows, cols]
-        self.count = start + scored.sum(axis=1)
+        self.keys[self.streams[rows], :, slots] = hidden[rows, cols]
+        self.words[self.streams[rows], slots] = targets[rows, cols]
+        self.count[self.streams] = start + scored.sum(axis=1)
 
         out = np.full((len(thetas), *targets.shape), -np.inf)
         split = -(-_WORKERS // self.batch)  # bands a stream's piece is cut into: 1 unless few
@@ -194,7 +214,8 @@ class StreamCache:
 
         def run(band: tuple[int, np.ndarray, int]) -> None:
             b, cols, first = band
-            out[:, b, cols] = self._band(b, first, hidden[b, cols], targets[b, cols], thetas)
+            out[:, b, cols] = self._band(int(self.streams[b]), first, hidden[b, cols],
+                                         targets[b, cols], thetas)
 
         for _ in _map(run, bands):
             pass
@@ -202,8 +223,8 @@ class StreamCache:
 
     def _band(self, stream: int, first: int, hidden: np.ndarray, targets: np.ndarray,
               thetas: Sequence[float]) -> np.ndarray:
-        """log p_cache [len(thetas), n] of n consecutive positions of `stream`, ranks `first`
-        onwards, already in the buffer.
+        """log p_cache [len(thetas), n] of n consecutive positions of the stream in buffer row
+        `stream`, ranks `first` onwards, already in the buffer.
 
         Row t's window is the ranks first + t - w .. first + t - 1 (w: the widest window among
         the rows), so one [n, n - 1 + w] matmul against that run of keys holds every window
@@ -276,12 +297,18 @@ def _map(function, items: list) -> Iterator:
 class ContinuousCache:
     """The cache of `batch` streams with its settings, mixing `piece` positions at a time."""
 
-    def __init__(self, settings: CacheSettings, batch: int, nhid: int, piece: int) -> None:
+    def __init__(self, settings: CacheSettings, batch: int, nhid: int, piece: int,
+                 capacity: int | None = None) -> None:
         self.settings = settings
-        self.buffer = StreamCache(batch, settings.size, nhid, piece)
+        self.buffer = StreamCache(batch, settings.size, nhid, piece, capacity)
 
-    def keep(self, rows: int) -> None:
-        self.buffer.keep(rows)
+    def keep(self, streams: list[int] | np.ndarray) -> None:
+        """Keep only `streams` (indices, in their new order)."""
+        self.buffer.keep(streams)
+
+    def add_streams(self, n: int) -> None:
+        """Append `n` streams with an empty cache."""
+        self.buffer.add_streams(n)
 
     def __call__(self, hidden: np.ndarray, targets: np.ndarray, logprobs: np.ndarray
                  ) -> np.ndarray:

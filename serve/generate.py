@@ -30,20 +30,12 @@ if not __package__:  # run as `python serve/generate.py`: import `serve` from th
 
 import numpy as np
 
+from keraslm.contract import DEFAULT_BUNDLES_ROOT, OUTPUT_NEXT_LOGPROBS
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve.argtypes import float_at_least, int_at_least
-from serve.bundle import (
-    DEFAULT_BUNDLES_ROOT,
-    MODEL_FILE,
-    NEXT_LOGPROBS,
-    Bundle,
-    BundleError,
-    load_bundle,
-    resolve_bundle,
-)
-from keraslm.contract import INPUT_TARGETS, INPUT_TOKENS, PAD_TARGET, state_output
-from serve.scorer import DEVICES, choose_providers
+from serve.bundle import Bundle, load_bundle, resolve_bundle
+from serve.session import DEVICES, choose_providers
 
 Rng = np.random.Generator | Sequence[np.random.Generator]
 
@@ -153,12 +145,7 @@ def detokenize(tokens: Sequence[str], pipeline: TextPipeline) -> str:
 
 def require_next_logprobs(bundle: Bundle) -> None:
     """BundleError unless the graph returns the last position's full log-distribution."""
-    if not bundle.has_output(NEXT_LOGPROBS):
-        run = bundle.meta.get("source_run", {}).get("path") or "RUN"
-        raise BundleError(
-            f"{bundle.path / MODEL_FILE}: no '{NEXT_LOGPROBS}' output (exported before generation "
-            f"was supported); re-export this bundle with the current export.to_onnx: "
-            f"python -m export.to_onnx {run} --out {bundle.path}")
+    bundle.require_output(OUTPUT_NEXT_LOGPROBS, "generation")
 
 
 class GenerationStopped(Exception):
@@ -183,26 +170,13 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
     rngs = [np.random.Generator(np.random.PCG64(s))
             for s in np.random.SeedSequence(seed).spawn(num_samples)]
 
-    names = bundle.state_names
-    outputs = [NEXT_LOGPROBS, *map(state_output, names)]
-
     def run(ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         if stop is not None and stop():
             raise GenerationStopped
-        # no targets: the decoder runs at the last position alone (bundles since issue 14)
-        feed = {INPUT_TOKENS: ids, INPUT_TARGETS: np.full_like(ids, PAD_TARGET),
-                **dict(zip(names, state))}
-        try:
-            dist, *new_state = bundle.session.run(outputs, feed)
-        except Exception as err:  # noqa: BLE001 - onnxruntime's own error types
-            text = str(err).strip()
-            first = text.splitlines()[0] if text else type(err).__name__
-            raise UserError(f"{bundle.path / MODEL_FILE}: onnxruntime failed ({first})") from None
-        return dist, new_state
+        return bundle.session.next_logprobs(ids, state)
 
     # The context runs once; its state and distribution are then copied to every sample.
-    state = [np.zeros((1, bundle.nhid), np.float32) for _ in names]
-    dist, state = run(vocab.encode(context)[None, :], state)
+    dist, state = run(vocab.encode(context)[None, :], bundle.session.zero_state(1))
     dist = np.repeat(dist, num_samples, axis=0)
     state = [np.repeat(s, num_samples, axis=0) for s in state]
     drawn = np.zeros((num_samples, tokens), np.int64)

@@ -1,12 +1,14 @@
 """Continuous batching: texts scored each on its own, in a batch they join and leave between calls.
 
-`Scorer.score_rows` scores a set of rows known in advance. A service receives texts a request at
-a time; if a batch had to end before the next could start, the model would idle while answers go
-out and new requests come in, and every batch would shrink as its rows end. A `RowBatch` holds up
-to `max_rows` rows, each at its own position with its own LSTM state: `add` puts a row in (zero
-state, `<eos>` as its context, as `score_rows` starts every row), `step` runs one onnxruntime
-call over every row present and hands back the rows it finished, `drop` takes out rows nobody
-waits for. Rows never share state, so a row's numbers do not depend on its batch-mates.
+The one implementation of texts scored each on its own: `Scorer.score_rows` (and so the CLI's
+`--per-line`, `Scorer.score`) feeds its rows through a RowBatch, and the HTTP service feeds the
+texts of its requests as they arrive. If a batch had to end before the next could start, the
+model would idle while answers go out and new requests come in, and every batch would shrink as
+its rows end. A `RowBatch` holds up to `max_rows` rows, each at its own position with its own
+LSTM state (and its own continuous cache, when the scorer has one on): `add` puts a row in (zero
+state, `<eos>` as its context, an empty cache), `step` runs one onnxruntime call over every row
+present and hands back the rows it finished, `drop` takes out rows nobody waits for. Rows never
+share state, so a row's numbers do not depend on its batch-mates.
 
 The width of a call. Rows sit at different positions, so a call that ended wherever some row
 ends would be a few steps wide (with 32 rows of 80 tokens, about 2.5), and a call has a cost of
@@ -24,11 +26,15 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from keraslm.contract import PAD_INPUT, PAD_TARGET
-from serve.scorer import Scorer
+from serve.cache import ContinuousCache, check_memory, plan
+
+if TYPE_CHECKING:
+    from serve.scorer import Scorer
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,11 @@ class RowBatch:
         self.scorer, self.max_rows, self.cost = scorer, max_rows, cost
         self.rows: list[Row] = []
         self._state = scorer.zero_state(0)
+        self._cache = None
+        if scorer.cache is not None:
+            piece = plan(max_rows, scorer.bptt)[1]
+            check_memory(max_rows, scorer.cache.size, scorer.bundle.nhid, piece)
+            self._cache = ContinuousCache(scorer.cache, 0, scorer.bundle.nhid, piece, max_rows)
 
     @property
     def free(self) -> int:
@@ -88,6 +99,8 @@ class RowBatch:
         self.rows.append(Row(key, ids))
         zero = np.zeros((1, self.scorer.bundle.nhid), np.float32)
         self._state = [np.concatenate([s, zero]) for s in self._state]
+        if self._cache is not None:
+            self._cache.add_streams(1)
 
     def drop(self, keys: set) -> int:
         """Take out the rows whose key is in `keys`; how many there were."""
@@ -104,7 +117,11 @@ class RowBatch:
         remaining = np.array([row.remaining for row in self.rows])
         width = best_width(remaining, self.scorer.bptt, self.cost)
         tokens, targets = self._inputs(width)
-        logprobs, self._state = self.scorer.step(tokens, targets, self._state)
+        if self._cache is None:
+            logprobs, self._state = self.scorer.step(tokens, targets, self._state)
+        else:
+            logprobs, self._state, hidden = self.scorer.step_hidden(tokens, targets, self._state)
+            logprobs = self._cache(hidden, targets, logprobs)
         for row, lp in zip(self.rows, logprobs):
             n = min(width, row.remaining)
             row.logprobs[row.at:row.at + n] = lp[:n]
@@ -117,6 +134,8 @@ class RowBatch:
     def _keep(self, indices: list[int]) -> None:
         self.rows = [self.rows[i] for i in indices]
         self._state = [s[indices] for s in self._state]
+        if self._cache is not None:
+            self._cache.keep(indices)
 
     def _inputs(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and targets of the next `width` steps of every row, padded past a row's end."""

@@ -39,11 +39,14 @@ if not __package__:  # run as `python serve/score.py`: import `serve` from this 
     sys.path.insert(0, os.path.dirname(_here))
 
 from keraslm.errors import UserError
-from keraslm.rundir import atomic_path
+from keraslm.files import atomic_path, open_binary
+from keraslm.scores import finite_or_none
 from keraslm.text import pipeline_for_format
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.cache import CacheSettings, TuneResult
-from serve.scorer import DEVICES, CorpusScore, Scorer, TextBytes
+from keraslm.scores import CorpusScore
+from serve.scorer import Scorer, TextBytes
+from serve.session import DEVICES
 
 # GluonNLP's tuned values for standard_lstm_lm_200 on WikiText-2 (cache_language_model.py);
 # tune your own with --tune-cache.
@@ -198,7 +201,7 @@ def _check_not_same(valid: str, corpus: str) -> None:
 def summary(r: CorpusScore) -> str:
     """The readable report: one `Key:<TAB>value` per line, numbers without separators."""
     rows = [
-        ("Bundle", f"{r.bundle} [{r.provider}]"),
+        ("Bundle", f"{r.model} [{r.runtime}]"),
         ("Text", f"{r.source} ({r.pipeline})"),
         ("Layout", f"{r.batch_size} streams x bptt {r.bptt}, state carried (as keraslm.evaluate)"),
         ("Tokens", f"{r.num_tokens} scored of {r.num_stream_tokens}"),
@@ -231,8 +234,8 @@ def tuning_summary(t: TuneResult) -> str:
 
 def _json_safe(value):
     """JSON has no infinity or NaN: null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        return finite_or_none(value)
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -275,10 +278,8 @@ def _readable(corpus: str) -> Iterator[Path]:
             return
     name = "<stdin>" if corpus == "-" else corpus
     with contextlib.ExitStack() as stack:
-        try:
-            source = sys.stdin.buffer if corpus == "-" else stack.enter_context(open(corpus, "rb"))
-        except OSError as err:
-            raise UserError(f"cannot read {name}: {err.strerror or err}") from None
+        source = (sys.stdin.buffer if corpus == "-"
+                  else stack.enter_context(open_binary(corpus, name)))
         reader = TextBytes(source, name)  # reading errors and NUL bytes: UserError
         try:
             tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="keraslm-input-",

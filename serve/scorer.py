@@ -30,146 +30,31 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from typing import IO
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from keraslm.contract import OUTPUT_HIDDEN, PAD_INPUT, PAD_TARGET
 from keraslm.errors import UserError
+from keraslm.files import open_binary
+from keraslm.scores import CorpusScore, TextScore
 from keraslm.text import TextPipeline
-from serve.bundle import MODEL_FILE, Bundle, load_bundle
-from serve.cache import (
-    CacheSettings,
-    ContinuousCache,
-    Recording,
-    TuneResult,
-    check_memory,
-    plan,
-    tune,
-)
-from keraslm.contract import (
-    INPUT_TARGETS,
-    INPUT_TOKENS,
-    OUTPUT_HIDDEN,
-    OUTPUT_LOGPROBS,
-    PAD_INPUT,
-    PAD_TARGET,
-    state_output,
-)
+from serve.bundle import Bundle, load_bundle
+from serve.cache import CacheSettings, ContinuousCache, Recording, TuneResult, check_memory, plan, tune
+from serve.row_batch import RowBatch
+from serve.session import DEVICES, State, choose_providers
 
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["DEVICES", "CorpusScore", "Scorer", "TextBytes", "TextScore", "choose_providers"]
+
 ENCODE_TOKENS = 1 << 16  # pass 1 encodes and writes this many tokens at a time
 BLOCK_IDS = 1 << 20  # pass 2 reads about this many ids (over all columns) at a time
 GROUP_TOKENS = 1 << 20  # score_samples scores at most this many tokens together (unless one
                         # sample has more)
 _ID = np.dtype(np.int32)
-
-
-@dataclass(frozen=True)
-class TextScore:
-    """One text scored on its own: `<eos>` as context, then every token of the text."""
-
-    num_tokens: int        # tokens scored (the text's own bos/eos included)
-    num_oov: int           # of those, not in the vocabulary (scored as <unk>)
-    log_likelihood: float  # natural log, summed over the tokens
-
-    @property
-    def perplexity(self) -> float:
-        return _perplexity(-self.log_likelihood, self.num_tokens)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "perplexity": _finite_or_none(self.perplexity)}
-
-
-@dataclass(frozen=True)
-class CorpusScore:
-    """A corpus scored as `batch_size` carried streams (the layout of keraslm.evaluate)."""
-
-    source: str
-    bundle: str
-    pipeline: str          # TextPipeline.describe() of the pipeline used
-    provider: str          # onnxruntime execution provider
-    batch_size: int
-    bptt: int
-    num_stream_tokens: int  # tokens in the text
-    num_tokens: int        # targets scored: every stream token but the first of each column
-    num_oov: int           # stream tokens not in the vocabulary (as keraslm.evaluate counts)
-    num_unk: int           # targets that are <unk> (out-of-vocabulary or a literal <unk>)
-    nll_sum: float         # natural log
-    nll_sum_unk: float     # the part of nll_sum from <unk> targets
-    seconds: float
-    cache: dict | None = None  # the continuous cache's settings (CacheSettings.to_dict), or off
-
-    @property
-    def oov_rate(self) -> float:
-        return self.num_oov / max(self.num_stream_tokens, 1)
-
-    @property
-    def avg_nll(self) -> float:
-        return self.nll_sum / self.num_tokens if self.num_tokens else math.nan
-
-    @property
-    def perplexity(self) -> float:
-        """exp(mean NLL over all targets, <unk> included)."""
-        return _perplexity(self.nll_sum, self.num_tokens)
-
-    @property
-    def perplexity_excl_unk(self) -> float:
-        """exp(mean NLL over the targets that are not <unk>): KenLM's "excluding OOVs"."""
-        return _perplexity(self.nll_sum - self.nll_sum_unk, self.num_tokens - self.num_unk)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.num_tokens / self.seconds if self.seconds > 0 else math.nan
-
-    def to_dict(self) -> dict:
-        derived = {name: _finite_or_none(getattr(self, name)) for name in (
-            "oov_rate", "avg_nll", "perplexity", "perplexity_excl_unk", "tokens_per_second")}
-        # infinite with a cache weight of 1 (a target the cache never saw): JSON has no infinity
-        sums = {name: _finite_or_none(getattr(self, name)) for name in ("nll_sum", "nll_sum_unk")}
-        return {**asdict(self), **sums, **derived}
-
-
-def choose_providers(device: str) -> list[str]:
-    """onnxruntime providers for `device`; asks what is installed first, so no GPU means no noise."""
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device != "cpu":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if device == "cuda":
-            raise UserError("--device cuda: this onnxruntime has no CUDAExecutionProvider "
-                            "(install onnxruntime-gpu, e.g. `pip install keraslm[gpu]`)")
-    return ["CPUExecutionProvider"]
-
-
-_ARENA: list[bool] = []  # whether the process-wide CPU arena below was registered
-
-
-def _use_exact_size_arena() -> bool:
-    """Register (once per process) a CPU memory arena that grows by exactly what is asked.
-
-    The scoring graph's decoder works on as many rows as a call has targets, so the size of its
-    [rows, vocab] buffers changes from call to call; onnxruntime's default arena grows in powers
-    of two and keeps every region, which took a service's peak RSS from 310 to 590 MB on
-    WikiText-2's vocabulary (430 MB with this one, at the same speed).
-    """
-    if not _ARENA:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                     ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-            _ARENA.append(True)
-        except Exception:  # noqa: BLE001 - an onnxruntime without it: its default arena
-            _ARENA.append(False)
-    return _ARENA[0]
 
 
 class Scorer:
@@ -192,33 +77,26 @@ class Scorer:
         _check_positive(batch_size=batch_size, bptt=bptt)
         if threads is not None:
             _check_positive(threads=threads)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if spin is None and cache is not None and batch_size > 1:
-            # between a call's ops the threads spin, after it they sleep: the cache's threads
-            # mix while the network runs (at batch 1, calls are short and spinning pays more)
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        elif spin is False:  # idle intra-op threads sleep instead of spinning for the next call
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if _use_exact_size_arena():
-            options.add_session_config_entry("session.use_env_allocators", "1")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        if spin is None:
+            # with the cache, threads spin within a call and sleep after it, so the cache's
+            # threads mix while the network runs (at batch 1 calls are short: spinning pays)
+            mode = "stop" if cache is not None and batch_size > 1 else "on"
+        else:
+            mode = "on" if spin else "off"
         self.bundle: Bundle = load_bundle(bundle_path, providers=choose_providers(device),
-                                          options=options)
+                                          threads=threads, spin=mode)
+        self.session = self.bundle.session
         self.pipeline = pipeline or self.bundle.pipeline
         self.vocab = self.bundle.vocab
         self.batch_size = batch_size
         self.bptt = bptt
         self.context_id = self.vocab.token_to_id(self.pipeline.eos or "<eos>")
-        self._state_names = self.bundle.state_names
-        self._outputs = [OUTPUT_LOGPROBS, *map(state_output, self._state_names)]
         self.cache = cache
 
     @property
     def provider(self) -> str:
-        return self.bundle.providers[0]
+        """The execution provider that runs the graph."""
+        return self.session.providers[0]
 
     @property
     def cache(self) -> CacheSettings | None:
@@ -234,12 +112,7 @@ class Scorer:
         self._cache = settings
 
     def _require_hidden(self) -> None:
-        if not self.bundle.has_output(OUTPUT_HIDDEN):
-            run = self.bundle.meta.get("source_run") or {}
-            source = run.get("path") or run.get("name") or "RUN"
-            raise UserError(f"{self.bundle.path}: this bundle has no '{OUTPUT_HIDDEN}' output, "
-                            f"which the continuous cache needs (exported before it); re-export "
-                            f"it: python -m export.to_onnx {source} --out {self.bundle.path}")
+        self.bundle.require_output(OUTPUT_HIDDEN, "the continuous cache")
 
     def _new_cache(self, batch: int, piece: int) -> ContinuousCache | None:
         if self._cache is None:
@@ -249,38 +122,19 @@ class Scorer:
 
     # --- one network step ----------------------------------------------------------------------
 
-    def zero_state(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.bundle.nhid), np.float32) for _ in self._state_names]
+    def zero_state(self, batch: int) -> State:
+        return self.session.zero_state(batch)
 
-    def step(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray]
-             ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(self, tokens: np.ndarray, targets: np.ndarray, state: State
+             ) -> tuple[np.ndarray, State]:
         """Log-probabilities of `targets` [batch, time] (0 at padding) and the state after."""
-        logprobs, *new_state = self._run(self._outputs, tokens, targets, state)
-        return logprobs, new_state
+        return self.session.step(tokens, targets, state)
 
-    def step_hidden(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray]
-                    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    def step_hidden(self, tokens: np.ndarray, targets: np.ndarray, state: State
+                    ) -> tuple[np.ndarray, State, np.ndarray]:
         """`step`, and the last LSTM layer's output [batch, time, nhid] (the cache's keys)."""
         self._require_hidden()
-        *out, hidden = self._run([*self._outputs, OUTPUT_HIDDEN], tokens, targets, state)
-        return out[0], out[1:], hidden
-
-    def _run(self, outputs: list[str], tokens: np.ndarray, targets: np.ndarray,
-             state: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {INPUT_TOKENS: tokens, INPUT_TARGETS: targets, **dict(zip(self._state_names, state))}
-        try:
-            return self.bundle.session.run(outputs, feed)
-        except _ORT_ERRORS as err:  # e.g. a token id the graph has no row for
-            raise UserError(f"{self.bundle.path / MODEL_FILE}: onnxruntime failed "
-                            f"({_first_line(err)})") from None
-
-    def _cached_step(self, tokens: np.ndarray, targets: np.ndarray, state: list[np.ndarray],
-                     cache: ContinuousCache | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """`step`, its log-probabilities mixed with `cache` (which then holds the chunk)."""
-        if cache is None:
-            return self.step(tokens, targets, state)
-        logprobs, state, hidden = self.step_hidden(tokens, targets, state)
-        return cache(hidden, targets, logprobs), state
+        return self.session.step_hidden(tokens, targets, state)
 
     # --- texts, each on its own ----------------------------------------------------------------
 
@@ -292,61 +146,38 @@ class Scorer:
     def score_tokens(self, token_lists: Sequence[Sequence[str]]) -> list[TextScore]:
         """Score each token list on its own, from a zero state with `<eos>` as context.
 
-        Lists of similar length share a batch of at most `batch_size` rows (see `score_rows`).
+        Lists share batches of at most `batch_size` rows (see `score_rows`).
         """
         return self._score_encoded([self.vocab.encode(tokens, return_oov=True)
                                     for tokens in token_lists])
 
-    def score_rows(self, rows: list[np.ndarray], max_rows: int
-                   ) -> tuple[list[np.ndarray], list[int]]:
-        """Per-token log-probabilities of every id row, each row scored on its own.
+    def score_rows(self, rows: Sequence[np.ndarray], max_rows: int) -> list[np.ndarray]:
+        """Per-token log-probabilities (float32) of every id row, each row scored on its own.
 
-        Each row starts from a zero state with `<eos>` as context (and an empty continuous
-        cache, when it is on). Rows run longest first, at most `max_rows` to an onnxruntime
-        batch, at most `bptt` steps per call with the state carried. A call ends early where the
-        shortest running row ends, so no call computes padding; sorted by length, the rows still
-        running are always a prefix of the batch, and a row that has ended leaves it. Only one
-        chunk of inputs is built at a time: memory is the rows and their results. Returns the
-        float32 log-probabilities of each row (in input order) and the size of every batch run.
-        (The HTTP service scores rows that arrive over time with serve/row_batch.py instead.)
+        Each row starts from a zero state with `<eos>` as its context (and an empty continuous
+        cache, when it is on). The rows go through one RowBatch of at most `max_rows` rows,
+        longest first; a row that ends leaves it and the next takes its place (serve/row_batch.py
+        chooses each call's width). Only one call's inputs are built at a time: memory is the
+        rows and their results. Results are in input order; an empty row gets an empty array.
         """
         out = [np.zeros(row.size, np.float32) for row in rows]
-        order = sorted((i for i, row in enumerate(rows) if row.size), key=lambda i: -rows[i].size)
-        sizes = []
-        for start in range(0, len(order), max_rows):
-            group = [rows[i] for i in order[start:start + max_rows]]
-            state = self.zero_state(len(group))
-            cache = self._new_cache(len(group), plan(len(group), self.bptt)[1])
-            t = 0
-            while t < group[0].size:
-                live = sum(row.size > t for row in group)
-                width = min(self.bptt, group[live - 1].size - t)  # the shortest running row
-                state = [s[:live] for s in state]
-                if cache is not None:
-                    cache.keep(live)
-                tokens, targets = self._row_chunk(group[:live], t, width)
-                logprobs, state = self._cached_step(tokens, targets, state, cache)
-                for r, i in enumerate(order[start:start + live]):
-                    out[i][t:t + width] = logprobs[r]
-                t += width
-            sizes.append(len(group))
-        return out, sizes
-
-    def _row_chunk(self, rows: list[np.ndarray], t: int, width: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets of steps `t .. t+width` of rows that all reach `t + width`."""
-        targets = np.stack([row[t:t + width] for row in rows])
-        if t:
-            tokens = np.stack([row[t - 1:t - 1 + width] for row in rows])
-        else:
-            tokens = np.empty_like(targets)
-            tokens[:, 0] = self.context_id
-            tokens[:, 1:] = targets[:, :-1]
-        return tokens, targets
+        waiting = sorted((i for i, row in enumerate(rows) if row.size),
+                         key=lambda i: -rows[i].size)
+        if not waiting:
+            return out
+        batch = RowBatch(self, min(max_rows, len(waiting)))
+        waiting.reverse()  # the longest at the end: pop() takes it first
+        while waiting or batch.rows:
+            while waiting and batch.free:
+                i = waiting.pop()
+                batch.add(i, rows[i])
+            for row in batch.step():
+                out[row.key] = row.logprobs
+        return out
 
     def _score_encoded(self, encoded: Sequence[tuple[np.ndarray, int]]) -> list[TextScore]:
         """TextScores of (ids, OOV count) pairs, `batch_size` rows to a batch."""
-        logprobs, _ = self.score_rows([ids for ids, _ in encoded], self.batch_size)
+        logprobs = self.score_rows([ids for ids, _ in encoded], self.batch_size)
         return [TextScore(int(ids.size), int(oov), float(lp.sum(dtype=np.float64)))
                 for (ids, oov), lp in zip(encoded, logprobs)]
 
@@ -399,8 +230,8 @@ class Scorer:
         with self._columns(path, batch_size, bptt, errors, name) as (columns, num_oov):
             sums = self._score_columns(columns, bptt)
         return CorpusScore(
-            source=name, bundle=str(self.bundle.path), pipeline=self.pipeline.describe(),
-            provider=self.provider, batch_size=columns.count, bptt=bptt,
+            source=name, model=str(self.bundle.path), pipeline=self.pipeline.describe(),
+            runtime=self.provider, batch_size=columns.count, bptt=bptt,
             num_stream_tokens=columns.total, num_oov=num_oov,
             seconds=time.perf_counter() - started,
             cache=None if self._cache is None else self._cache.to_dict(), **sums)
@@ -573,39 +404,11 @@ class TextBytes:
 def _open_text(path: str | os.PathLike, name: str | None = None) -> Iterator[TextBytes]:
     """Open `path` for TextPipeline, with missing/unreadable as UserError."""
     name = str(path) if name is None else name
-    try:  # not `with open(...)` around the body: its OSErrors are not reading errors
-        f = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        raise UserError(f"file not found: {name}") from None
-    except IsADirectoryError:
-        raise UserError(f"{name}: is a directory, not a text file") from None
-    except OSError as err:
-        raise UserError(f"cannot read {name}: {err.strerror or err}") from None
-    with f:
+    with open_binary(path, name) as f:  # the body's OSErrors are not opening errors
         yield TextBytes(f, name)
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-_ORT_ERRORS = (_ort_state.Fail, _ort_state.InvalidArgument, _ort_state.RuntimeException)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _perplexity(nll_sum: float, count: int) -> float:
-    if count <= 0:
-        return math.nan
-    mean = nll_sum / count
-    return math.exp(mean) if mean < 700 else math.inf
-
-
-def _finite_or_none(x: float) -> float | None:
-    """JSON has no NaN or infinity: report them as null."""
-    return x if math.isfinite(x) else None
-
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():

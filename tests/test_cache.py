@@ -176,11 +176,20 @@ def test_tune_finds_the_lowest_perplexity_it_tries():
         assert math.exp(worse / recording.num_tokens) >= result.perplexity
 
 
-def test_the_ring_buffer_keeps_only_the_last_streams():
+def test_the_ring_buffer_keeps_chosen_streams_in_order_and_adds_empty_ones():
     buffer = StreamCache(3, 4, 2, piece=2)
-    buffer.add(np.ones((3, 2, 2), np.float32), np.zeros((3, 2), np.int32), [1.0])
-    buffer.keep(2)
-    assert buffer.batch == 2 and buffer.keys.shape[0] == 2 and list(buffer.count) == [2, 2]
+    buffer.add(np.ones((3, 2, 2), np.float32), np.array([[1, 2], [3, 4], [5, 6]], np.int32),
+               [1.0])
+    buffer.keep([2, 0])  # streams 0 and 1 are now the old streams 2 and 0
+    buffer.add_streams(1)  # stream 2 is new: an empty window
+    assert buffer.batch == 3 and list(buffer.count[buffer.streams]) == [2, 2, 0]
+    # theta 0: uniform over the window, so p_cache(target) = its share of the window's words
+    (logp,) = buffer.add(np.ones((3, 1, 2), np.float32), np.array([[5], [1], [2]], np.int32),
+                         [0.0])
+    assert logp[:, 0].tolist() == [math.log(0.5), math.log(0.5), -math.inf]
+    buffer.keep([2])  # the new stream alone: it has seen one word, 2
+    (logp,) = buffer.add(np.ones((1, 1, 2), np.float32), np.array([[2]], np.int32), [0.0])
+    assert logp[0, 0] == 0.0
 
 
 # ---- through the scorer, on the tiny bundle -------------------------------------------------
@@ -303,8 +312,8 @@ def old_bundle(tiny_bundle, tmp_path_factory) -> Path:  # noqa: F811
 def test_an_old_bundle_scores_without_the_cache_and_says_to_re_export(old_bundle, excerpt):
     plain = Scorer(old_bundle, device="cpu")
     assert plain.score_file(excerpt).num_tokens > 0
-    with pytest.raises(UserError, match=r"no 'hidden' output.*re-export it: python -m "
-                                        r"export\.to_onnx"):
+    with pytest.raises(UserError, match=r"no 'hidden' output.*re-export it with the current "
+                                        r"export\.to_onnx: python -m export\.to_onnx"):
         Scorer(old_bundle, device="cpu", cache=SETTINGS)
     with pytest.raises(UserError, match="re-export"):
         plain.cache = SETTINGS
@@ -389,7 +398,7 @@ def test_bad_cache_flags_are_one_line_and_status_1(capsys, tiny_bundle, excerpt,
 def test_cache_flags_on_an_old_bundle_are_one_line(capsys, old_bundle, excerpt):
     code, out, err = run_cli(capsys, excerpt, "--model", old_bundle, "--cache-size", "100")
     assert code == 1 and out == "" and err.count("\n") == 1
-    assert "re-export it: python -m export.to_onnx" in err
+    assert "re-export it with the current export.to_onnx: python -m export.to_onnx" in err
 
 
 def test_lambda_one_reports_an_infinite_perplexity_honestly(capsys, tiny_bundle, excerpt):  # noqa: F811

@@ -6,6 +6,7 @@ validation split mapped through the run's vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -21,7 +22,8 @@ from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
 
 from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
-from keraslm.model import LMConfig, load_run_model, split_decoder
+from keraslm.model import LMConfig, split_decoder
+from keraslm.runs import load_run_model
 from keraslm.vocab import Vocab
 from keraslm import contract
 
@@ -215,7 +217,8 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     info = json.loads((bundle / "bundle.json").read_text())
     model = onnx.load(bundle / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
-    assert {k: info[k] for k in ("inputs", "outputs")} == graph.describe_io(model)
+    meta = contract.BundleMeta.from_dict(info)
+    assert (meta.inputs, meta.outputs) == graph.describe_io(model)
     assert [i["name"] for i in info["inputs"]] == ["tokens", "targets", *config.state_names()]
     assert [o["name"] for o in info["outputs"]] == [
         "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs", "hidden"]
@@ -231,7 +234,8 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert shapes["next_logprobs"] == ("float32", ["batch", config.vocab_size])
     assert shapes["hidden"] == ("float32", ["batch", "time", config.nhid])
     assert info["schema_version"] == contract.SCHEMA_VERSION == 1
-    assert info["model"] == config.to_dict() and sorted(info) == sorted(contract.BUNDLE_FIELDS)
+    assert info["model"] == config.to_dict()
+    assert sorted(info) == sorted(f.name for f in dataclasses.fields(contract.BundleMeta))
     assert info["opset"] == DEFAULT_OPSET
     assert {o.domain: o.version for o in model.opset_import}[""] == DEFAULT_OPSET
     assert info["pipeline"] == run.read_config()["pipeline"]
@@ -281,7 +285,8 @@ def test_quantize_int8_reports_its_effect(text, tmp_path, capsys, external):
     assert abs(measured["perplexity_int8"] / measured["perplexity_fp32"] - 1) < 0.2
     model = onnx.load(tmp_path / "bundle" / "model.onnx")
     assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
-    assert {k: info[k] for k in ("inputs", "outputs")} == graph.describe_io(model)
+    meta = contract.BundleMeta.from_dict(info)
+    assert (meta.inputs, meta.outputs) == graph.describe_io(model)
     stream = columns(ids, 2, CHUNK)
     logprobs, _, _ = onnx_call(session(tmp_path / "bundle" / "model.onnx"), config,
                                stream[:, :-1], stream[:, 1:], zero_state(config, 2))

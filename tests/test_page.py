@@ -92,8 +92,8 @@ def test_scored_tokens_and_perplexity_are_the_apis(browser, server):
     ppl = browser.find_element(By.ID, "perplexity")
     assert float(ppl.get_attribute("data-value")) == want["perplexity"]
     assert ppl.text == f"{want['perplexity']:.2f}"
-    assert browser.find_element(By.ID, "ntokens").text == str(want["tokens"])
-    assert browser.find_element(By.ID, "noov").text == str(want["oov"])
+    assert browser.find_element(By.ID, "ntokens").text == str(want["num_tokens"])
+    assert browser.find_element(By.ID, "noov").text == str(want["num_oov"])
 
     spans[0].click()  # keyboard: focus a token, move with the arrows; its numbers are shown
     spans[0].send_keys("\ue014")  # ArrowRight

@@ -7,6 +7,7 @@ exported by export.to_onnx) that every serve test shares: `tiny_bundle` builds i
 from __future__ import annotations
 
 import functools
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-import serve.bundle
+import serve.session
 from keraslm import contract
 from serve.bundle import BundleError, load_bundle, resolve_bundle
 
@@ -223,37 +224,56 @@ def test_resolve_bundle_by_path_by_name_and_newest(tiny_bundle, tmp_path):
 # ---- the contract --------------------------------------------------------------------------------
 
 def test_exported_bundle_follows_the_contract(tiny_bundle):
-    """File names, bundle.json's fields, graph inputs/outputs with dtypes and shapes, padding."""
-    from keraslm import batching
+    """File names, bundle.json as BundleMeta (nothing lost or added on a round trip), graph
+    inputs/outputs with dtypes and shapes."""
     from keraslm.config import LMConfig
 
     path = tiny_bundle.bundle
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [contract.BUNDLE_FILE, contract.MODEL_FILE, contract.VOCAB_FILE, "README.md"])
-    meta = json.loads((path / contract.BUNDLE_FILE).read_text(encoding="utf-8"))
-    assert sorted(meta) == sorted(contract.BUNDLE_FIELDS)
-    assert meta["schema_version"] == contract.SCHEMA_VERSION
-    model = meta["model"]
-    nlayers = model["nlayers"]
-    assert contract.state_names(nlayers) == LMConfig(**model).state_names() == [
+    raw = json.loads((path / contract.BUNDLE_FILE).read_text(encoding="utf-8"))
+    meta = contract.BundleMeta.read(path / contract.BUNDLE_FILE)
+    assert meta.to_dict() == raw
+    assert contract.BundleMeta.from_dict(meta.to_dict()) == meta
+    assert sorted(raw) == sorted(f.name for f in dataclasses.fields(contract.BundleMeta))
+    assert meta.schema_version == contract.SCHEMA_VERSION
+    nlayers = meta.nlayers
+    assert contract.state_names(nlayers) == LMConfig(**meta.model).state_names() == [
         "h0", "c0", "h1", "c1"]
-    specs = contract.io_specs(nlayers, model["nhid"], model["vocab_size"])
+    specs = contract.io_specs(nlayers, meta.nhid, meta.vocab_size)
     for kind, names in (("inputs", contract.input_names(nlayers)),
                         ("outputs", contract.output_names(nlayers))):
-        assert meta[kind] == [{"name": n, "dtype": specs[n][0], "shape": specs[n][1]}
-                              for n in names]
+        assert raw[kind] == [{"name": n, "dtype": specs[n][0], "shape": specs[n][1]}
+                             for n in names]
 
     b = load_bundle(path)
-    assert [i.name for i in b.session.get_inputs()] == contract.input_names(nlayers)
-    assert [o.name for o in b.session.get_outputs()] == contract.output_names(nlayers)
-    assert batching.PAD_INPUT == contract.PAD_INPUT and batching.PAD_TARGET == contract.PAD_TARGET
-    padded = np.full((2, 3), contract.PAD_INPUT, np.int32)
-    feed = {contract.INPUT_TOKENS: padded,
-            contract.INPUT_TARGETS: np.full_like(padded, contract.PAD_TARGET),
-            **{s: np.zeros((2, b.nhid), np.float32) for s in b.state_names}}
-    feed[contract.INPUT_TARGETS][0, 0] = 5
-    (logprobs,) = b.session.run([contract.OUTPUT_LOGPROBS], feed)
-    assert logprobs[0, 0] < 0 and not logprobs.ravel()[1:].any()  # padding scores 0
+    assert [i.name for i in b.session.inputs] == contract.input_names(nlayers)
+    assert [o.name for o in b.session.outputs] == contract.output_names(nlayers)
+
+
+def test_the_graph_scores_batchings_padding_as_nothing(tiny_bundle):
+    """keraslm.batching pads the last columns and the last batch; through the exported graph
+    with the state carried, every real target scores as its column does alone and every
+    padded target scores exactly 0."""
+    from keraslm.batching import BPTTBatches
+
+    b = load_bundle(tiny_bundle.bundle)
+    ids = (np.arange(23) * 7 + 3) % len(b.vocab)
+    batches = BPTTBatches(ids, batch_size=3, bptt=4, last_batch="keep")
+    state = b.session.zero_state(3)
+    scored, padded = [], []
+    for inputs, targets in batches:
+        logprobs, state = b.session.step(inputs, targets, state)
+        scored.append(np.where(targets == contract.PAD_TARGET, np.nan, logprobs))
+        padded.extend(logprobs[targets == contract.PAD_TARGET].tolist())
+    assert padded and not any(padded)
+    scored = np.concatenate(scored, axis=1)
+    length = batches.column_length
+    for j in range(3):
+        column = ids[j * length:(j + 1) * length].astype(np.int32)[None, :]
+        alone, _ = b.session.step(column[:, :-1], column[:, 1:], b.session.zero_state(1))
+        got = scored[j][~np.isnan(scored[j])]
+        np.testing.assert_allclose(got, alone[0], rtol=1e-5, atol=1e-6)
 
 
 # ---- external data ---------------------------------------------------------------------------------
@@ -317,7 +337,7 @@ def test_external_data_outside_the_bundle_is_refused_before_onnxruntime(bundle_c
     else:
         location = "../../secret.bin"
         _constant_in_a_subgraph(bundle_copy, location)
-    monkeypatch.setattr(serve.bundle.ort, "InferenceSession", _no_onnxruntime)
+    monkeypatch.setattr(serve.session.ort, "InferenceSession", _no_onnxruntime)
     with pytest.raises(BundleError) as err:
         load_bundle(bundle_copy)
     message = str(err.value)
@@ -333,7 +353,6 @@ def test_external_data_inside_the_bundle_loads(bundle_copy, tiny_bundle, locatio
     assert (bundle_copy / location).stat().st_size > 4000  # the weights really moved there
     got = load_bundle(bundle_copy).session
     want = load_bundle(tiny_bundle.bundle).session
-    feed = {contract.INPUT_TOKENS: np.array([[3, 4]], np.int32),
-            contract.INPUT_TARGETS: np.array([[4, 5]], np.int32),
-            **{s: np.zeros((1, 16), np.float32) for s in contract.state_names(2)}}
-    np.testing.assert_array_equal(got.run(None, feed)[0], want.run(None, feed)[0])
+    tokens, targets = np.array([[3, 4]], np.int32), np.array([[4, 5]], np.int32)
+    np.testing.assert_array_equal(got.step(tokens, targets, got.zero_state(1))[0],
+                                  want.step(tokens, targets, want.zero_state(1))[0])

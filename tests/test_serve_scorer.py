@@ -21,7 +21,9 @@ from keraslm.batching import BPTTBatches
 from keraslm.errors import UserError
 from keraslm.text import RAW
 from serve import scorer as scorer_module
-from serve.scorer import Scorer, choose_providers
+from serve import session as session_module
+from serve.scorer import Scorer
+from serve.session import choose_providers
 
 TEXTS = [
     "the game began in 1998 .",
@@ -91,23 +93,21 @@ def test_text_is_scored_from_eos_context_in_one_pass(scorer):
     assert score.perplexity == pytest.approx(math.exp(-score.log_likelihood / len(tokens)))
 
 
-def test_score_rows_scores_each_row_alone_and_drops_rows_that_ended(scorer, monkeypatch):
-    """Per-token log-probabilities as each row alone in one pass; longest first, `max_rows` to a
-    batch, a call ends where its shortest row ends (no padding is computed), and a row that has
-    ended leaves the batch."""
+def test_score_rows_scores_each_row_alone_through_one_row_batch(scorer, monkeypatch):
+    """Per-token log-probabilities as each row alone; at most `max_rows` rows a call, at most
+    bptt steps, longest rows first, a row that ends making room for the next; every real token
+    is computed exactly once."""
     ids = scorer.vocab.encode(" ".join(TEXTS).split())
     rows = [ids[:3], ids[:0], ids, ids[:11], ids[:1]]
     calls = []
     step = scorer.step
-    monkeypatch.setattr(scorer, "step", lambda tokens, *rest: calls.append(tokens.shape)
-                        or step(tokens, *rest))
-    logprobs, sizes = scorer.score_rows(rows, max_rows=2)
-    assert sizes == [2, 2]  # (all of ids, its first 11) and (3, 1); the empty row runs nowhere
-    assert max(w for _, w in calls) == scorer.bptt
-    assert sum(r * w for r, w in calls) == sum(row.size for row in rows)  # no padding computed
-    runs = [(r, sum(w for _, w in group)) for r, group in itertools.groupby(calls, lambda c: c[0])]
-    # (ids, its first 11) together for 11 steps, then ids alone; (3, 1) for 1 step, then the 3
-    assert runs == [(2, 11), (1, ids.size - 11), (2, 1), (1, 2)]
+    monkeypatch.setattr(scorer, "step", lambda tokens, targets, state: calls.append(
+        (tokens.shape, int((targets >= 0).sum()))) or step(tokens, targets, state))
+    logprobs = scorer.score_rows(rows, max_rows=2)
+    assert max(rows for (rows, _), _ in calls) == 2
+    assert max(width for (_, width), _ in calls) <= scorer.bptt
+    assert sum(scored for _, scored in calls) == sum(row.size for row in rows)
+    assert calls[0][0][0] == 2 and calls[0][1] >= 2 * min(11, scorer.bptt) - 1  # the two longest
     assert [lp.size for lp in logprobs] == [row.size for row in rows]
     for row, lp in zip(rows, logprobs):
         assert lp.dtype == np.float32
@@ -290,12 +290,12 @@ def test_score_file_equals_keras_evaluate_on_wikitext2_valid(tiny_bundle, scorer
 # ---- devices and bad arguments ----------------------------------------------------------------------
 
 def test_providers_ask_onnxruntime_first(monkeypatch):
-    monkeypatch.setattr(scorer_module.ort, "get_available_providers",
+    monkeypatch.setattr(session_module.ort, "get_available_providers",
                         lambda: ["CPUExecutionProvider"])
     assert choose_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(UserError, match="no CUDAExecutionProvider"):
         choose_providers("cuda")
-    monkeypatch.setattr(scorer_module.ort, "get_available_providers",
+    monkeypatch.setattr(session_module.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert choose_providers("auto")[0] == "CUDAExecutionProvider"
     assert choose_providers("cpu") == ["CPUExecutionProvider"]

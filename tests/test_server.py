@@ -193,7 +193,8 @@ def assert_same(results: list[dict], expected) -> None:
     assert len(results) == len(expected)
     for got, want in zip(results, expected):
         want = want if isinstance(want, dict) else want.to_dict()
-        assert (got["tokens"], got["oov"]) == (want["num_tokens"], want["num_oov"])
+        assert (got["num_tokens"], got["num_oov"]) == (want["num_tokens"], want["num_oov"])
+        assert (got["tokens"], got["oov"]) == (got["num_tokens"], got["num_oov"])  # the aliases
         assert got["log_likelihood"] == pytest.approx(want["log_likelihood"], rel=1e-6, abs=1e-9)
         if want["perplexity"] is None:
             assert got["perplexity"] is None
@@ -213,8 +214,9 @@ def test_scores_equal_the_scorer_and_score_py_per_line(server, scorer, tiny_bund
     assert response.status_code == 200 and response.json()["bundle"] == "tiny"
     results = response.json()["results"]
     assert_same(results, scorer.score(TEXTS))
-    assert results[1] == {"tokens": 0, "oov": 0, "log_likelihood": 0.0, "perplexity": None}
-    assert results[3]["oov"] >= 2 and results[3]["tokens"] > 4 * scorer.bptt
+    assert results[1] == {"num_tokens": 0, "num_oov": 0, "log_likelihood": 0.0,
+                          "perplexity": None, "tokens": 0, "oov": 0}
+    assert results[3]["num_oov"] >= 2 and results[3]["num_tokens"] > 4 * scorer.bptt
 
     lines = [line for text in TEXTS for line in text.splitlines()]
     corpus, out = tmp_path / "corpus.txt", tmp_path / "lines.jsonl"
@@ -235,7 +237,7 @@ def test_per_token_logprobs_add_up_to_the_text_score(server, scorer):
     per_token = detailed["per_token"]
     tokens = [t for sample in scorer.pipeline.process(text) for t in sample]
     assert [p["token"] for p in per_token] == tokens
-    assert sum(p["oov"] for p in per_token) == plain["oov"]
+    assert sum(p["oov"] for p in per_token) == plain["num_oov"]
     assert [p["token"] for p in per_token if p["oov"]] == [t for t in tokens
                                                            if t not in scorer.vocab]
     assert sum(p["logprob"] for p in per_token) == pytest.approx(plain["log_likelihood"],
@@ -256,7 +258,8 @@ def test_concurrent_requests_score_exactly_as_one_by_one(server):
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         concurrent_results = list(pool.map(together, requests))
     for got, want in zip(concurrent_results, alone):
-        assert [(r["tokens"], r["oov"]) for r in got] == [(r["tokens"], r["oov"]) for r in want]
+        assert [(r["num_tokens"], r["num_oov"]) for r in got] == [
+            (r["num_tokens"], r["num_oov"]) for r in want]
         np.testing.assert_allclose([r["log_likelihood"] for r in got],
                                    [r["log_likelihood"] for r in want], rtol=1e-6)
 
@@ -271,8 +274,10 @@ def test_openapi_documents_the_score_endpoint(server):
     assert {"200", "400", "413", "422", "503", "504"} <= set(operation["responses"])
     request = spec["components"]["schemas"]["ScoreRequest"]
     assert set(request["properties"]) == {"texts", "per_token"}
-    assert set(spec["components"]["schemas"]["TextResult"]["properties"]) == {
-        "tokens", "oov", "log_likelihood", "perplexity", "per_token"}
+    result = spec["components"]["schemas"]["TextResult"]["properties"]
+    assert set(result) == {"num_tokens", "num_oov", "log_likelihood", "perplexity", "per_token",
+                           "tokens", "oov"}
+    assert result["tokens"]["deprecated"] and result["oov"]["deprecated"]
     assert {"/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
 
 
@@ -342,7 +347,7 @@ def test_bad_requests_get_a_json_error_naming_the_limit(server, send, status, co
     if code == "invalid_request" and "texts" in send.get("json", {}):
         assert "texts" in error["message"] or "per_token" in error["message"]
     assert server.metrics()[f'keraslm_request_errors_total{{code="{code}"}}'] == before + 1
-    assert server.score(["still fine"])[0]["tokens"] == 3
+    assert server.score(["still fine"])[0]["num_tokens"] == 3
 
 
 def test_unknown_paths_and_methods_answer_json(server):
@@ -364,7 +369,7 @@ def test_readyz_is_503_until_the_model_is_loaded(gated):
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert s.metrics()["keraslm_ready"] == 0
     ready(gated)
-    assert s.score(["now ready"])[0]["tokens"] == 3
+    assert s.score(["now ready"])[0]["num_tokens"] == 3
 
 
 @pytest.mark.parametrize("gated", [("--queue-size", "3", "--max-batch", "8")], indirect=True,
@@ -408,7 +413,7 @@ def test_a_request_not_answered_in_time_gets_504(gated):
     assert 0.5 <= time.monotonic() - started < 10
     assert response.json()["error"]["limit"] == "timeout"
     gated.step.unlink()
-    assert s.score(["free again"])[0]["tokens"] == 3
+    assert s.score(["free again"])[0]["num_tokens"] == 3
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(gated, scorer):

@@ -178,7 +178,7 @@ def test_requests_that_time_out_or_leave_are_never_scored(gated):  # noqa: F811
     s.wait_metric("keraslm_texts_abandoned_total", 1)  # the held text left after its one call
     s.wait_metric("keraslm_batch_running_requests", 0)
     assert batches(s) == before + 1  # no call after the one running when they gave up
-    assert s.score(["free again"])[0]["tokens"] == 3
+    assert s.score(["free again"])[0]["num_tokens"] == 3
 
 
 @pytest.mark.parametrize("gated", [("--timeout", "3", "--queue-size", "1")], indirect=True,

@@ -18,7 +18,7 @@ import uvicorn
 from keraslm.errors import UserError
 from serve.argtypes import float_at_least, int_at_least
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
-from serve.scorer import DEVICES
+from serve.session import DEVICES
 from serve.web.app import create_app
 from serve.web.protocol import HTTP_IMPLEMENTATIONS, guarded_protocol
 from serve.web.settings import Settings

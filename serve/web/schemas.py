@@ -26,10 +26,17 @@ class TokenScore(BaseModel):
 
 
 class TextResult(BaseModel):
-    tokens: int = Field(description="tokens scored (the pipeline's <eos> included)")
-    oov: int = Field(description="of those, out of the vocabulary")
+    """A text's score: the fields of keraslm.scores.TextScore, as the CLI's --per-line has them."""
+
+    num_tokens: int = Field(description="tokens scored (the pipeline's <eos> included)")
+    num_oov: int = Field(description="of those, out of the vocabulary")
     log_likelihood: float | None = Field(description="natural log, summed over the tokens")
-    perplexity: float | None = Field(description="exp(-log_likelihood / tokens); null for none")
+    perplexity: float | None = Field(description="exp(-log_likelihood / num_tokens); null for "
+                                                 "none")
+    tokens: int = Field(description="deprecated: num_tokens (removed in the next release)",
+                        json_schema_extra={"deprecated": True})
+    oov: int = Field(description="deprecated: num_oov (removed in the next release)",
+                     json_schema_extra={"deprecated": True})
     per_token: list[TokenScore] | None = Field(None, description="only when per_token is true")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,8 @@ import numpy as np
 
 from keraslm.errors import UserError
 from serve.row_batch import RowBatch, calibrate
-from serve.scorer import Scorer, TextScore
+from keraslm.scores import TextScore, finite_or_none
+from serve.scorer import Scorer
 from serve.web.admission import Admission, Ticket
 from serve.web.batcher import Batcher, Job
 from serve.web.metrics import Metrics
@@ -281,16 +281,13 @@ def _calibration_text(scorer: Scorer) -> str:
 
 def _text_result(e: _Encoded, logprobs: np.ndarray, scorer: Scorer) -> dict:
     """One text's answer; the numbers are TextScore's, as score.py --per-line writes them."""
-    score = TextScore(int(e.ids.size), int(e.oov), float(logprobs.sum(dtype=np.float64)))
-    d = score.to_dict()
-    result = {"tokens": d["num_tokens"], "oov": d["num_oov"],
-              "log_likelihood": _finite(d["log_likelihood"]), "perplexity": d["perplexity"]}
+    result = TextScore(int(e.ids.size), int(e.oov),
+                       float(logprobs.sum(dtype=np.float64))).to_dict()
+    # the names before 0.2, kept for one release (README: "HTTP API")
+    result.update(tokens=result["num_tokens"], oov=result["num_oov"])
     if e.tokens is not None:
         vocab = scorer.vocab
-        result["per_token"] = [{"token": t, "logprob": _finite(float(x)), "oov": t not in vocab}
+        result["per_token"] = [{"token": t, "logprob": finite_or_none(float(x)),
+                                "oov": t not in vocab}
                                for t, x in zip(e.tokens, logprobs.tolist())]
     return result
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
