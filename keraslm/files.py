@@ -72,7 +72,7 @@ def open_binary(path: str | os.PathLike, name: str | None = None) -> IO[bytes]:
     UserError naming it (as `name`, when given: e.g. "<stdin>" for a temporary copy)."""
     name = str(path) if name is None else name
     try:
-        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"file not found: {name}") from None
     except IsADirectoryError:

@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keraslm.errors import UserError
 from keraslm.contract import PAD_TARGET
+from keraslm.errors import UserError
+from keraslm.scores import perplexity
 
 MAX_CACHE_BYTES = 4 << 30  # refuse a cache (ring buffers and one piece's work) bigger than this
 MAX_PIECE = 256  # positions of a stream mixed at once, at most
@@ -487,10 +488,10 @@ def tune(recording: Recording, size: int, thetas: Sequence[float] = THETAS) -> T
         search(np.linspace(low, high, REFINE + 2)[1:-1])
     best = leader()
     lam, nll = tried[best]
-    grid = [{"theta": t, "lambda": tried[t][0], "perplexity": _ppl(tried[t][1], model.size)}
+    grid = [{"theta": t, "lambda": tried[t][0], "perplexity": perplexity(tried[t][1], model.size)}
             for t in sorted(tried)]
-    return TuneResult(recording.source, CacheSettings(size, best, lam), _ppl(nll, model.size),
-                      _ppl(-float(model.sum()), model.size), int(model.size), grid)
+    return TuneResult(recording.source, CacheSettings(size, best, lam), perplexity(nll, model.size),
+                      perplexity(-float(model.sum()), model.size), int(model.size), grid)
 
 
 def _nll(model: np.ndarray, cache: np.ndarray, lam: float) -> float:
@@ -522,8 +523,3 @@ def _best_lambda(model: np.ndarray, cache: np.ndarray, steps: int = 48) -> float
 
 def _round(x: float) -> float:
     return float(f"{float(x):.4g}")
-
-
-def _ppl(nll: float, count: int) -> float:
-    mean = nll / count
-    return math.exp(mean) if mean < 700 else math.inf

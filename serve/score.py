@@ -40,11 +40,10 @@ if not __package__:  # run as `python serve/score.py`: import `serve` from this 
 
 from keraslm.errors import UserError
 from keraslm.files import atomic_path, open_binary
-from keraslm.scores import finite_or_none
+from keraslm.scores import CorpusScore, finite_or_none
 from keraslm.text import pipeline_for_format
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.cache import CacheSettings, TuneResult
-from keraslm.scores import CorpusScore
 from serve.scorer import Scorer, TextBytes
 from serve.session import DEVICES
 

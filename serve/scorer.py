@@ -44,7 +44,15 @@ from keraslm.files import open_binary
 from keraslm.scores import CorpusScore, TextScore
 from keraslm.text import TextPipeline
 from serve.bundle import Bundle, load_bundle
-from serve.cache import CacheSettings, ContinuousCache, Recording, TuneResult, check_memory, plan, tune
+from serve.cache import (
+    CacheSettings,
+    ContinuousCache,
+    Recording,
+    TuneResult,
+    check_memory,
+    plan,
+    tune,
+)
 from serve.row_batch import RowBatch
 from serve.session import DEVICES, State, choose_providers
 

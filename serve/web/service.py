@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keraslm.errors import UserError
-from serve.row_batch import RowBatch, calibrate
 from keraslm.scores import TextScore, finite_or_none
+from serve.row_batch import RowBatch, calibrate
 from serve.scorer import Scorer
 from serve.web.admission import Admission, Ticket
 from serve.web.batcher import Batcher, Job
