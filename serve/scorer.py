@@ -4,8 +4,8 @@ Two ways to score, for two questions:
 
 - `Scorer.score(texts)`: how likely is each text on its own? Every text starts from a zero state
   with `<eos>` as its context and is scored token by token (its own `<eos>` included). Many texts
-  run together as the rows of one batch (`Scorer.score_rows`, the one implementation of this),
-  padded at the end and masked, which gives the same numbers as scoring each alone.
+  run together as the rows of one RowBatch (serve/row_batch.py, which the HTTP service uses
+  too), each with its own state, padded and masked: the same numbers as scoring each alone.
 - `Scorer.score_file(path)`: the perplexity of a corpus, exactly as training and
   `keraslm.evaluate` measure it: the token stream is cut into `batch_size` contiguous columns
   (the layout of `keraslm.batching` with `last_batch="keep"`), each column carries its LSTM state
