@@ -46,8 +46,7 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def profile(ids: np.ndarray, vocab_size: int, fused_lstm: bool, repeats: int) -> dict[str, float]:
-    import tensorflow as tf
-
+    from keraslm.backend import tf
     from keraslm.batching import BPTTBatches
     from keraslm.losses import decoder_nll_sum
     from keraslm.model import build_model, preset_config

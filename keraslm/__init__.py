@@ -1,8 +1,7 @@
-"""keraslm: word-level LSTM language models with Keras, exported to ONNX, scored with onnxruntime."""
+"""keraslm: word-level LSTM language models with Keras, exported to ONNX, scored with onnxruntime.
 
-import os
-
-# The training side needs the TensorFlow backend whatever a user's ~/.keras/keras.json says.
-os.environ["KERAS_BACKEND"] = "tensorflow"
+Importing the package has no side effects: the Keras backend is set where Keras and TensorFlow
+are imported (`keraslm.backend`).
+"""
 
 __version__ = "0.1.0"

@@ -12,8 +12,7 @@ log-sum-exp, the loss, the logits' gradient and the weight gradients stay float3
 
 from __future__ import annotations
 
-import tensorflow as tf
-
+from keraslm.backend import tf
 from keraslm.batching import PAD_TARGET
 
 

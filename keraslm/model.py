@@ -7,17 +7,11 @@ per replica, evaluate at any batch size, and export the same graph.
 
 from __future__ import annotations
 
-import os
-
-import keras
-import tensorflow as tf
-
+from keraslm.backend import keras, tf
 from keraslm.config import PRESETS, LMConfig, preset_config
-from keraslm.errors import UserError
 from keraslm.precision import keras_policy
-from keraslm.rundir import RunDir, resolve_run
 
-__all__ = ["PRESETS", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput", "build_model", "load_run_model",
+__all__ = ["PRESETS", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput", "build_model",
            "lstm_biases", "preset_config", "split_decoder"]
 
 
@@ -223,21 +217,3 @@ def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.Variable, kera
         return features, decoder.embedding.embeddings, decoder.bias, True
     return features, decoder.kernel, decoder.bias, False
 
-
-def load_run_model(run: RunDir | str | os.PathLike, fused: bool = True
-                   ) -> tuple[keras.Model, LMConfig]:
-    """A run's model with its best weights (what evaluation and export use), and its config.
-
-    Export asks for `fused=False`: the plain Keras LSTM that tf2onnx turns into ONNX LSTM ops."""
-    run = run if isinstance(run, RunDir) else resolve_run(run)
-    config = run.model_config()
-    if not run.best_weights_path.is_file():
-        raise UserError(f"{run.path}: no {run.best_weights_path.name} "
-                        "(the run has not finished an epoch)")
-    model = build_model(config, fused=fused)
-    try:
-        model.load_weights(run.best_weights_path)
-    except (ValueError, OSError, KeyError) as err:  # what Keras raises for a bad file
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{run.best_weights_path}: cannot load the weights ({first_line})") from None
-    return model, config

@@ -44,7 +44,7 @@ def cpu_bf16_flags(cpuinfo: str) -> list[str]:
 
 def gpu_bf16_devices() -> list[str]:
     """Names of the visible GPUs that compute bf16 natively (compute capability >= 8.0)."""
-    import tensorflow as tf
+    from keraslm.backend import tf
 
     found = []
     for device in tf.config.list_physical_devices("GPU"):

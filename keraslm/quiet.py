@@ -36,12 +36,13 @@ def has_nvidia_gpu() -> bool:
 
 
 def start_tensorflow() -> None:
-    """Import TensorFlow (before the caller does), quietly unless a GPU is present (module doc)."""
+    """Import TensorFlow and Keras (`keraslm.backend`, before the caller does), quietly unless a
+    GPU is present (module doc)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or has_nvidia_gpu() or os.environ.get("KERASLM_TF_LOGS"):
         return
     with filtered_stderr(NOISE):
-        import tensorflow as tf
+        from keraslm.backend import tf  # Keras on TensorFlow, whatever the user's settings
 
         tf.config.list_physical_devices("GPU")  # cuInit's complaint, if any, comes now
     try:

@@ -7,8 +7,10 @@
     metrics.jsonl      one JSON object per epoch
     logs/              TensorBoard event files
 
-This module does not import TensorFlow; weight files are written by callers through
-`atomic_path` (keraslm.files), which hands out a temporary name and renames it into place.
+This module does not import TensorFlow, not even lazily (export reads and checks a run before it
+starts TensorFlow); `keraslm.runs.load_run_model` builds a run's model. Weight files are written
+by callers through `atomic_path` (keraslm.files), which hands out a temporary name and renames it
+into place.
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ class RunDir:
             raise UserError(f"{self.vocab_path}: {len(vocab)} tokens but the run's model has "
                             f"{expected_size}: vocabulary and run do not match")
         return vocab
+
+    def require_best_weights(self, purpose: str = "") -> Path:
+        """The best weights' file, or a UserError when the run has not saved them yet.
+
+        `purpose` ends the error's first clause, e.g. "to fine-tune from"."""
+        path = self.best_weights_path
+        if not path.is_file():
+            wanted = f"{path.name} {purpose}" if purpose else path.name
+            raise UserError(f"{self.path}: no {wanted} (the run has not finished an epoch)")
+        return path
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.config_path, config)

@@ -16,7 +16,7 @@ import tensorflow as tf
 from export.to_onnx import export_run
 from keraslm import train as train_cli
 from keraslm.evaluation import evaluate_run
-from keraslm.model import load_run_model
+from keraslm.runs import load_run_model
 from keraslm.vocab import Vocab
 from serve.scorer import Scorer
 

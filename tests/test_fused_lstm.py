@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from keraslm.backend import keras, tf
 from keraslm.model import FusedLSTM, build_model, preset_config
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from keraslm.backend import keras, tf
 from keraslm.evaluation import masked_nll_sum
 from keraslm.model import KeyedDropout, LMConfig, build_model, lstm_biases, preset_config
 from keraslm.training.devices import make_strategy

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from keraslm.backend import tf
 from keraslm.batching import PAD_TARGET
 from keraslm.evaluation import masked_nll_sum
 from keraslm.losses import decoder_nll_sum

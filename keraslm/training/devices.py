@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import tensorflow as tf
-
+from keraslm.backend import tf
 from keraslm.errors import UserError
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
-import tensorflow as tf
 
+from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET
 from keraslm.errors import UserError
 from keraslm.evaluation import Evaluator, masked_nll_sum
