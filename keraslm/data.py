@@ -10,7 +10,7 @@ import numpy as np
 
 from keraslm import corpora
 from keraslm.errors import UserError
-from keraslm.text import TextPipeline, pipeline_for_format
+from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
 SPLITS = ("train", "valid", "test")
@@ -30,34 +30,12 @@ class EncodedSplit:
         return int(self.ids.size)
 
 
-def corpus_format(corpus: str | None, fmt: str | None) -> str:
-    """The text format: an explicit `--format`, else the named corpus', else 'tokens'."""
+def corpus_format(corpus: str | None, fmt: str | None = None) -> str | None:
+    """The text format to read `corpus` as: `fmt` when given, else the named corpus's, else None
+    (your own files: `keraslm.text.pipeline_for_format` decides)."""
     if fmt is not None:
-        if fmt not in ("tokens", "raw"):
-            raise UserError(f"unknown --format {fmt!r}; choose 'tokens' or 'raw'")
         return fmt
-    if corpus is not None and corpus in corpora.CORPORA:
-        return corpora.get_corpus(corpus).format
-    return "tokens"
-
-
-def make_pipeline(corpus: str | None, fmt: str | None, tutorial_moses: bool = False) -> TextPipeline:
-    """The text pipeline for a corpus; `tutorial_moses` selects the tutorial's Moses settings."""
-    return pipeline_for_format(corpus_format(corpus, fmt), tutorial=tutorial_moses)
-
-
-def choose_pipeline(corpus: str | None, fmt: str | None, moses_tutorial: bool = False, *,
-                    inherited: TextPipeline | None = None) -> TextPipeline:
-    """How to tokenize a text: the one rule for training, fine-tuning and evaluation.
-
-    A named corpus, an explicit `fmt` or the tutorial's Moses settings decide the tokenization;
-    your own files with none of these are read as `inherited` (the run you continue, fine-tune
-    or evaluate) when there is one, else as whitespace tokens.
-    """
-    decided = fmt is not None or moses_tutorial or corpus in corpora.CORPORA
-    if inherited is not None and not decided:
-        return inherited
-    return make_pipeline(corpus, fmt, moses_tutorial)
+    return corpora.get_corpus(corpus).format if corpus in corpora.CORPORA else None
 
 
 def resolve_paths(corpus: str | None, overrides: dict[str, str | None],

@@ -243,12 +243,22 @@ RAW_TUTORIAL = TextPipeline(split="sentences", tokenizer="moses", escape=True, p
 """Raw text as GluonNLP's tutorial: Moses escaping on, so ``<unk>`` becomes ``&lt; unk &gt;``."""
 
 
-def pipeline_for_format(fmt: str, tutorial: bool = False) -> TextPipeline:
-    """The preset for a corpus text format: ``"tokens"`` (WikiText style) or ``"raw"``."""
-    if fmt == "tokens":
+def pipeline_for_format(fmt: str | None = None, moses_tutorial: bool = False, *,
+                        inherited: TextPipeline | None = None) -> TextPipeline:
+    """How to tokenize a text: the one rule for training, fine-tuning, evaluation and scoring.
+
+    `fmt` is a text format, ``"tokens"`` (WikiText style) or ``"raw"`` (punkt sentences, Moses
+    tokens): the one asked for, or a named corpus's (the caller looks it up). It, or the
+    tutorial's Moses settings (`moses_tutorial`, for raw text), decide; with neither, a text is
+    read as `inherited` (the run continued, fine-tuned or evaluated) when there is one, else
+    as whitespace tokens.
+    """
+    if fmt is None and not moses_tutorial and inherited is not None:
+        return inherited
+    if fmt is None or fmt == "tokens":
         return WIKITEXT
     if fmt == "raw":
-        return RAW_TUTORIAL if tutorial else RAW
+        return RAW_TUTORIAL if moses_tutorial else RAW
     raise UserError(f"unknown text format {fmt!r}; expected 'tokens' or 'raw'")
 
 

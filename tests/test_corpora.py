@@ -117,6 +117,27 @@ def test_registry_lists_the_four_corpora_with_official_file_names():
             assert all(url.startswith("https://") for url in entry.urls)
 
 
+def test_a_named_corpus_or_a_format_decides_the_pipeline_else_the_inherited_one_does():
+    from keraslm.data import corpus_format
+    from keraslm.text import RAW, RAW_TUTORIAL, WIKITEXT, TextPipeline, pipeline_for_format
+
+    assert corpus_format("sherlockholmes") == "raw" and corpus_format("wikitext-2") == "tokens"
+    assert corpus_format("sherlockholmes", "tokens") == "tokens"  # --format wins
+    assert corpus_format("my.txt") is None and corpus_format(None) is None
+    inherited = TextPipeline(skip_empty=True)  # the run continued, fine-tuned or evaluated
+
+    def choose(corpus, fmt=None, moses_tutorial=False):
+        return pipeline_for_format(corpus_format(corpus, fmt), moses_tutorial,
+                                   inherited=inherited)
+
+    assert choose("my.txt") is inherited
+    assert choose("sherlockholmes") is RAW
+    assert choose("sherlockholmes", moses_tutorial=True) is RAW_TUTORIAL
+    assert choose("my.txt", "raw") is RAW
+    assert choose("wikitext-2") is WIKITEXT
+    assert pipeline_for_format(corpus_format("my.txt")) is WIKITEXT  # nothing to inherit
+
+
 def test_unknown_corpus_error_lists_known_ones():
     with pytest.raises(UserError, match=r"unknown corpus .wikitext-3.*wikitext-2.*tinyshakespeare"):
         get_corpus("wikitext-3")
