@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from helpers_runs import wikitext_slices
+from helpers_runs import make_run, wikitext_slices
 
 from keraslm import train as train_cli
+from keraslm.backend import tf
 from keraslm.evaluation import evaluate_run
 from keraslm.model import KeyedDropout, LMConfig, build_model
 from keraslm.training.devices import make_strategy
@@ -277,6 +277,26 @@ def test_bad_input_gives_one_clear_line(corpus, tmp_path, capsys):
         line = _error_line(capsys)
         assert all(needle in line for needle in needles), (needles, line)
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_a_run_without_best_weights_is_refused_for_fine_tuning_and_evaluation(corpus, tmp_path,
+                                                                           capsys):
+    from keraslm import evaluate as evaluate_cli
+    from keraslm.vocab import Vocab
+
+    runs = tmp_path / "runs"
+    vocab = Vocab.build(["the", "cat", "sat", "on", "the", "mat"])
+    make_run(runs / "unfinished", LMConfig(vocab_size=len(vocab), emsize=8, nhid=8, nlayers=1),
+             vocab, weights=False)
+    assert train_cli.main(tiny_args(corpus, runs, "--finetune-from", "unfinished",
+                                    "--name", "tuned")) == 1
+    assert _error_line(capsys) == (f"error: {runs / 'unfinished'}: no best.weights.h5 to "
+                                   f"fine-tune from (the run has not finished an epoch)")
+    assert not (runs / "tuned").exists()
+    assert evaluate_cli.main(["unfinished", "--runs-dir", str(runs),
+                              "--corpus", str(corpus["valid"])]) == 1
+    assert _error_line(capsys) == (f"error: {runs / 'unfinished'}: no best.weights.h5 "
+                                   f"(the run has not finished an epoch)")
 
 
 def test_vocab_that_does_not_match_the_run_is_refused(corpus, tmp_path, capsys):

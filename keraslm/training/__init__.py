@@ -1,6 +1,8 @@
 """Training: `train(config)` sets up a run and runs its epoch loop.
 
-    run.py         set up (data, vocabulary, model config, run directory) and run
+    run.py         train(config): set up, run the loop; a failed peer as one line
+    setup.py       the typed set-up, done once: data, vocabulary, run directory (`prepare`),
+                   then model, optimizer, trainer, fine-tune weights or checkpoint (`build`)
     loop.py        the epoch loop: carried state, validation, best weights, LR decay, checkpoints
     step.py        the distributed truncated-BPTT step (clipping, MXNet's twin biases)
     checkpoint.py  the resumable state, one atomic file

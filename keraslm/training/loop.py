@@ -13,24 +13,22 @@ is reached by every worker at the same point. Only the chief writes the run dire
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import sys
 import time
 
 import numpy as np
-import tensorflow as tf
 
+from keraslm.backend import tf
 from keraslm.errors import UserError
-from keraslm.evaluation import perplexity
-from keraslm.model import build_model
-from keraslm.rundir import RunDir, atomic_path, resolve_run
+from keraslm.files import atomic_path
+from keraslm.scores import perplexity
 from keraslm.training import checkpoint
 from keraslm.training.devices import is_multiworker
+from keraslm.training.setup import Setup, checkpoint_path
 from keraslm.training.signals import Stopped, StopRequest
-from keraslm.training.step import Trainer, make_optimizer, noise_keys
+from keraslm.training.step import noise_keys
 
 
 class TrainingDiverged(UserError):
@@ -38,52 +36,29 @@ class TrainingDiverged(UserError):
 
 
 class EpochLoop:
-    """Trains a prepared run (see `keraslm.training.run.prepare`) for its remaining epochs."""
+    """Trains a set-up run (see `keraslm.training.setup`) for its remaining epochs."""
 
-    def __init__(self, setup, strategy: tf.distribute.Strategy, stop: StopRequest):
-        self.setup, self.run_dir, self.stop = setup, setup.run, stop
-        self.optim, self.options = setup.config.optim, setup.config.run
-        self.strategy = strategy
-        optim = self.optim
-        tf.keras.utils.set_random_seed(optim.seed)
-        with strategy.scope():
-            self.model = build_model(setup.model_config, seed=optim.seed,
-                                     fused=not self.options.jit,  # XLA has no BlockLSTM
-                                     precision=optim.precision)
-            self.optimizer = make_optimizer(optim.optimizer, optim.lr, optim.momentum,
-                                            optim.weight_decay)
-        if self.options.finetune_from and not setup.resuming:
-            source = resolve_run(self.options.finetune_from, self.options.runs_dir)
-            self.model.load_weights(source.best_weights_path)
-        self.trainer = Trainer(self.model, self.optimizer, strategy, clip=optim.clip,
-                               two_biases=setup.model_config.two_biases,
-                               jit_compile=self.options.jit)
-        self.checkpoint_path = self.run_dir.checkpoint_dir / checkpoint.CHECKPOINT_FILE
-        self.saved_state = None
-        if setup.resuming:
-            self.progress, self.saved_state = checkpoint.load(self.checkpoint_path, self.model,
-                                                              self.optimizer)
-            if setup.is_chief:
-                remove_temporaries(self.run_dir)
-        else:
-            self.progress = checkpoint.Progress()
-        if is_multiworker(strategy):
-            mine = fingerprint(setup, self.progress)
-            if not np.array_equal(self.trainer.agree(mine), mine):
-                raise UserError(
-                    "this worker's corpus, vocabulary, settings or checkpoint differ from the "
-                    "chief's: every worker must run the same command on the same files")
+    def __init__(self, setup: Setup, stop: StopRequest):
+        prepared = setup.prepared
+        self.prepared, self.run_dir, self.stop = prepared, prepared.run, stop
+        self.optim, self.options = prepared.config.optim, prepared.config.run
+        self.is_chief, self.batches = prepared.is_chief, prepared.batches
+        self.model, self.optimizer, self.trainer = setup.model, setup.optimizer, setup.trainer
+        self.strategy = setup.trainer.strategy
+        self.progress = setup.progress
+        self.saved_state = setup.saved_state  # used once, by the epoch that resumes
+        self.checkpoint_path = checkpoint_path(self.run_dir)
         self.writer = (tf.summary.create_file_writer(str(self.run_dir.logs_dir))
-                       if setup.is_chief else None)
-        train = setup.batches["train"]
-        self.num_batches = min(len(train), optim.max_batches or len(train))
+                       if self.is_chief else None)
+        train = self.batches["train"]
+        self.num_batches = min(len(train), self.optim.max_batches or len(train))
 
     def run(self) -> None:
         """Train until the configured number of epochs is done."""
-        setup, progress = self.setup, self.progress
-        say(f"run {self.run_dir.path} | {setup.model_config.num_parameters():,} parameters | "
+        prepared, progress = self.prepared, self.progress
+        say(f"run {self.run_dir.path} | {prepared.model_config.num_parameters():,} parameters | "
             f"{self.strategy.num_replicas_in_sync} replica(s) | {self.num_batches} batches/epoch"
-            f" | vocab {len(setup.vocab):,}")
+            f" | vocab {len(prepared.vocab):,}")
         tokens, seconds = 0, 0.0
         while progress.epoch < self.optim.epochs:
             epoch_tokens, epoch_seconds = self.train_epoch()
@@ -99,7 +74,7 @@ class EpochLoop:
     def train_epoch(self) -> tuple[int, float]:
         """Train the rest of the current epoch; returns its (target tokens, seconds)."""
         optim, options, progress, trainer = self.optim, self.options, self.progress, self.trainer
-        epoch, train = progress.epoch, self.setup.batches["train"]
+        epoch, train = progress.epoch, self.batches["train"]
         if progress.batch > 0 and self.saved_state is not None:
             state = trainer.state_from_numpy(self.saved_state)
         else:
@@ -149,7 +124,7 @@ class EpochLoop:
         """Validate; keep the best weights and test them, or decay the learning rate; record."""
         optim, progress, trainer = self.optim, self.progress, self.trainer
         epoch = progress.epoch
-        batches = self.setup.batches
+        batches = self.batches
         train_ppl = perplexity(progress.epoch_nll, progress.epoch_targets)
         val_nll, val_count = trainer.agree(trainer.evaluate(batches["valid"]))  # the chief's
         val_count = int(val_count)
@@ -162,7 +137,7 @@ class EpochLoop:
         if val_nll / val_count < progress.best_val_loss:
             progress.best_val_loss = val_nll / val_count
             self.require_finite_weights(f"the end of epoch {epoch + 1}")
-            if self.setup.is_chief:
+            if self.is_chief:
                 with atomic_path(self.run_dir.best_weights_path) as tmp:
                     self.model.save_weights(tmp)
             test_nll, test_count = trainer.agree(trainer.evaluate(batches["test"]))
@@ -175,7 +150,7 @@ class EpochLoop:
             f"{record['val_ppl']:.2f}" + (f" | test ppl {record['test_ppl']:.2f} (new best)"
                                           if record["best"] else
                                           f" | lr -> {trainer.learning_rate:.4g}"))
-        if self.setup.is_chief:
+        if self.is_chief:
             # Keyed by epoch: a run stopped after this line but before the checkpoint below
             # redoes the epoch's end on resume and replaces the row instead of adding one.
             self.run_dir.append_metrics(record)
@@ -214,7 +189,7 @@ class EpochLoop:
         """Every worker gathers the LSTM state; the chief writes it with weights and optimizer."""
         lstm = self.trainer.state_to_numpy(state) if state is not None else None
         self.require_finite_weights(where)
-        if self.setup.is_chief:
+        if self.is_chief:
             checkpoint.save(self.checkpoint_path, self.model, self.optimizer, self.progress, lstm)
 
     def require_finite_weights(self, where: str) -> None:
@@ -233,18 +208,6 @@ class EpochLoop:
             return f"the last checkpoint is unusable too ({err})"
         return (f"the last good checkpoint (epoch {at.epoch + 1}, batch {at.batch}) "
                 f"is in {self.run_dir.checkpoint_dir}")
-
-
-def fingerprint(setup, progress: checkpoint.Progress) -> np.ndarray:
-    """What must be identical on every worker, hashed: data, vocabulary, settings, position."""
-    digest = hashlib.sha1()
-    settings = {"optim": dataclasses.asdict(setup.config.optim),
-                "checkpoint_every": setup.config.run.checkpoint_every}
-    digest.update(json.dumps([settings, setup.model_config.to_dict(), progress.epoch,
-                              progress.batch, len(setup.vocab)], sort_keys=True).encode())
-    for name in ("train", "valid", "test"):
-        digest.update(np.ascontiguousarray(setup.splits[name].ids).tobytes())
-    return np.array([int(digest.hexdigest()[:12], 16)], np.float64)  # exact in a float64
 
 
 class Throughput:
@@ -272,15 +235,6 @@ def append_line(path: str, record: dict) -> None:
     """One JSON line, flushed at once (a debug log that must survive a kill)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def remove_temporaries(run: RunDir) -> None:
-    """Temporary files a killed process left beside the checkpoint and the best weights."""
-    for folder, final in ((run.checkpoint_dir, checkpoint.CHECKPOINT_FILE),
-                          (run.path, run.best_weights_path.name)):
-        stem = final.split(".")[0]
-        for leftover in folder.glob(f".{stem}.*"):
-            leftover.unlink(missing_ok=True)
 
 
 def progress_bar(total: int, initial: int, epoch: int, quiet: bool):
