@@ -40,13 +40,6 @@ import onnx
 
 import keraslm
 from export.card import write_card
-from keraslm.corpora import sha1_of
-from keraslm.errors import UserError
-from keraslm.files import current_umask
-from keraslm.quiet import start_tensorflow
-from keraslm.rundir import RunDir, resolve_run
-from keraslm.text import TextPipeline
-from keraslm.vocab import Vocab
 from keraslm.contract import (
     BUNDLE_FILE,
     DATA_FILE,
@@ -55,6 +48,13 @@ from keraslm.contract import (
     VOCAB_FILE,
     BundleMeta,
 )
+from keraslm.corpora import sha1_of
+from keraslm.errors import UserError
+from keraslm.files import current_umask
+from keraslm.quiet import start_tensorflow
+from keraslm.rundir import RunDir, resolve_run
+from keraslm.text import TextPipeline
+from keraslm.vocab import Vocab
 
 if TYPE_CHECKING:
     import numpy as np

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from keraslm.errors import UserError
 from keraslm.contract import PAD_INPUT, PAD_TARGET
+from keraslm.errors import UserError
 
 LAST_BATCH = ("keep", "discard")
 

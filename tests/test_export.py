@@ -22,10 +22,10 @@ from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
 
 from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
+from keraslm import contract
 from keraslm.model import LMConfig, split_decoder
 from keraslm.runs import load_run_model
 from keraslm.vocab import Vocab
-from keraslm import contract
 
 VOCAB_SIZE = 150
 CONFIGS = {

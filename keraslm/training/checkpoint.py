@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keraslm.errors import UserError
+from keraslm.errors import UserError, first_line
 from keraslm.files import atomic_path
 
 CHECKPOINT_FILE = "latest.npz"
@@ -70,9 +70,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, not a checkpoint") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: "
-                        f"{reason})") from None
+                        f"{first_line(err)})") from None
 
 
 def read_progress(path: Path, arrays: dict[str, np.ndarray] | None = None) -> Progress:
