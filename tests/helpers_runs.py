@@ -1,25 +1,37 @@
-"""Tiny training runs made without training: what tests of export and serving start from.
+"""Tiny training runs made without training, and the bundles exported from them: what tests of
+export and serving start from. Plain functions; the fixtures built on them are in conftest.py.
 
 A run made here has the layout the trainer writes (config.json, vocab.json, best.weights.h5) with
 random weights. Every weight, biases included, is drawn from U(-0.5, 0.5) so that a wrong gate
 order, a dropped bias or a mis-tied decoder would change the scores.
+
+Importing this module does not import TensorFlow (serve-only test sessions stay free of it):
+`make_run` and `make_bundle` import it when called, and `build_bundle` calls `make_bundle` in a
+child process when this one has no TensorFlow yet.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from keraslm.model import LMConfig, build_model
+from keraslm.config import LMConfig
+from keraslm.corpora import data_root
 from keraslm.rundir import RunDir
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
-DATA_ROOT = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
+DATA_ROOT = data_root()  # $KERASLM_DATA, which conftest.py sets
 WIKITEXT_VALID = DATA_ROOT / "wikitext-2" / "wiki.valid.tokens"
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 
 
 def wikitext_tokens(count: int, path: Path = WIKITEXT_VALID) -> list[str]:
@@ -47,6 +59,8 @@ def make_run(path: Path, config: LMConfig, vocab: Vocab, *, seed: int = 0,
     })
     vocab.save(run.vocab_path)
     if weights:
+        from keraslm.model import build_model  # TensorFlow
+
         model = build_model(config, seed=seed)
         rng = np.random.default_rng(seed)
         model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32)
@@ -65,3 +79,55 @@ def wikitext_slices(folder: Path, sizes: dict[str, int], data_root: Path = DATA_
         paths[split] = folder / f"{split}.txt"
         paths[split].write_text(text[: text.index("\n", size) + 1], encoding="utf-8")
     return paths
+
+
+# ---- bundles -------------------------------------------------------------------------------------
+
+class TinyBundle(NamedTuple):
+    run: Path
+    bundle: Path
+
+
+def make_bundle(root: Path, name: str = "tiny", *, seed: int = 0, words: int = 3000,
+                vocab: int = 200, size: int = 16, nlayers: int = 2) -> TinyBundle:
+    """A run with random weights under root/runs/<name>, exported to root/bundles/<name>: an
+    LSTM of `nlayers` x `size` over the `vocab` most frequent of the first `words` WikiText-2
+    valid tokens (plus <unk> and <eos>). The defaults make the tiny bundle: 2x16, 202 tokens."""
+    from export.to_onnx import export_run  # TensorFlow
+
+    built = Vocab.build(wikitext_tokens(words), max_size=vocab)
+    config = LMConfig(vocab_size=len(built), emsize=size, nhid=size, nlayers=nlayers,
+                      dropout=0.0)
+    run = make_run(root / "runs" / name, config, built, seed=seed)
+    return TinyBundle(run.path, Path(export_run(run, root / "bundles" / name)))
+
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+from helpers_runs import make_bundle
+print(json.dumps([str(p) for p in make_bundle(Path(sys.argv[1]), **json.loads(sys.argv[2]))]))
+"""
+
+
+def build_bundle(root: Path, name: str = "tiny", **options) -> TinyBundle:
+    """`make_bundle(root, name, **options)`, in this process if it has TensorFlow already, else in
+    a child process, so that a session of serve tests never loads TensorFlow itself."""
+    if "tensorflow" in sys.modules:
+        return make_bundle(root, name, **options)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(TESTS), str(REPO), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(root), json.dumps(
+        {"name": name, **options})], capture_output=True, text=True, env=env, timeout=600,
+        check=False)
+    if child.returncode != 0:
+        raise RuntimeError(f"building the {name} bundle failed:\n{child.stderr[-4000:]}")
+    run, bundle = json.loads(child.stdout.strip().splitlines()[-1])
+    return TinyBundle(Path(run), Path(bundle))
+
+
+def edit_json(path: Path, edit) -> None:
+    """Rewrite the JSON file at `path` after `edit(data)` changed it in place."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")

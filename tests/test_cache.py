@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve_bundle import edit_json, tiny_bundle  # noqa: F401 - the shared session fixture
+from helpers_runs import edit_json
 
+from keraslm.contract import PAD_TARGET
 from keraslm.errors import UserError
 from keraslm.text import TextPipeline
 from serve import cache as cache_module
@@ -26,7 +27,6 @@ from serve.cache import (
     plan,
     tune,
 )
-from keraslm.contract import PAD_TARGET
 from serve.scorer import Scorer
 
 SETTINGS = CacheSettings(size=40, theta=0.7, lam=0.3)
@@ -195,7 +195,7 @@ def test_the_ring_buffer_keeps_chosen_streams_in_order_and_adds_empty_ones():
 # ---- through the scorer, on the tiny bundle -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+def scorer(tiny_bundle) -> Scorer:
     return Scorer(tiny_bundle.bundle, device="cpu", threads=1, batch_size=3, bptt=5)
 
 
@@ -294,7 +294,7 @@ def test_a_recording_replays_what_scoring_gives(scorer, excerpt):
 
 
 @pytest.fixture(scope="module")
-def old_bundle(tiny_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def old_bundle(tiny_bundle, tmp_path_factory) -> Path:
     """The tiny bundle as exported before the `hidden` output existed."""
     import onnx
 
@@ -327,7 +327,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_the_report_states_the_cache_settings(capsys, tiny_bundle, excerpt, tmp_path):  # noqa: F811
+def test_the_report_states_the_cache_settings(capsys, tiny_bundle, excerpt, tmp_path):
     model = str(tiny_bundle.bundle)
     code, out, _ = run_cli(capsys, excerpt, "--model", model)
     assert code == 0 and "Cache:\toff" in out.splitlines()
@@ -348,7 +348,7 @@ def test_the_report_states_the_cache_settings(capsys, tiny_bundle, excerpt, tmp_
     assert json.loads(per_line.read_text(encoding="utf-8").splitlines()[0])["cache"] is None
 
 
-def test_tune_cache_tunes_on_one_file_and_scores_another(capsys, tiny_bundle, excerpt,  # noqa: F811
+def test_tune_cache_tunes_on_one_file_and_scores_another(capsys, tiny_bundle, excerpt,
                                                          tmp_path):
     model = str(tiny_bundle.bundle)
     lines = excerpt.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -387,7 +387,7 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("flags, expected", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
-def test_bad_cache_flags_are_one_line_and_status_1(capsys, tiny_bundle, excerpt,  # noqa: F811
+def test_bad_cache_flags_are_one_line_and_status_1(capsys, tiny_bundle, excerpt,
                                                    flags, expected):
     flags = [str(excerpt) if f == "CORPUS" else f for f in flags]
     code, out, err = run_cli(capsys, excerpt, "--model", tiny_bundle.bundle, *flags)
@@ -401,7 +401,7 @@ def test_cache_flags_on_an_old_bundle_are_one_line(capsys, old_bundle, excerpt):
     assert "re-export it with the current export.to_onnx: python -m export.to_onnx" in err
 
 
-def test_lambda_one_reports_an_infinite_perplexity_honestly(capsys, tiny_bundle, excerpt):  # noqa: F811
+def test_lambda_one_reports_an_infinite_perplexity_honestly(capsys, tiny_bundle, excerpt):
     code, out, _ = run_cli(capsys, excerpt, "--model", tiny_bundle.bundle, "--json",
                            "--cache-size", "5", "--cache-lambda", "1")
     report = json.loads(out)  # valid JSON: no Infinity

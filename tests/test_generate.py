@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_runs import edit_json
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_serve_bundle import edit_json, tiny_bundle  # noqa: F401 - the shared session fixture
 
 from keraslm import corpora
 from keraslm.errors import UserError
@@ -120,7 +119,7 @@ def test_detokenize_turns_eos_into_line_breaks_and_reads_as_text():
 # ---- generating with a real bundle -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle):  # noqa: F811
+def bundle(tiny_bundle):
     return load_bundle(tiny_bundle.bundle)
 
 
@@ -148,7 +147,7 @@ def keras_greedy_path(run: Path, context: list[int], steps: int, banned: list[in
 
 
 @pytest.mark.parametrize("allow_unk", [False, True])
-def test_greedy_generation_is_the_keras_models_argmax_path(tiny_bundle, bundle,  # noqa: F811
+def test_greedy_generation_is_the_keras_models_argmax_path(tiny_bundle, bundle,
                                                            allow_unk):
     prompt = "the game began in"
     samples = gen.generate(bundle, prompt, tokens=25, temperature=0.0, num_samples=2,
@@ -184,11 +183,6 @@ def favour(bundle_dir: Path, token_id: int) -> Path:
     bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save(model, bundle_dir / "model.onnx")
     return bundle_dir
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path) -> Path:  # noqa: F811
-    return Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundle"))
 
 
 def test_unk_is_drawn_only_with_allow_unk(bundle_copy):
@@ -233,7 +227,7 @@ def test_bundle_without_next_logprobs_asks_for_a_re_export(bundle_copy, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert "no 'next_logprobs' output" in err
-    assert "re-export this bundle with the current export.to_onnx" in err
+    assert "re-export it with the current export.to_onnx" in err
     assert str(bundle_copy) in err
 
 
@@ -245,7 +239,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
-def test_script_path_and_module_give_the_same_text_without_tensorflow(tiny_bundle):  # noqa: F811
+def test_script_path_and_module_give_the_same_text_without_tensorflow(tiny_bundle):
     flags = ["--model", str(tiny_bundle.bundle), "--prompt", "the game", "--tokens", "8",
              "--seed", "3", "--json"]
     env = {**os.environ, "PYTHONPATH": ""}
@@ -264,26 +258,29 @@ def test_script_path_and_module_give_the_same_text_without_tensorflow(tiny_bundl
 
 # ---- Tiny Shakespeare: one file, three splits ------------------------------------------------------
 
-SHARED_ROOT = corpora.data_root(os.environ.get("KERASLM_DATA") or "/work/shared/data")
-SHAKESPEARE = SHARED_ROOT / "tinyshakespeare" / "input.txt"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="no tinyshakespeare")
+@pytest.fixture
+def shared_root(data_root) -> Path:
+    """The shared, read-only data root (conftest's data_root), with Tiny Shakespeare in it."""
+    if not (data_root / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"no tinyshakespeare under {data_root}")
+    return data_root
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-@needs_shakespeare
 def test_tinyshakespeare_splits_are_cached_verified_and_reassemble_the_file(tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch,
+                                                                            shared_root):
     monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "cache"))
-    before = snapshot(SHARED_ROOT)
-    paths = {s: corpora.resolve_split("tinyshakespeare", s, SHARED_ROOT, download=False)
+    before = snapshot(shared_root)
+    paths = {s: corpora.resolve_split("tinyshakespeare", s, shared_root, download=False)
              for s in ("train", "valid", "test")}
-    assert snapshot(SHARED_ROOT) == before  # the read-only data root is never written
+    assert snapshot(shared_root) == before  # the read-only data root is never written
     assert all(p.is_relative_to(tmp_path / "cache") for p in paths.values())
     parts = [paths[s].read_bytes() for s in ("train", "valid", "test")]
-    assert b"".join(parts) == SHAKESPEARE.read_bytes()
+    assert b"".join(parts) == (shared_root / "tinyshakespeare" / "input.txt").read_bytes()
     assert [p.count(b"\n") for p in parts] == [36000, 2000, 2000]
     for split, path in paths.items():
         assert hashlib.sha1(path.read_bytes()).hexdigest() == \
@@ -291,32 +288,31 @@ def test_tinyshakespeare_splits_are_cached_verified_and_reassemble_the_file(tmp_
 
     valid = paths["valid"]
     stamp = valid.stat().st_mtime_ns
-    assert corpora.resolve_split("tinyshakespeare", "valid", SHARED_ROOT) == valid
+    assert corpora.resolve_split("tinyshakespeare", "valid", shared_root) == valid
     assert valid.stat().st_mtime_ns == stamp  # a verified cached split is reused untouched
     valid.write_text("tampered\n")
-    assert corpora.resolve_split("tinyshakespeare", "valid", SHARED_ROOT) == valid
+    assert corpora.resolve_split("tinyshakespeare", "valid", shared_root) == valid
     assert valid.read_bytes() == parts[1]  # a corrupt one is carved again
     assert not [p for p in (tmp_path / "cache").rglob(".*")]  # no temporary files left
 
 
-@needs_shakespeare
-def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch, shared_root):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv(corpora.CACHE_ENV, str(blocker))
     with pytest.raises(corpora.DataError, match="cache not writable.*KERASLM_CACHE"):
-        corpora.resolve_split("tinyshakespeare", "test", SHARED_ROOT)
+        corpora.resolve_split("tinyshakespeare", "test", shared_root)
 
 
-@needs_shakespeare
-def test_training_on_tinyshakespeare_reads_its_splits_as_raw_text(tmp_path, monkeypatch):
+def test_training_on_tinyshakespeare_reads_its_splits_as_raw_text(tmp_path, monkeypatch,
+                                                                  shared_root):
     import json
 
     from keraslm import train
 
     monkeypatch.setenv(corpora.CACHE_ENV, str(tmp_path / "cache"))
     runs = tmp_path / "runs"
-    assert train.main(["--corpus", "tinyshakespeare", "--data-root", str(SHARED_ROOT),
+    assert train.main(["--corpus", "tinyshakespeare", "--data-root", str(shared_root),
                        "--emsize", "8", "--nhid", "8", "--max-batches", "3", "--epochs", "1",
                        "--batch-size", "4", "--bptt", "10", "--eval-batch-size", "20",
                        "--test-batch-size", "20", "--runs-dir", str(runs), "--name", "ts",

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
-from test_server import Server, start_server, stop
+from helpers_server import Server, start_server, stop
 
 from serve.bundle import load_bundle
 from serve.generate import generate
@@ -34,7 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:  # noqa: F811
+def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("page"), "--model", str(tiny_bundle.bundle),
                      "--max-tokens-per-text", "300")
     try:
@@ -112,7 +111,7 @@ def test_an_oversized_text_shows_the_limit(browser, server):
     assert "limit is 300" in message and "max_tokens_per_text" in message
 
 
-def test_continue_with_a_seed_is_generate_pys_text(browser, server, tiny_bundle):  # noqa: F811
+def test_continue_with_a_seed_is_generate_pys_text(browser, server, tiny_bundle):
     wait = open_page(browser, server)
     prompt = "the game began"
     type_text(browser, prompt)

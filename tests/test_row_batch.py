@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
 
 from serve.row_batch import CallCost, RowBatch, best_width, calibrate
 from serve.scorer import Scorer
@@ -21,7 +20,7 @@ WORDS = ("the game began in 1998 , and a much longer text followed it , longer t
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+def scorer(tiny_bundle) -> Scorer:
     return Scorer(tiny_bundle.bundle, device="cpu", threads=1, bptt=5, spin=False)
 
 

@@ -1,69 +1,25 @@
 """Opening a bundle: what is checked, and one clear line naming the file for each problem.
 
-Also home of the tiny real bundle (a random 2x16 LSTM over a 202-token WikiText vocabulary,
-exported by export.to_onnx) that every serve test shares: `tiny_bundle` builds it once per session.
+The tiny real bundle every serve test shares (`tiny_bundle`, `bundle_copy`) is built in
+conftest.py (helpers_runs.make_bundle).
 """
 
 from __future__ import annotations
 
-import functools
 import dataclasses
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from helpers_runs import edit_json
 
 import serve.session
 from keraslm import contract
 from serve.bundle import BundleError, load_bundle, resolve_bundle
-
-
-class TinyBundle(NamedTuple):
-    run: Path
-    bundle: Path
-
-
-def make_bundle(root: Path, name: str = "tiny", *, seed: int = 0) -> TinyBundle:
-    """A run with random weights under root/runs/<name>, exported to root/bundles/<name>."""
-    from helpers_runs import make_run, wikitext_tokens
-
-    from export.to_onnx import export_run
-    from keraslm.model import LMConfig
-    from keraslm.vocab import Vocab
-
-    vocab = Vocab.build(wikitext_tokens(3000), max_size=200)
-    config = LMConfig(vocab_size=len(vocab), emsize=16, nhid=16, nlayers=2, dropout=0.0)
-    run = make_run(root / "runs" / name, config, vocab, seed=seed)
-    return TinyBundle(run.path, export_run(run, root / "bundles" / name))
-
-
-@functools.cache
-def _shared_bundle(root: Path) -> TinyBundle:
-    return make_bundle(root)
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> TinyBundle:
-    """The shared tiny bundle (built once per session, whichever module asks first)."""
-    return _shared_bundle(tmp_path_factory.getbasetemp() / "serve")
-
-
-@pytest.fixture
-def bundle_copy(tiny_bundle, tmp_path) -> Path:
-    """A private copy of the tiny bundle, free to damage."""
-    return Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundle"))
-
-
-def edit_json(path: Path, edit) -> None:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    edit(data)
-    path.write_text(json.dumps(data), encoding="utf-8")
-
 
 # ---- a good bundle ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve_bundle import edit_json, tiny_bundle  # noqa: F401 - the shared session fixture
+from helpers_runs import edit_json
 
 from serve import score as score_cli
 from serve.scorer import Scorer
@@ -32,7 +32,7 @@ def corpus(tmp_path) -> Path:
 
 
 @pytest.fixture
-def bundle(tiny_bundle) -> str:  # noqa: F811
+def bundle(tiny_bundle) -> str:
     return str(tiny_bundle.bundle)
 
 
@@ -61,7 +61,7 @@ def test_serving_never_imports_tensorflow(bundle, corpus):
     assert result.returncode == 0, result.stderr
 
 
-def test_script_path_reads_stdin_with_the_newest_bundle(tiny_bundle, tmp_path):  # noqa: F811
+def test_script_path_reads_stdin_with_the_newest_bundle(tiny_bundle, tmp_path):
     """`python serve/score.py -` from a folder whose bundles/ holds the bundle: no flags needed."""
     shutil.copytree(tiny_bundle.bundle, tmp_path / "bundles" / "tiny")
     result = subprocess.run([sys.executable, str(SCRIPT), "-"], input=TEXT, cwd=tmp_path,
@@ -155,7 +155,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("name, content, variant, expected", BAD_INPUTS.values(),
                          ids=BAD_INPUTS.keys())
-def test_bad_input_is_one_line_and_status_1(capsys, tiny_bundle, tmp_path, monkeypatch,  # noqa: F811
+def test_bad_input_is_one_line_and_status_1(capsys, tiny_bundle, tmp_path, monkeypatch,
                                             name, content, variant, expected):
     monkeypatch.chdir(tmp_path)
     if content is not None:

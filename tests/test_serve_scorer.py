@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
 
 from keraslm import text as text_module
 from keraslm.batching import BPTTBatches
@@ -37,7 +36,7 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+def scorer(tiny_bundle) -> Scorer:
     return Scorer(tiny_bundle.bundle, device="cpu", threads=1, batch_size=4, bptt=5)
 
 
@@ -143,7 +142,7 @@ def test_score_file_reads_the_columns_in_blocks(scorer, wiki_excerpt, monkeypatc
         assert result.nll_sum == pytest.approx(ref["nll_sum"], rel=1e-9)
 
 
-def test_score_file_raw_text_in_sentences(tiny_bundle, data_root, tmp_path):  # noqa: F811
+def test_score_file_raw_text_in_sentences(tiny_bundle, data_root, tmp_path):
     """Punkt sentences, Moses tokens: the same numbers as keraslm.batching's layout."""
     text = (data_root / "sherlockholmes" / "sherlockholmes.valid.txt").read_text("utf-8")
     path = tmp_path / "sherlock.txt"
@@ -238,7 +237,7 @@ LONG_LINE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_10_mb_line_is_scored_in_bounded_memory(tiny_bundle, scorer, tmp_path):  # noqa: F811
+def test_a_10_mb_line_is_scored_in_bounded_memory(tiny_bundle, scorer, tmp_path):
     """10 MB on one line, by score_file and by --per-line: peak RSS grows by less than 100 MB
     (one tokenized piece, a block of ids, and for --per-line the line's ids and log-
     probabilities). The same sentences one per line (a literal <eos> for each line end) are
@@ -271,7 +270,7 @@ def test_a_10_mb_line_is_scored_in_bounded_memory(tiny_bundle, scorer, tmp_path)
 
 # ---- against Keras/TensorFlow ----------------------------------------------------------------------
 
-def test_score_file_equals_keras_evaluate_on_wikitext2_valid(tiny_bundle, scorer,  # noqa: F811
+def test_score_file_equals_keras_evaluate_on_wikitext2_valid(tiny_bundle, scorer,
                                                              data_root):
     """The whole WikiText-2 valid split: ONNX scorer vs keraslm.evaluate at the same batch size."""
     from keraslm.evaluation import evaluate_run
@@ -304,6 +303,6 @@ def test_providers_ask_onnxruntime_first(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"bptt": -1}, {"threads": 0}])
-def test_scorer_rejects_non_positive_sizes(tiny_bundle, kwargs):  # noqa: F811
+def test_scorer_rejects_non_positive_sizes(tiny_bundle, kwargs):
     with pytest.raises(UserError, match="must be a positive integer"):
         Scorer(tiny_bundle.bundle, **kwargs)

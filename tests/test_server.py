@@ -2,8 +2,9 @@
 
 The numbers must be the library's (`Scorer.score`) and the CLI's (`score.py --per-line`), whether
 requests come one by one or together. Overload, timeouts, readiness and draining need a model
-that is slow on demand: `LAUNCHER` starts the same server with `Scorer.__init__` and
-`Scorer.step` waiting while a gate file exists, so a test holds a batch as long as it needs to.
+that is slow on demand: `helpers_server.LAUNCHER` starts the same server with `Scorer.__init__`
+and `Scorer.step` waiting while a gate file exists, so a test holds a batch as long as it needs
+to (the `gated` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -20,21 +21,16 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
+from helpers_server import REPO, WAIT, Server, free_port, in_thread, ready, start_server, stop
 
 from serve import score as score_cli
 from serve import server as server_module
 from serve.scorer import Scorer
-
-REPO = Path(__file__).resolve().parents[1]
-WAIT = 60  # seconds: the bound on every wait for the server
 
 TEXTS = [
     "the game began in 1998 .",
@@ -46,103 +42,10 @@ TEXTS = [
     "one",
 ]
 
-LAUNCHER = textwrap.dedent("""
-    import os, sys, time
-    from serve import scorer
-
-    def gated(fn, variable):
-        gate = os.environ.get(variable)
-        def wait_then(*args, **kwargs):
-            deadline = time.monotonic() + 60
-            while gate and os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return fn(*args, **kwargs)
-        return wait_then
-
-    scorer.Scorer.__init__ = gated(scorer.Scorer.__init__, "TEST_LOAD_GATE")
-    scorer.Scorer.step = gated(scorer.Scorer.step, "TEST_STEP_GATE")
-    from serve.server import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-# ---- a server in a subprocess --------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=WAIT, trust_env=False, **kwargs)
-
-    def post(self, path: str = "/v1/score", **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=WAIT, trust_env=False, **kwargs)
-
-    def score(self, texts: list[str], **fields) -> list[dict]:
-        response = self.post(json={"texts": texts, **fields})
-        assert response.status_code == 200, response.text
-        return response.json()["results"]
-
-    def metrics(self) -> dict[str, float]:
-        text = self.get("/metrics").text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
-
-    def wait_for(self, what: Callable[[], bool], message: str) -> None:
-        deadline = time.monotonic() + WAIT
-        while not what():
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()}"
-            assert time.monotonic() < deadline, f"timed out waiting for {message}"
-            time.sleep(0.02)
-
-    def wait_metric(self, name: str, value: float) -> None:
-        self.wait_for(lambda: self.metrics().get(name) == value, f"{name} == {value}")
-
-    def wait_ready(self) -> None:
-        self.wait_for(lambda: self._status("/readyz") == 200, "/readyz")
-
-    def _status(self, path: str) -> int | None:
-        try:
-            return self.get(path).status_code
-        except httpx.TransportError:
-            return None
-
-
-
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, gated: bool = False,
-                 cwd: Path = REPO) -> Server:
-    """The server on a free loopback port, in its own session; `gated`: through LAUNCHER."""
-    port = free_port()
-    command = ([sys.executable, "-c", LAUNCHER] if gated else
-               [sys.executable, "-m", "serve.server"])
-    log = tmp / f"server-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--port", str(port), "--threads", "1", "--log-level", "warning", *args],
-            cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                 "PYTHONPATH": str(REPO), **(env or {})})
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    server.wait_for(lambda: server._status("/healthz") == 200, "/healthz")
-    return server
-
-
-def stop(server: Server) -> None:
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(timeout=WAIT)
-
+# ---- a server in a subprocess (helpers_server.py) -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:  # noqa: F811
+def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("server"), "--model", str(tiny_bundle.bundle),
                      "--max-batch", "8", "--max-texts", "16", "--max-tokens-per-text", "300",
                      "--max-body-bytes", "20000")
@@ -153,38 +56,8 @@ def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:  # noqa: F811
         stop(s)
 
 
-@dataclass
-class Gated:
-    """A server whose model loads (`load`) and steps (`step`) only while the gate file is gone."""
-
-    server: Server
-    load: Path
-    step: Path
-
-
-@pytest.fixture
-def gated(tiny_bundle, tmp_path, request) -> Iterator[Gated]:  # noqa: F811
-    """Started with loading held; extra flags by indirect parametrization."""
-    load, step = tmp_path / "load.gate", tmp_path / "step.gate"
-    load.touch()
-    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), *getattr(request, "param", ()),
-                     gated=True, env={"TEST_LOAD_GATE": str(load), "TEST_STEP_GATE": str(step)})
-    try:
-        yield Gated(s, load, step)
-    finally:
-        load.unlink(missing_ok=True)
-        step.unlink(missing_ok=True)
-        stop(s)
-
-
-def ready(g: Gated) -> Server:
-    g.load.unlink()
-    g.server.wait_ready()
-    return g.server
-
-
 @pytest.fixture(scope="module")
-def scorer(tiny_bundle) -> Scorer:  # noqa: F811
+def scorer(tiny_bundle) -> Scorer:
     return Scorer(tiny_bundle.bundle, device="cpu", threads=1)
 
 
@@ -202,13 +75,9 @@ def assert_same(results: list[dict], expected) -> None:
             assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
 
 
-def in_thread(pool: concurrent.futures.Executor, server: Server, texts: list[str]):
-    return pool.submit(server.post, json={"texts": texts})
-
-
 # ---- the numbers -----------------------------------------------------------------------------------
 
-def test_scores_equal_the_scorer_and_score_py_per_line(server, scorer, tiny_bundle, tmp_path,  # noqa: F811
+def test_scores_equal_the_scorer_and_score_py_per_line(server, scorer, tiny_bundle, tmp_path,
                                                        capsys):
     response = server.post(json={"texts": TEXTS})
     assert response.status_code == 200 and response.json()["bundle"] == "tiny"
@@ -434,7 +303,7 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(gated, scorer):
 
 # ---- the command line -------------------------------------------------------------------------------
 
-def test_bad_bundle_address_or_flags_are_one_line(capsys, tiny_bundle, tmp_path):  # noqa: F811
+def test_bad_bundle_address_or_flags_are_one_line(capsys, tiny_bundle, tmp_path):
     assert server_module.main(["--model", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing" in err and err.count("\n") == 1
@@ -450,7 +319,7 @@ def test_bad_bundle_address_or_flags_are_one_line(capsys, tiny_bundle, tmp_path)
     assert exit_info.value.code == 2
 
 
-def test_newest_bundle_is_served_and_a_broken_one_stops_with_status_1(tiny_bundle, tmp_path):  # noqa: F811
+def test_newest_bundle_is_served_and_a_broken_one_stops_with_status_1(tiny_bundle, tmp_path):
     """No --model: the newest bundle under ./bundles; it cannot load, so one error and exit 1."""
     broken = Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundles" / "broken"))
     (broken / "model.onnx").write_bytes(b"not a model")
@@ -463,7 +332,7 @@ def test_newest_bundle_is_served_and_a_broken_one_stops_with_status_1(tiny_bundl
     assert last.startswith("error: bundles/broken/model.onnx: onnxruntime cannot load it")
 
 
-def test_serving_never_imports_tensorflow(tiny_bundle):  # noqa: F811
+def test_serving_never_imports_tensorflow(tiny_bundle):
     check = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -484,7 +353,7 @@ def test_serving_never_imports_tensorflow(tiny_bundle):  # noqa: F811
     assert result.returncode == 0, result.stderr
 
 
-def test_an_unexpected_failure_is_a_json_500_not_plain_text(tiny_bundle):  # noqa: F811
+def test_an_unexpected_failure_is_a_json_500_not_plain_text(tiny_bundle):
     from fastapi.testclient import TestClient
 
     app = server_module.create_app(server_module.Settings(tiny_bundle.bundle))

@@ -10,8 +10,7 @@ import socket
 import time
 
 import pytest
-from test_serve_bundle import tiny_bundle  # noqa: F401 - the shared session fixture
-from test_server import WAIT, Server, gated, in_thread, ready, start_server, stop  # noqa: F401
+from helpers_server import WAIT, Server, in_thread, ready, start_server, stop
 
 from keraslm.text import TextPipeline
 from serve.scorer import Scorer
@@ -66,7 +65,7 @@ def batches(s: Server) -> float:
 # ---- admission control ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gated", [("--queue-size", "2")], indirect=True, ids=["queue-2"])
-def test_a_full_service_refuses_at_arrival_without_reading_the_body(gated):  # noqa: F811
+def test_a_full_service_refuses_at_arrival_without_reading_the_body(gated):
     s = ready(gated)
     gated.step.touch()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -141,7 +140,7 @@ class CountingPipeline(TextPipeline):
         return super().tokenize(sample)
 
 
-def test_tokenizing_stops_as_soon_as_a_text_passes_the_token_limit(tiny_bundle):  # noqa: F811
+def test_tokenizing_stops_as_soon_as_a_text_passes_the_token_limit(tiny_bundle):
     scorer = Scorer(tiny_bundle.bundle, device="cpu", threads=1,
                     pipeline=CountingPipeline(split="lines", tokenizer="whitespace"))
     text = "a b c\n" * 5000  # 20,000 tokens on 5,000 lines
@@ -158,7 +157,7 @@ def test_tokenizing_stops_as_soon_as_a_text_passes_the_token_limit(tiny_bundle):
 # ---- one deadline, and no model time for requests that gave up -----------------------------------
 
 @pytest.mark.parametrize("gated", [("--timeout", "4")], indirect=True, ids=["timeout-4"])
-def test_requests_that_time_out_or_leave_are_never_scored(gated):  # noqa: F811
+def test_requests_that_time_out_or_leave_are_never_scored(gated):
     s = ready(gated)
     before = batches(s)
     gated.step.touch()
@@ -183,7 +182,7 @@ def test_requests_that_time_out_or_leave_are_never_scored(gated):  # noqa: F811
 
 @pytest.mark.parametrize("gated", [("--timeout", "3", "--queue-size", "1")], indirect=True,
                          ids=["timeout-3-queue-1"])
-def test_generation_is_admitted_and_timed_like_scoring(gated):  # noqa: F811
+def test_generation_is_admitted_and_timed_like_scoring(gated):
     s = ready(gated)
     gated.step.touch()
     ask = {"prompt": "the", "tokens": 5, "seed": 1}
@@ -206,7 +205,7 @@ def test_generation_is_admitted_and_timed_like_scoring(gated):  # noqa: F811
 
 
 @pytest.mark.parametrize("gated", [("--timeout", "1.5")], indirect=True, ids=["timeout-1.5"])
-def test_a_body_still_arriving_at_the_deadline_gets_408_and_the_connection_closes(gated):  # noqa: F811
+def test_a_body_still_arriving_at_the_deadline_gets_408_and_the_connection_closes(gated):
     s = ready(gated)
     with raw_connection(s) as sock:
         started = time.monotonic()
@@ -228,7 +227,7 @@ def test_a_body_still_arriving_at_the_deadline_gets_408_and_the_connection_close
 # ---- connections -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
-def test_slow_headers_are_cut_off_and_connections_are_capped(http, tiny_bundle, tmp_path):  # noqa: F811
+def test_slow_headers_are_cut_off_and_connections_are_capped(http, tiny_bundle, tmp_path):
     s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), "--header-timeout", "1",
                      "--max-connections", "4", "--http", http)
     try:
@@ -272,7 +271,7 @@ def _status(s: Server) -> int | None:
         return None
 
 
-def test_sigterm_is_not_held_up_by_slow_senders(tiny_bundle, tmp_path):  # noqa: F811
+def test_sigterm_is_not_held_up_by_slow_senders(tiny_bundle, tmp_path):
     s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), "--header-timeout", "30",
                      "--queue-size", "64")  # --timeout 30: the slow bodies are not timed out
     try:
