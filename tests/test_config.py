@@ -86,6 +86,11 @@ def test_resume_keeps_saved_settings_and_takes_only_overridable_flags():
         resume_config(saved, {"seed": 5})
 
 
+def base_type(hint) -> type:
+    """int for `int` and `int | None`."""
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
 def _other_values(name: str, default, hint, runs: Path) -> list:
     """Values of a field other than its default, valid for its type (every one for a bool with
     no default, every other choice, every other preset)."""
@@ -98,7 +103,7 @@ def _other_values(name: str, default, hint, runs: Path) -> list:
     choices = FIELDS[name][1].metadata["choices"]
     if choices:
         return [c for c in choices if c != default]
-    kind = train_cli._base_type(hint)
+    kind = base_type(hint)
     if kind is bool:
         return [True, False] if default is None else [not default]
     if kind is int:
@@ -171,7 +176,7 @@ def test_help_documents_every_flag_with_the_defaults_no_flags_give(capsys, monke
     for name, (section, f) in FIELDS.items():
         entry = entries.get(flag_name(name))
         assert entry is not None, f"{flag_name(name)} is not in --help"
-        kind = train_cli._base_type(typing.get_type_hints(SECTIONS[section])[name])
+        kind = base_type(typing.get_type_hints(SECTIONS[section])[name])
         described = entry.split(" ", 1)[-1] if kind is not bool else entry
         assert len(described.split()) >= 2, f"{flag_name(name)} has no help: {entry!r}"
         claims = re.findall(r"\(default ([^()]*)\)", entry)
