@@ -33,7 +33,7 @@ from keraslm.corpora import (
 )
 from keraslm.errors import UserError
 
-SHARED_ROOT = data_root(os.environ.get("KERASLM_DATA") or "/work/shared/data")
+SHARED_ROOT = data_root(os.environ["KERASLM_DATA"])  # conftest.py sets it (default: ../shared/data)
 
 
 def sha1(data: bytes) -> str:

@@ -14,7 +14,7 @@ from keraslm.errors import UserError
 from keraslm.text import WIKITEXT
 from keraslm.vocab import Vocab
 
-DATA = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
+DATA = Path(os.environ["KERASLM_DATA"])  # conftest.py sets it (default: ../shared/data)
 
 
 @pytest.fixture(scope="module")
