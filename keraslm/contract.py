@@ -1,7 +1,7 @@
 """The bundle contract: what `export/` writes and `serve/` reads, defined once.
 
-Pure Python with no imports beyond the standard library, so the trainer, the exporter and a
-serving host (which never has TensorFlow) can all share it. `BundleMeta` is bundle.json as one
+Pure Python (the standard library and keraslm's errors and atomic files), so the trainer, the
+exporter and a serving host (which never has TensorFlow) can all share it. `BundleMeta` is bundle.json as one
 typed object: export builds it and writes `to_dict()`, serve reads it with `BundleMeta.read`,
 which validates every field before anything is allocated from it.
 

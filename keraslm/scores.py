@@ -7,8 +7,8 @@ CLI's `--json` and `--per-line`, Python and HTTP.
 
 Definitions, the same for every producer:
 - perplexity = exp(mean NLL over the targets scored), natural logs, `<unk>` targets included;
-- `num_oov` counts the text's tokens that are not in the vocabulary (scored as `<unk>`), and
-  `oov_rate` divides it by the text's tokens (for a corpus: its stream tokens, not its targets);
+- `num_oov` counts the text's tokens that are not in the vocabulary (scored as `<unk>`); a
+  corpus's `oov_rate` divides it by the text's tokens (its stream tokens, not its targets);
 - JSON has no NaN or infinity: those are written as null.
 
 Pure Python: imported by training, export and serving alike.
@@ -45,10 +45,6 @@ class TextScore:
     @property
     def perplexity(self) -> float:
         return perplexity(-self.log_likelihood, self.num_tokens)
-
-    @property
-    def oov_rate(self) -> float:
-        return self.num_oov / self.num_tokens if self.num_tokens else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_tokens": self.num_tokens, "num_oov": self.num_oov,

@@ -122,7 +122,10 @@ class ModelSession:
         self.state_names = state_names(len(given) // 2)
         if nhid is None:
             dims = [s.shape[-1] for s in self.inputs if s.name in given]
-            nhid = next((d for d in dims if isinstance(d, int)), 0)
+            nhid = next((d for d in dims if isinstance(d, int)), None)
+            if nhid is None:
+                raise BundleError(f"{self.path}: the state inputs have no fixed size; "
+                                  f"give nhid")
         self.nhid = nhid
         self._step_outputs = [OUTPUT_LOGPROBS, *map(state_output, self.state_names)]
 
@@ -130,9 +133,6 @@ class ModelSession:
     def providers(self) -> list[str]:
         """The execution providers the session actually uses, preferred first."""
         return self._session.get_providers()
-
-    def has_output(self, name: str) -> bool:
-        return any(o.name == name for o in self.outputs)
 
     def zero_state(self, batch: int) -> State:
         return [np.zeros((batch, self.nhid), np.float32) for _ in self.state_names]
