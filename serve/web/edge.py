@@ -48,7 +48,10 @@ class Edge:
             await send(message)
 
         try:
-            if path in ADMITTED_PATHS and scope["method"] == "POST":
+            refusal = self.service.access.check(scope)
+            if refusal is not None:
+                await self.answer(refusal, scope, receive, send_and_see)
+            elif path in ADMITTED_PATHS and scope["method"] == "POST":
                 await self._admitted(scope, receive, send_and_see)
             elif scope["method"] == "POST":  # read (and bound) the body of other POSTs too
                 await self._read_then(scope, receive, send_and_see, deadline=None)

@@ -23,6 +23,7 @@ from keraslm.errors import UserError
 from keraslm.scores import TextScore, finite_or_none
 from serve.row_batch import RowBatch, calibrate
 from serve.scorer import Scorer
+from serve.web.access import Access
 from serve.web.admission import Admission, Ticket
 from serve.web.batcher import Batcher, Job
 from serve.web.metrics import Metrics
@@ -71,6 +72,7 @@ class Service:
                                on_call=self._on_call, on_abandoned=self._on_abandoned)
         self.admission = Admission(settings.queue_size, settings.timeout,
                                    running=lambda: self.batcher.running)
+        self.access = Access(settings)
         self._load_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()  # set when the server starts to shut down
         m = self.metrics = Metrics()
