@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float_at_least(1e-3), default=s.header_timeout,
                    help=f"seconds for a connection to send a request's headers "
                         f"(default {s.header_timeout:g})")
+    p.add_argument("--max-header-bytes", type=int_at_least(256), default=s.max_header_bytes,
+                   help=f"bytes of a request's line and headers; more are answered 431 and the "
+                        f"connection closed (default {s.max_header_bytes})")
     p.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default=s.http,
                    help="HTTP/1.1 parser: httptools (C, uvicorn's fast one) or h11 (pure Python); "
                         "auto: httptools when installed (default auto)")
@@ -96,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         app, log_level=args.log_level, access_log=args.access_log,
         http=guarded_protocol(settings.max_connections, settings.header_timeout,
                               on_refused=service.metrics.connections_refused.inc,
-                              on_shutdown=service.stopping.set, http=settings.http),
+                              on_shutdown=service.stopping.set, http=settings.http,
+                              max_header_bytes=settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes + 1,  # ours answers first
         timeout_graceful_shutdown=math.ceil(settings.timeout) + 5)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

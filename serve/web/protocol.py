@@ -1,11 +1,14 @@
-"""Connections: at most `max_connections` open, and `header_timeout` to send a request's headers.
+"""Connections: at most `max_connections` open, `header_timeout` to send a request's headers,
+and at most `max_header_bytes` of them.
 
 uvicorn's HTTP/1.1 protocols wait forever for a client that sends its request a byte at a time,
-and accept every connection. The subclass made here (of the httptools protocol, uvicorn's
-C-parser one, when httptools is installed, else of the pure-Python h11 one) refuses a connection
-over the cap at once (a JSON 503, then closed) and closes one that has not sent a whole request
-head within `header_timeout` of connecting or of its previous answer. The body is bounded by the
-request's own deadline (serve/web/edge.py).
+accept every connection, and (with httptools) buffer request heads of any size. The subclass made
+here (of the httptools protocol, uvicorn's C-parser one, when httptools is installed, else of the
+pure-Python h11 one) refuses a connection over the cap at once (a JSON 503, then closed), closes
+one that has not sent a whole request head within `header_timeout` of connecting or of its
+previous answer, and answers a head (request line and headers) over `max_header_bytes` with a
+JSON 431 before the parser sees more of it, then closes. The body is bounded by the request's own
+deadline (serve/web/edge.py).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from collections.abc import Callable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.web.schemas import RETRY_AFTER, ServiceError
+from serve.web.settings import Settings
 
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+LINGER = 1.0  # seconds a refused connection's input is read and dropped before it is closed
 
 
 def http_protocol(name: str = "auto") -> type:
@@ -37,8 +42,8 @@ def http_protocol(name: str = "auto") -> type:
 def guarded_protocol(max_connections: int, header_timeout: float,
                      on_refused: Callable[[], None] = lambda: None,
                      on_shutdown: Callable[[], None] = lambda: None,
-                     http: str = "auto") -> type:
-    """A uvicorn protocol class enforcing the two limits, for `uvicorn.Config(http=...)`.
+                     http: str = "auto", max_header_bytes: int = Settings.max_header_bytes) -> type:
+    """A uvicorn protocol class enforcing the three limits, for `uvicorn.Config(http=...)`.
 
     `on_refused` counts refused connections; `on_shutdown` is called when the server starts
     to shut down (so requests still sending their body can be answered at once); `http` picks
@@ -46,10 +51,15 @@ def guarded_protocol(max_connections: int, header_timeout: float,
     refusal = ServiceError(503, "too_many_connections", f"{max_connections} connections are "
                            f"open (max_connections); retry shortly", limit="max_connections",
                            max=max_connections, retry_after=RETRY_AFTER).http_bytes()
+    head_refusal = ServiceError(431, "headers_too_large", f"the request line and headers are over "
+                                f"{max_header_bytes} bytes (max_header_bytes)",
+                                limit="max_header_bytes", max=max_header_bytes).http_bytes()
     base = http_protocol(http)
 
     class GuardedProtocol(base):
-        _refused = False
+        _refused = False  # over max_connections: never handed to uvicorn
+        _closing = False  # answered 431: what still arrives is dropped
+        _head_bytes = 0  # of the request head being received
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
@@ -66,8 +76,36 @@ def guarded_protocol(max_connections: int, header_timeout: float,
                 super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if not self._refused:
+            if self._refused or self._closing:
+                return
+            while data and self._receiving_head():
+                room = max_header_bytes - self._head_bytes
+                if room <= 0:
+                    self._answer_and_close(head_refusal)
+                    return
+                piece, data = data[:room], data[room:]
+                self._head_bytes += len(piece)
+                cycle = self.cycle
+                super().data_received(piece)
+                if self.transport.is_closing():
+                    return
+                if self.cycle is not cycle:  # the head is complete: a request has begun
+                    self._head_bytes = 0
+            if data:
                 super().data_received(data)
+
+        def _answer_and_close(self, answer: bytes) -> None:
+            """Send `answer`, then close after a moment of dropping what the client still sends
+            (closing with unread bytes would reset the connection and could lose the answer)."""
+            self._closing = True
+            self.transport.write(answer)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER, self.transport.close)
+
+        def _receiving_head(self) -> bool:
+            """No request is being received or answered: what arrives is the next one's head."""
+            return self.cycle is None or self.cycle.response_complete
 
         def shutdown(self) -> None:
             on_shutdown()

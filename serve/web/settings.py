@@ -22,4 +22,5 @@ class Settings:
     timeout: float = 30.0          # from arrival to answer: reading, tokenizing, waiting, scoring
     max_connections: int = 1024    # open connections; more are closed at once
     header_timeout: float = 10.0   # to send a request's headers once connected or kept alive
+    max_header_bytes: int = 64 * 1024  # of a request's line and headers; more: 431, closed
     http: str = "auto"             # the HTTP/1.1 parser: httptools (C) when installed, else h11
