@@ -1,6 +1,6 @@
 """The bundle contract: what `export/` writes and `serve/` reads, defined once.
 
-Pure Python (the standard library and keraslm's errors and atomic files), so the trainer, the
+Pure Python (the standard library and keraslm's errors and files), so the trainer, the
 exporter and a serving host (which never has TensorFlow) can all share it. `BundleMeta` is bundle.json as one
 typed object: export builds it and writes `to_dict()`, serve reads it with `BundleMeta.read`,
 which validates every field before anything is allocated from it.
@@ -36,13 +36,12 @@ for): asking for it costs one copy of [batch, time, nhid].
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from keraslm.errors import UserError
-from keraslm.files import write_json_atomic
+from keraslm.files import read_json, write_json_atomic
 
 SCHEMA_VERSION = 1
 DEFAULT_BUNDLES_ROOT = Path("bundles")
@@ -225,24 +224,13 @@ class BundleMeta:
 
     @classmethod
     def read(cls, path: str | Path) -> BundleMeta:
-        """Read and validate a bundle.json file (at most MAX_BUNDLE_JSON_BYTES)."""
-        path = Path(path)
+        """Read and validate a bundle.json file (a regular file of at most
+        MAX_BUNDLE_JSON_BYTES)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_BUNDLE_JSON_BYTES + 1)
-        except FileNotFoundError:
-            raise BundleError(f"{path}: file not found") from None
-        except OSError as err:
-            raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
-        if len(data) > MAX_BUNDLE_JSON_BYTES:
-            raise BundleError(f"{path}: more than the {MAX_BUNDLE_JSON_BYTES:,} bytes a "
-                              f"{BUNDLE_FILE} may have")
-        try:
-            parsed = json.loads(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: JSON, huge ints
-            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-            raise BundleError(f"{path}: not valid JSON ({reason})") from None
-        return cls.from_dict(parsed, path)
+            parsed = read_json(path, MAX_BUNDLE_JSON_BYTES)
+        except UserError as err:
+            raise BundleError(str(err)) from None
+        return cls.from_dict(parsed, Path(path))
 
     def write(self, path: str | Path) -> None:
         """Write bundle.json atomically."""

@@ -8,7 +8,9 @@ the schema version is one this code reads, every external-data file the graph na
 the bundle folder (checked here before onnxruntime opens anything, whatever its version), the
 graph loads in onnxruntime, its inputs and outputs are the ones bundle.json declares (names,
 dtypes, shapes) and include the contract's, and the vocabulary has exactly as many tokens as the
-model scores. Each problem is one line of `BundleError` naming the file.
+model scores. Each problem is one line of `BundleError` naming the file. Only regular files
+are opened, and the JSON ones are read up to a limit whatever their size says
+(keraslm.files.read_bounded): a FIFO or a link to /dev/zero is refused too, at once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from keraslm.contract import (
     BundleMeta,
 )
 from keraslm.errors import UserError
+from keraslm.files import not_regular, open_binary, read_json
 from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 from serve.session import ModelSession, Spin
@@ -107,15 +110,13 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     `providers`, `threads` and `spin` are the session's (serve/session.py)."""
     path = Path(path)
     meta = BundleMeta.read(path / BUNDLE_FILE)
-    model_path = path / MODEL_FILE
-    if not model_path.is_file():
-        raise BundleError(f"{model_path}: file not found")
     try:
         pipeline = TextPipeline.from_dict(meta.pipeline)
     except UserError as err:
         raise BundleError(f"{path / BUNDLE_FILE}: bad text pipeline: {err}") from None
     vocab = _read_vocab(path / VOCAB_FILE, pipeline)
-    _check_external_data(model_path)
+    model_path = path / MODEL_FILE
+    _check_external_data(model_path)  # the first to open model.onnx: says if it is missing
     session = ModelSession(model_path, providers=providers, threads=threads, spin=spin,
                            nhid=meta.nhid)
     bundle = Bundle(path=path, meta=meta, pipeline=pipeline, vocab=vocab, session=session)
@@ -124,24 +125,16 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     return bundle
 
 
-def _check_size(path: Path, limit: int) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise BundleError(f"{path}: file not found") from None
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
-    if size > limit:
-        raise BundleError(f"{path}: {size:,} bytes, more than the {limit:,} a bundle allows")
-
-
 def _read_vocab(path: Path, pipeline: TextPipeline) -> Vocab:
     """The vocabulary, which must hold the tokens the pipeline adds to every sample."""
-    _check_size(path, MAX_VOCAB_JSON_BYTES)
     try:
-        vocab = Vocab.load(path)
+        parsed = read_json(path, MAX_VOCAB_JSON_BYTES)
     except UserError as err:
         raise BundleError(str(err)) from None
+    try:
+        vocab = Vocab.from_dict(parsed)
+    except UserError as err:
+        raise BundleError(f"{path}: invalid vocabulary: {err}") from None
     for role in ("bos", "eos"):
         token = getattr(pipeline, role)
         if token is not None and token not in vocab:
@@ -154,11 +147,12 @@ def _check_external_data(model_path: Path) -> None:
     """Refuse a graph whose external data would be read from outside the bundle folder.
 
     Absolute locations, `..` out of the folder and symbolic links leading out are all refused,
-    before onnxruntime opens anything (only recent versions refuse these themselves).
+    before onnxruntime opens anything (only recent versions refuse these themselves), and so is
+    a location that is not a regular file (onnxruntime would wait forever on a FIFO).
     """
     folder = model_path.parent.resolve()
     for location in _external_locations(model_path):
-        reason = _outside(folder, location)
+        reason = _outside(folder, location) or _special(folder / location)
         if reason:
             raise BundleError(f"{model_path}: external data location {location!r} {reason}")
 
@@ -172,6 +166,16 @@ def _outside(folder: Path, location: str) -> str | None:
     except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError before Python 3.13)
         return "cannot be resolved"
     return None if folder in target.parents else "leads outside the bundle folder"
+
+
+def _special(path: Path) -> str | None:
+    """Why `path` is no file to read data from, when it exists; None if it is a regular file
+    (or is missing: onnxruntime says so)."""
+    try:
+        kind = not_regular(path.stat().st_mode)
+    except OSError:
+        return None
+    return kind and f"is not a regular file ({kind})"
 
 
 # The ONNX messages (onnx.proto) that can hold tensors, and their fields that do: the scan below
@@ -199,7 +203,11 @@ def _external_locations(model_path: Path) -> list[str]:
     The file is mapped, not read: a 2 GB model costs a walk over its field headers.
     """
     try:
-        with open(model_path, "rb") as f:
+        model = open_binary(model_path, regular=True)
+    except UserError as err:
+        raise BundleError(str(err)) from None
+    try:
+        with model as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return []  # an empty message; onnxruntime says what is wrong with it
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:

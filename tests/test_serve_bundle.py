@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from helpers_runs import edit_json
 import serve.session
 from keraslm import contract
 from serve.bundle import BundleError, load_bundle, resolve_bundle
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- a good bundle ------------------------------------------------------------------------------
 
@@ -60,6 +64,13 @@ def _remove(name):
 
 def _write(name, data: bytes):
     return lambda d: (d / name).write_bytes(data)
+
+
+def _folder(name):
+    def damage(bundle: Path) -> None:
+        (bundle / name).unlink()
+        (bundle / name).mkdir()
+    return damage
 
 
 def _meta(edit):
@@ -115,15 +126,19 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
 BAD_BUNDLES = {
-    "no bundle.json": (_remove("bundle.json"), "bundle.json: file not found"),
+    "no bundle.json": (_remove("bundle.json"), "file not found: <bundle>/bundle.json"),
+    "bundle.json a folder": (_folder("bundle.json"),
+                             "bundle.json: is not a regular file (a directory)"),
     "corrupt bundle.json": (_write("bundle.json", b"{not json"), "bundle.json: not valid JSON"),
     "newer schema": (_meta(lambda m: m.update(schema_version=2)), "schema_version 2"),
     "no model config": (_meta(lambda m: m.pop("model")), "'model' missing"),
-    "no model.onnx": (_remove("model.onnx"), "model.onnx: file not found"),
+    "no model.onnx": (_remove("model.onnx"), "file not found: <bundle>/model.onnx"),
     "corrupt model.onnx": (_write("model.onnx", b"\x08\x07garbage" * 50),
                            "model.onnx: onnxruntime cannot load it"),
     "no vocab.json": (_remove("vocab.json"), "vocab.json"),
-    "corrupt vocab.json": (_write("vocab.json", b"[1, 2"), "vocab.json: corrupt"),
+    "corrupt vocab.json": (_write("vocab.json", b"[1, 2"), "vocab.json: not valid JSON"),
+    "not a vocabulary": (_write("vocab.json", b'{"format": "csv"}'),
+                         "vocab.json: invalid vocabulary: not a keraslm vocabulary"),
     "outputs differ": (_meta(_rename_output), "differ from bundle.json"),
     "state shape differs": (_meta(_wrong_state_shape), "h0 is float32 ['batch', 16] in the graph"),
     "vocab size differs from bundle.json": (
@@ -132,11 +147,13 @@ BAD_BUNDLES = {
     "deeply nested bundle.json": (_write("bundle.json", DEEP), "nested too deeply"),
     "huge number in bundle.json": (_write("bundle.json", b'{"schema_version": ' + b"9" * 5000
                                           + b"}"), "bundle.json: not valid JSON"),
-    "oversized bundle.json": (_write("bundle.json", b" " * (2 << 20)), "more than the"),
+    "oversized bundle.json": (_write("bundle.json", b" " * (2 << 20)),
+                              "bundle.json: over 1,048,576 bytes"),
     "10^7 layers": (_meta(lambda m: m["model"].update(nlayers=10**7)), "model.nlayers is"),
     "nhid 10^12": (_meta(lambda m: m["model"].update(nhid=10**12)), "model.nhid is"),
     "nhid true": (_meta(lambda m: m["model"].update(nhid=True)), "model.nhid missing or not"),
-    "deeply nested vocab.json": (_write("vocab.json", DEEP), "vocab.json: corrupt"),
+    "deeply nested vocab.json": (_write("vocab.json", DEEP),
+                                 "vocab.json: not valid JSON (nested too deeply)"),
     "vocab without <eos>": (_vocab_without_eos, "does not have it"),
     "truncated model.onnx": (_truncate("model.onnx"), "model.onnx: onnxruntime cannot load it"),
     "model.onnx nested too deeply": (_write("model.onnx", _nested_graphs(50)), "nested more than"),
@@ -151,9 +168,89 @@ def test_bad_bundle_is_one_line_naming_the_file(bundle_copy, damage, expected):
         load_bundle(bundle_copy)
     assert time.monotonic() - started < 10  # refused before allocating anything big
     message = str(err.value)
-    assert expected in message
+    assert expected.replace("<bundle>", str(bundle_copy)) in message
     assert str(bundle_copy) in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("module, limit, name", [
+    (serve.bundle, "MAX_VOCAB_JSON_BYTES", "vocab.json"),
+    (contract, "MAX_BUNDLE_JSON_BYTES", "bundle.json")])
+def test_a_json_file_over_its_limit_is_refused_at_the_limit(bundle_copy, monkeypatch, module,
+                                                            limit, name):
+    monkeypatch.setattr(module, limit, 1000)
+    assert (bundle_copy / name).stat().st_size > 1000
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_copy)
+    assert str(err.value) == f"{bundle_copy / name}: over 1,000 bytes, more than it may have"
+
+
+# ---- files that are not regular files: refused at once, never opened for long or read whole -------
+
+def _fifo(name):
+    def damage(bundle: Path) -> None:
+        (bundle / name).unlink()
+        os.mkfifo(bundle / name)
+    return damage
+
+
+def _link(name, target):
+    def damage(bundle: Path) -> None:
+        (bundle / name).unlink()
+        (bundle / name).symlink_to(target)
+    return damage
+
+
+def _external_data_fifo(bundle: Path) -> None:
+    pytest.importorskip("onnx")
+    _external_weights(bundle, contract.DATA_FILE)
+    _fifo(contract.DATA_FILE)(bundle)
+
+
+SPECIAL_FILES = {
+    "vocab.json a FIFO": (_fifo("vocab.json"), "vocab.json: is not a regular file (a FIFO)"),
+    "bundle.json a FIFO": (_fifo("bundle.json"), "bundle.json: is not a regular file (a FIFO)"),
+    "model.onnx a FIFO": (_fifo("model.onnx"), "model.onnx: is not a regular file (a FIFO)"),
+    "vocab.json a link to /dev/zero": (_link("vocab.json", "/dev/zero"),
+                                       "vocab.json: is not a regular file (a character device)"),
+    "bundle.json a link to /dev/urandom": (
+        _link("bundle.json", "/dev/urandom"),
+        "bundle.json: is not a regular file (a character device)"),
+    "external data a FIFO": (
+        _external_data_fifo,
+        "model.onnx: external data location 'model.onnx.data' is not a regular file (a FIFO)"),
+}
+
+# load_bundle in a child process given half a GiB more address space than its imports took: a
+# regression that waits on a FIFO times out, one that reads /dev/zero whole dies of MemoryError,
+# and neither hangs the suite or fills the machine's memory.
+_LOAD_IN_A_CHILD = """
+import resource, sys
+from serve.bundle import BundleError, load_bundle
+
+with open("/proc/self/statm") as f:
+    room = int(f.read().split()[0]) * resource.getpagesize() + (512 << 20)
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+if hard != resource.RLIM_INFINITY:
+    room = min(room, hard)
+resource.setrlimit(resource.RLIMIT_AS, (room, hard))
+try:
+    load_bundle(sys.argv[1])
+except BundleError as err:
+    print(err)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("damage, expected", SPECIAL_FILES.values(), ids=SPECIAL_FILES.keys())
+def test_a_file_that_is_not_a_regular_file_is_refused_at_once(bundle_copy, damage, expected):
+    damage(bundle_copy)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", _LOAD_IN_A_CHILD, str(bundle_copy)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert time.monotonic() - started < 30  # Python and onnxruntime's start-up included
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout == f"{bundle_copy}/{expected}\n"
 
 
 # ---- finding a bundle -----------------------------------------------------------------------------
