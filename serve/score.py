@@ -187,14 +187,23 @@ def _display_name(path: str) -> str:
 
 
 def _check_not_same(valid: str, corpus: str) -> None:
-    """Refuse to report a perplexity with settings tuned on the same text."""
-    same = valid == corpus
-    if not same and "-" not in (valid, corpus):
-        with contextlib.suppress(OSError):
-            same = os.path.samefile(valid, corpus)
-    if same:
-        raise UserError(f"--tune-cache {valid} is the corpus being scored: tune on "
+    """Refuse to report a perplexity with settings tuned on the same text: the same name, or the
+    same file by two names, standard input ("-") included."""
+    valid_id = _regular_file_id(valid)
+    if valid == corpus or (valid_id is not None and valid_id == _regular_file_id(corpus)):
+        also = "" if valid == corpus else f" ({_display_name(corpus)})"
+        raise UserError(f"--tune-cache {valid} is the corpus being scored{also}: tune on "
                         f"validation text and report on other text")
+
+
+def _regular_file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the regular file `path` names, standard input's for "-"; None for
+    anything else: a pipe or a device is read once, so it is never the same text as another."""
+    try:
+        st = os.fstat(0) if path == "-" else os.stat(path)
+    except OSError:  # missing, or no standard input: the reader says so, if it is read
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def summary(r: CorpusScore) -> str:

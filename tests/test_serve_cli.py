@@ -257,3 +257,64 @@ def test_per_line_output_onto_a_symlink_writes_its_target_and_keeps_the_link(
     assert code == 0, err
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert json.loads(target.read_text().splitlines()[0])["index"] == 0
+
+
+def test_a_bundle_whose_vocabulary_is_a_fifo_is_one_error_line(tiny_bundle, corpus, tmp_path):
+    model = Path(shutil.copytree(tiny_bundle.bundle, tmp_path / "bundle"))
+    (model / "vocab.json").unlink()
+    os.mkfifo(model / "vocab.json")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), str(corpus)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"error: {model / 'vocab.json'}: is not a regular file (a FIFO)\n"
+
+
+# ---- the cache is never tuned on the text it scores -----------------------------------------------
+
+def _score(*argv: str, stdin) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], stdin=stdin, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("corpus_arg, valid_arg", [("-", "FILE"), ("FILE", "-")],
+                         ids=["corpus on stdin", "tuning text on stdin"])
+def test_tuning_on_the_corpus_through_standard_input_is_refused(bundle, corpus, corpus_arg,
+                                                                valid_arg):
+    """`score.py - --tune-cache valid.txt < valid.txt`: one file under two names."""
+    given = {"-": "-", "FILE": str(corpus)}
+    with corpus.open("rb") as stdin:
+        result = _score(given[corpus_arg], "--model", bundle, "--cache-size", "9",
+                        "--tune-cache", given[valid_arg], stdin=stdin)
+    other = {"-": "<stdin>", "FILE": str(corpus)}[corpus_arg]
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: --tune-cache {given[valid_arg]} is the corpus being scored "
+                             f"({other}): tune on validation text and report on other text\n")
+
+
+def test_tuning_on_the_corpus_by_another_name_is_refused(capsys, bundle, corpus, tmp_path):
+    link = tmp_path / "also-corpus.txt"
+    os.link(corpus, link)
+    code, out, err = run_cli(capsys, corpus, "--model", bundle, "--cache-size", "9",
+                             "--tune-cache", link)
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: --tune-cache {link} is the corpus being scored ({corpus})")
+
+
+@pytest.mark.parametrize("corpus_arg, valid_arg", [("-", "FILE"), ("FILE", "-")],
+                         ids=["corpus on stdin", "tuning text on stdin"])
+def test_a_pipe_on_standard_input_is_never_the_same_file(bundle, corpus, tmp_path, corpus_arg,
+                                                         valid_arg):
+    """A pipe is read once: it cannot be the other input, so tuning and scoring both run."""
+    other = tmp_path / "other.txt"
+    other.write_text("".join(reversed(TEXT.splitlines(keepends=True))), encoding="utf-8")
+    given = {"-": "-", "FILE": str(other)}
+    reader, writer = os.pipe()
+    with os.fdopen(reader, "rb") as stdin, os.fdopen(writer, "wb") as feed:
+        feed.write(corpus.read_bytes())  # TEXT fits the pipe's buffer
+        feed.close()
+        result = _score(given[corpus_arg], "--model", bundle, "--cache-size", "9",
+                        "--tune-cache", given[valid_arg], "--json", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_tokens"] > 0
+    assert report["cache_tuning"]["tuned_on"] == {"-": "<stdin>", "FILE": str(other)}[valid_arg]
