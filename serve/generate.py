@@ -2,7 +2,8 @@
 
 The prompt goes through the bundle's text pipeline, after `<eos>` as the first context token (as
 the scorer scores a text on its own); its last sentence is left open unless the prompt ends with a
-line break, so the model continues it. Then `--tokens` tokens are drawn, step by step, for
+line break, so the model continues it. The context runs through the model `CONTEXT_CHUNK` tokens per onnxruntime call (memory bounded
+whatever the prompt's length). Then `--tokens` tokens are drawn, step by step, for
 `--num-samples` samples at once: the samples are the rows of one onnxruntime run per step, each
 carrying its own LSTM state and reading the graph's `next_logprobs`. `<unk>` is never drawn
 unless `--allow-unk`; `<eos>` becomes a line break, and the tokens are joined back into text
@@ -152,6 +153,15 @@ class GenerationStopped(Exception):
     """`generate` was told to stop before it finished."""
 
 
+CONTEXT_CHUNK = 256  # context tokens per onnxruntime call; `stop()` is asked between calls
+
+
+def generation_context(pipeline: TextPipeline, prompt: Sequence[str]) -> list[str]:
+    """The tokens generation continues: `eos` (a fresh start), then the prompt's tokens
+    (`prompt_tokens`)."""
+    return [pipeline.eos or "<eos>", *prompt]
+
+
 def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
              allow_unk: bool = False, stop: Callable[[], bool] | None = None) -> list[Sample]:
@@ -159,13 +169,26 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
 
     `stop()`, asked before every onnxruntime call, ends the work early with GenerationStopped
     (the service's deadline, or its client leaving)."""
+    context = generation_context(bundle.pipeline, prompt_tokens(bundle.pipeline, prompt))
+    return continue_context(bundle, context, tokens=tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples,
+                            allow_unk=allow_unk, stop=stop)
+
+
+def continue_context(bundle: Bundle, context: Sequence[str], *, tokens: int = 50,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int | None = None, num_samples: int = 1, allow_unk: bool = False,
+                     stop: Callable[[], bool] | None = None) -> list[Sample]:
+    """`generate` from an already tokenized context (`generation_context`'s tokens: `eos`
+    first); the same arguments, the same samples."""
     require_next_logprobs(bundle)
     _check_sampling(temperature, top_k, top_p)
     if tokens < 1 or num_samples < 1:
         raise UserError("--tokens and --num-samples must be positive")
+    if not context:
+        raise ValueError("the context must hold at least its first token (eos)")
     vocab, pipeline = bundle.vocab, bundle.pipeline
-    eos = pipeline.eos or "<eos>"
-    context = [eos, *prompt_tokens(pipeline, prompt)]
+    context = list(context)
     banned = [] if allow_unk or vocab.unk_id is None else [vocab.unk_id]
     rngs = [np.random.Generator(np.random.PCG64(s))
             for s in np.random.SeedSequence(seed).spawn(num_samples)]
@@ -175,8 +198,11 @@ def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature:
             raise GenerationStopped
         return bundle.session.next_logprobs(ids, state)
 
-    # The context runs once; its state and distribution are then copied to every sample.
-    dist, state = run(vocab.encode(context)[None, :], bundle.session.zero_state(1))
+    # The context runs once, in chunks; its state and distribution are then copied to every
+    # sample.
+    ids, state = vocab.encode(context)[None, :], bundle.session.zero_state(1)
+    for start in range(0, ids.shape[1], CONTEXT_CHUNK):
+        dist, state = run(ids[:, start:start + CONTEXT_CHUNK], state)
     dist = np.repeat(dist, num_samples, axis=0)
     state = [np.repeat(s, num_samples, axis=0) for s in state]
     drawn = np.zeros((num_samples, tokens), np.int64)

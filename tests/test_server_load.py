@@ -26,7 +26,7 @@ def raw_connection(server: Server) -> socket.socket:
 
 
 def request_head(length: int, path: str = "/v1/score") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
 
 
@@ -97,8 +97,7 @@ def test_admission_refuses_work_that_would_finish_after_the_timeout():
     first.close()  # harmless
     assert admission.backlog == 2000 and admission.in_flight == 1
     admission.admit(2000).close()  # room again
-    second.resize(10)
-    assert admission.backlog == 10
+    assert admission.backlog == 2000
 
 
 def test_admission_learns_the_wall_time_between_answers_while_busy():
@@ -119,15 +118,37 @@ def test_admission_learns_the_wall_time_between_answers_while_busy():
     assert admission.busy_since is None  # idle: the next busy period starts afresh
 
 
-def test_the_queue_bound_counts_requests_being_read_and_tokenized_too():
+def test_the_queue_bound_counts_requests_being_tokenized_too():
     running = [0]
     admission = Admission(queue_size=2, timeout=10, running=lambda: running[0])
     tickets = [admission.admit(10), admission.admit(10)]
     with pytest.raises(ServiceError):
         admission.admit(10)
+    with pytest.raises(ServiceError):
+        admission.arrive()  # full: refused before its body is read
     running[0] = 1  # one of them is now in the running batch
     tickets.append(admission.admit(10))
     assert admission.waiting == 2
+
+
+def test_a_body_still_arriving_holds_no_place_and_is_charged_once_in():
+    admission = Admission(queue_size=1, timeout=10, running=lambda: 0)
+    admission.record(1000, 1.0)  # 1 ms per byte
+    idle = [admission.arrive() for _ in range(5)]  # announced bodies that never come
+    assert (admission.receiving, admission.waiting, admission.backlog) == (5, 0, 0)
+    ticket = admission.arrive().admit(3000)  # another's body arrived: admitted
+    assert (admission.receiving, admission.in_flight, admission.backlog) == (5, 1, 3000)
+    with pytest.raises(ServiceError) as refused:  # the queue (of 1) is now full
+        idle[0].admit(10)
+    assert refused.value.limit == "queue_size" and admission.receiving == 4
+    ticket.close()
+    alone = idle[1].admit(6000)  # 6 s > 0.5 x 10 s, but alone: always admitted
+    assert (alone.size, admission.receiving) == (6000, 3)
+    alone.close()
+    for arrival in idle:
+        arrival.close()
+        arrival.close()  # harmless
+    assert admission.receiving == 0
 
 
 # ---- tokenizing stops at the token limit ---------------------------------------------------------
@@ -259,7 +280,7 @@ def test_slow_headers_are_cut_off_and_connections_are_capped(http, tiny_bundle, 
 
 def _refused(s: Server) -> tuple[int, dict] | None:
     with raw_connection(s) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, body = read_answer(sock)
         return (status, body) if status == 503 else None
 
@@ -279,7 +300,7 @@ def test_sigterm_is_not_held_up_by_slow_senders(tiny_bundle, tmp_path):
         slow = [raw_connection(s) for _ in range(20)]
         for i, sock in enumerate(slow):  # half mid-headers, half mid-body
             sock.sendall(b"POST /v1/score HTTP/1.1\r\n" if i % 2 else request_head(100) + b"{")
-        s.wait_metric("keraslm_requests_in_progress", 10)
+        s.wait_metric("keraslm_requests_receiving", 10)  # bodies still arriving
         started = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(timeout=WAIT) == 0

@@ -1,6 +1,13 @@
-"""The outermost ASGI layer: admission before any work, the body read against the deadline, and
-every request counted by path and status (and its time in the server given in a `Server-Timing`
-header: `total;dur=<milliseconds>`)."""
+"""The outermost ASGI layer: access and admission before any work, every body read against a
+deadline, and every request counted by path and status (and its time in the server given in a
+`Server-Timing` header: `total;dur=<milliseconds>`).
+
+The model's requests (POST /v1/score, /v1/generate) are refused at arrival if the service is
+full, read by their deadline (`--timeout` from arrival; 408 after, 413 past `--max-body-bytes`),
+then admitted or refused on their real size. Any other request that announces a body, whatever
+its path or method, is read under the same two limits before the app answers it, so no request
+holds its connection past the timeout.
+"""
 
 from __future__ import annotations
 
@@ -53,8 +60,9 @@ class Edge:
                 await self.answer(refusal, scope, receive, send_and_see)
             elif path in ADMITTED_PATHS and scope["method"] == "POST":
                 await self._admitted(scope, receive, send_and_see)
-            elif scope["method"] == "POST":  # read (and bound) the body of other POSTs too
-                await self._read_then(scope, receive, send_and_see, deadline=None)
+            elif _has_body(scope):  # a 404 or 405 to come: still, the body has a deadline
+                deadline = asyncio.get_running_loop().time() + self.service.settings.timeout
+                await self._read_then(scope, receive, send_and_see, deadline=deadline)
             else:
                 await self.app(scope, receive, send_and_see)
         finally:
@@ -63,7 +71,7 @@ class Edge:
             m.latency.labels(path=path).observe(time.perf_counter() - started)
 
     async def _admitted(self, scope: dict, receive: Receive, send: Send) -> None:
-        """Admit (or refuse at once), read the body by the deadline, then run the app."""
+        """Refuse at once if full, read the body by the deadline, admit it, then run the app."""
         service, settings = self.service, self.service.settings
         deadline = asyncio.get_running_loop().time() + settings.timeout
         declared = _content_length(scope)
@@ -71,30 +79,38 @@ class Edge:
             service.check_ready()
             if declared is not None and declared > settings.max_body_bytes:
                 raise _too_large(settings.max_body_bytes)
-            ticket = service.admission.admit(
-                declared if declared is not None else settings.max_body_bytes)
+            arrival = service.admission.arrive()
         except ServiceError as err:
             await self.answer(err, scope, receive, send)
             return
-        try:
-            await self._read_then(scope, receive, send, deadline=deadline, ticket=ticket)
-        finally:
-            ticket.close()
+        ticket = None
 
-    async def _read_then(self, scope: dict, receive: Receive, send: Send, *,
-                         deadline: float | None, ticket: Any = None) -> None:
-        """Read the whole body (413 past the limit, 408 past the deadline), then run the app
-        with the body replayed and a watch for the client leaving."""
+        def admit(body: bytes) -> RequestContext:
+            nonlocal ticket
+            ticket = arrival.admit(len(body))
+            return RequestContext(deadline, ticket)
+
+        try:
+            await self._read_then(scope, receive, send, deadline=deadline, admit=admit)
+        finally:
+            arrival.close()
+            if ticket is not None:
+                ticket.close()
+
+    async def _read_then(self, scope: dict, receive: Receive, send: Send, *, deadline: float,
+                         admit: Callable[[bytes], RequestContext] | None = None) -> None:
+        """Read the whole body (413 past the limit, 408 past the deadline), admit it if asked
+        (503 if the service cannot take it now), then run the app with the body replayed and a
+        watch for the client leaving."""
         try:
             body = await self._read_body(receive, deadline)
+            if body is not None and admit is not None:
+                scope[CONTEXT_KEY] = admit(body)
         except ServiceError as err:
             await self.answer(err, scope, receive, send)
             return
         if body is None:  # the client left
             return
-        if ticket is not None:
-            ticket.resize(len(body))
-            scope[CONTEXT_KEY] = RequestContext(deadline, ticket)
         context = scope.get(CONTEXT_KEY)
         watch = asyncio.ensure_future(_watch_disconnect(receive, context))
         replayed = False
@@ -114,14 +130,13 @@ class Edge:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
 
-    async def _read_body(self, receive: Receive, deadline: float | None) -> bytes | None:
+    async def _read_body(self, receive: Receive, deadline: float) -> bytes | None:
         """The body; None if the client disconnected first."""
         settings, stopping = self.service.settings, self.service.stopping
         loop = asyncio.get_running_loop()
         chunks, size = [], 0
         while True:
-            message = await _first_of(receive(), stopping.wait(),
-                                      None if deadline is None else deadline - loop.time())
+            message = await _first_of(receive(), stopping.wait(), deadline - loop.time())
             if message is None:
                 raise ServiceError(408, "body_timeout", f"the request body did not arrive "
                                    f"within {settings.timeout:g} s (timeout)", limit="timeout",
@@ -145,11 +160,11 @@ class Edge:
 
 
 async def _first_of(message: Awaitable[dict], stopping: Awaitable[bool],
-                    timeout: float | None) -> dict | bool | None:
+                    timeout: float) -> dict | bool | None:
     """The next message, True if `stopping` comes first, None at the timeout."""
     tasks = [asyncio.ensure_future(message), asyncio.ensure_future(stopping)]
     try:
-        done, _ = await asyncio.wait(tasks, timeout=None if timeout is None else max(timeout, 0),
+        done, _ = await asyncio.wait(tasks, timeout=max(timeout, 0),
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
@@ -165,6 +180,11 @@ async def _watch_disconnect(receive: Receive, context: RequestContext | None) ->
         pass
     if context is not None:
         context.disconnected.set()
+
+
+def _has_body(scope: dict) -> bool:
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
 
 
 def _content_length(scope: dict) -> int | None:

@@ -3,8 +3,10 @@
 The options are serve/generate.py's (tokens, temperature, top-k, top-p, seed); the same seed
 gives the same text as `python serve/generate.py --seed`. Limits and errors are answered like
 /v1/score's: admission at arrival (503 while `queue_size` requests wait), one deadline from
-arrival (504; the generation stops between tokens once it passes or the client leaves, 499),
-`tokens` and the prompt bounded by `max_tokens_per_text` (413), a bad option 422, and a model
+arrival (504; the generation stops between onnxruntime calls once it passes, the client leaves
+(499) or the server shuts down), `tokens` and the prompt's tokens bounded by
+`max_tokens_per_text` (413: the prompt is tokenized as a scored text is, before the model
+thread sees it, and its context then runs in bounded chunks), a bad option 422, and a model
 still loading 503.
 """
 
@@ -15,7 +17,7 @@ import asyncio
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from keraslm.errors import UserError
-from serve.generate import GenerationStopped, generate
+from serve.generate import GenerationStopped, continue_context, generation_context
 from serve.web.schemas import ServiceError, timeout_error
 from serve.web.service import RequestContext, Service
 
@@ -44,18 +46,28 @@ async def generate_text(service: Service, body: GenerateRequest, ctx: RequestCon
     limit = service.settings.max_tokens_per_text
     if body.tokens > limit:
         raise _over_limit(f"{body.tokens} tokens asked for", limit)
-    if len(body.prompt.split()) >= limit:  # as /v1/score bounds a text, before tokenizing
-        raise _over_limit("the prompt has too many tokens", limit)
+    try:
+        prompt, = await service.tokenize(scorer, [body.prompt], ctx, per_token=True,
+                                         open_end=True)
+    except ServiceError as err:
+        if err.code == "too_many_tokens":
+            raise _over_limit(f"the prompt has more than {limit} tokens", limit) from None
+        raise ServiceError(err.status, err.code, err.message.replace("texts[0]", "prompt"),
+                           limit=err.limit, max=err.max) from None
+    context = generation_context(scorer.pipeline, prompt.tokens)
 
     loop = asyncio.get_running_loop()
 
-    def gave_up() -> bool:  # asked from the model thread: a flag and the monotonic clock
-        return ctx.disconnected.is_set() or loop.time() >= ctx.deadline
+    def gave_up() -> bool:  # asked from the model thread: flags and the monotonic clock
+        return (ctx.disconnected.is_set() or service.closed
+                or loop.time() >= ctx.deadline)
 
     def run():
-        return generate(scorer.bundle, body.prompt, tokens=body.tokens,
-                        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                        seed=body.seed, stop=gave_up)[0]
+        if gave_up():  # gone while queued for the model thread: no model time spent
+            raise GenerationStopped
+        return continue_context(scorer.bundle, context, tokens=body.tokens,
+                                temperature=body.temperature, top_k=body.top_k,
+                                top_p=body.top_p, seed=body.seed, stop=gave_up)[0]
 
     work = loop.run_in_executor(service.model_thread, run)
     try:
@@ -65,6 +77,7 @@ async def generate_text(service: Service, body: GenerateRequest, ctx: RequestCon
     except GenerationStopped:
         raise timeout_error(service.settings.timeout) from None
     finally:
+        work.cancel()  # still queued behind other work: it never starts
         work.add_done_callback(lambda f: f.cancelled() or f.exception())
     return {"bundle": service.bundle_name, "text": sample.text, "tokens": sample.tokens}
 

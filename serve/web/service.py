@@ -3,8 +3,9 @@
 Every score request carries one deadline, set when it arrived (`RequestContext`): reading the
 body, tokenizing, waiting for a batch and scoring all count against it. Tokenizing runs on one
 thread of its own, sample by sample, and stops as soon as a text passes the token limit, the
-deadline passes or the client leaves; a request that gave up is withdrawn from the queue, so the
-model never scores for nobody.
+deadline passes or the client leaves; a request that gave up before its turn on that thread is
+never tokenized, and one withdrawn from the queue is never scored: neither the tokenizer nor the
+model works for nobody. Generation's prompt is tokenized the same way, under the same limit.
 """
 
 from __future__ import annotations
@@ -75,12 +76,15 @@ class Service:
         self.access = Access(settings)
         self._load_task: asyncio.Task | None = None
         self.stopping = asyncio.Event()  # set when the server starts to shut down
+        self.closed = False  # set once the server has drained: work still running stops
         m = self.metrics = Metrics()
         m.gauge("keraslm_queue_depth", "requests waiting for the batch", lambda: self.batcher.depth)
         m.gauge("keraslm_batch_running_requests", "requests with texts in the batch",
                 lambda: self.batcher.running)
-        m.gauge("keraslm_requests_in_progress", "score requests admitted and not yet answered",
+        m.gauge("keraslm_requests_in_progress", "requests admitted and not yet answered",
                 lambda: self.admission.in_flight)
+        m.gauge("keraslm_requests_receiving", "requests whose body is still arriving",
+                lambda: self.admission.receiving)
         m.gauge("keraslm_ready", "1 once the model is loaded", lambda: self.scorer is not None)
 
     @property
@@ -88,7 +92,7 @@ class Service:
         return self.settings.bundle.name
 
     def _coming(self) -> int:
-        """Admitted requests still being read, parsed or tokenized."""
+        """Admitted requests still being parsed or tokenized."""
         return self.admission.waiting - self.batcher.depth
 
     # --- life cycle ---
@@ -98,11 +102,17 @@ class Service:
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="load")
 
     async def stop(self) -> None:
+        """After the server has drained: stop the batcher and any work still running (a
+        generation stops at its next step), and wait for the threads without blocking the
+        event loop."""
+        self.closed = True
         await self.batcher.stop()
         if self._load_task is not None:
             await asyncio.wait([self._load_task])
-        self.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
-        self.model_thread.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        for pool in (self.tokenizer_thread, self.model_thread):
+            await loop.run_in_executor(None, lambda p=pool: p.shutdown(wait=True,
+                                                                        cancel_futures=True))
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -172,7 +182,12 @@ class Service:
                                max=s.max_texts)
         _check_unicode(body.texts)
         began, started = self.admission.clock(), time.perf_counter()
-        encoded = await self._encode(scorer, body, ctx)
+        try:
+            encoded = await self.tokenize(scorer, body.texts, ctx, body.per_token)
+        except ServiceError as err:
+            if err.status in (413, 422):  # refused, but the tokenizer's time was spent
+                self.admission.record(ctx.ticket.size, time.perf_counter() - started, began)
+            raise
         tokenize_seconds = time.perf_counter() - started
         rows = [e.ids for e in encoded if e.ids.size]
         logprobs: list[np.ndarray] = []
@@ -190,20 +205,24 @@ class Service:
         self.metrics.texts.inc(len(encoded))
         return {"bundle": self.bundle_name, "results": results}
 
-    async def _encode(self, scorer: Scorer, body: ScoreRequest, ctx: RequestContext
-                      ) -> list[_Encoded]:
-        """Tokenize on the loop (small requests) or the tokenizer thread, within the deadline."""
+    async def tokenize(self, scorer: Scorer, texts: list[str], ctx: RequestContext,
+                       per_token: bool = False, open_end: bool = False) -> list[_Encoded]:
+        """Tokenize on the loop (small requests) or the tokenizer thread, within the deadline
+        (504) and the token limit (413); 499 if the client leaves first. Work still queued for
+        the thread when the request gives up never starts; work started stops at the next
+        sample."""
         limit = self.settings.max_tokens_per_text
         loop = asyncio.get_running_loop()
-        if sum(map(len, body.texts)) <= INLINE_CHARS:
-            return _encode(scorer, body.texts, limit, lambda: False, body.per_token)
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            return _encode(scorer, texts, limit, lambda: False, per_token, open_end)
         stop = threading.Event()
-        work = loop.run_in_executor(self.tokenizer_thread, _encode, scorer, body.texts, limit,
-                                    stop.is_set, body.per_token)
+        work = loop.run_in_executor(self.tokenizer_thread, _encode, scorer, texts, limit,
+                                    stop.is_set, per_token, open_end)
         try:
             return await self.until(work, ctx)
         finally:
             stop.set()  # a no-op once done; otherwise the thread stops at the next sample
+            work.cancel()  # not started yet: it never will
             work.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _wait(self, job: Job, ctx: RequestContext) -> list[np.ndarray]:
@@ -244,13 +263,19 @@ def _check_unicode(texts: list[str]) -> None:
 
 
 def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], bool],
-            per_token: bool) -> list[_Encoded]:
+            per_token: bool, open_end: bool = False) -> list[_Encoded]:
     """Tokens and ids of each text, as Scorer.score tokenizes; 413 as soon as a text passes
-    `limit` tokens, 422 for text the pipeline cannot take, Abandoned once `stopped()`."""
+    `limit` tokens, 422 for text the pipeline cannot take, Abandoned once `stopped()`.
+
+    `open_end`: a prompt's tokens, as serve.generate.prompt_tokens gives them (the last
+    sentence left open, without its `eos`, unless the text ends with a line break)."""
     pipeline = scorer.pipeline
+    slack = int(open_end)  # the last eos, perhaps dropped at the end
     out = []
     for i, text in enumerate(texts):
-        if len(text.split()) >= limit:  # a token is never made of two whitespace-separated parts
+        if stopped():
+            raise Abandoned
+        if len(text.split()) > limit:  # a token is never made of two whitespace-separated parts
             raise _too_many_tokens(i, limit)
         tokens: list[str] = []
         try:
@@ -259,8 +284,13 @@ def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], 
                     raise Abandoned
                 if sample or not pipeline.skip_empty:
                     tokens.extend(pipeline.sample_tokens(sample))
-                if len(tokens) > limit:
+                if len(tokens) > limit + slack:
                     raise _too_many_tokens(i, limit)
+            if open_end and tokens and tokens[-1] == pipeline.eos and not text.endswith(
+                    ("\n", "\r")):
+                tokens.pop()
+            if len(tokens) > limit:
+                raise _too_many_tokens(i, limit)
             ids, oov = scorer.vocab.encode(tokens, return_oov=True)
         except (UserError, TimeoutError) as err:  # no <unk> for an unknown word; punkt's limit
             raise ServiceError(422, "unscorable_text", f"texts[{i}]: {err}") from None
