@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.web.access import ACCESS_RESPONSES, PROBE_PATHS
 from serve.web.edge import CONTEXT_KEY, GENERATE_PATH, SCORE_PATH, Edge
 from serve.web.generation import GenerateRequest, GenerateResponse, generate_text
 from serve.web.metrics import CONTENT_TYPE
@@ -47,14 +48,15 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
                   summary="Log-likelihood and perplexity of texts under a keraslm LSTM bundle.",
                   lifespan=lifespan)
     app.state.service = service
+    responses = {**ERROR_RESPONSES, **ACCESS_RESPONSES}
 
-    @app.post(SCORE_PATH, response_model=ScoreResponse, responses=ERROR_RESPONSES)
+    @app.post(SCORE_PATH, response_model=ScoreResponse, responses=responses)
     async def score(body: ScoreRequest, request: Request) -> JSONResponse:
         """Score each text on its own: from a zero state with <eos> as context, like
         `Scorer.score` and `serve/score.py --per-line`. Log-likelihoods are natural logs."""
         return JSONResponse(await service.score(body, request.scope[CONTEXT_KEY]))
 
-    @app.post(GENERATE_PATH, response_model=GenerateResponse, responses=ERROR_RESPONSES)
+    @app.post(GENERATE_PATH, response_model=GenerateResponse, responses=responses)
     async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
         """Sample one continuation of `prompt`, as `python serve/generate.py` does with the same
         options (and seed)."""
@@ -82,8 +84,29 @@ def create_app(settings: Settings, on_fatal: Callable[[], None] | None = None) -
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     _add_error_handlers(app, service)
+    if service.access.keys_required:
+        _document_api_key(app, service.access.open_paths | PROBE_PATHS)
     app.add_middleware(Edge, service=service)
     return app
+
+
+def _document_api_key(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """Say in /openapi.json that every path but `open_paths` needs the bearer key (so /docs
+    offers to send one)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+                "type": "http", "scheme": "bearer",
+                "description": "a key of the server's --api-key-file"}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    operation["security"] = [] if path in open_paths else [{"apiKey": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:

@@ -9,23 +9,45 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import uvicorn
 
 from keraslm.errors import UserError
+from keraslm.files import read_bounded
 from serve.argtypes import float_at_least, int_at_least
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.session import DEVICES
+from serve.web.access import (
+    ANY_HOST,
+    API_KEY_FILE_VARIABLE,
+    LOOPBACK_HOSTS,
+    api_key_file,
+    is_loopback,
+    parse_allowed_hosts,
+    read_api_keys,
+)
 from serve.web.app import create_app
 from serve.web.protocol import HTTP_IMPLEMENTATIONS, guarded_protocol
 from serve.web.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
 
-DESCRIPTION = "HTTP scoring service (FastAPI + uvicorn): POST /v1/score, /healthz, /readyz, /metrics"
+DESCRIPTION = ("HTTP (or HTTPS) scoring service (FastAPI + uvicorn): POST /v1/score, "
+               "/v1/generate, GET /, /healthz, /readyz, /metrics")
+MAX_PEM_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TLS:
+    """The certificate and key files (PEM) handed to uvicorn, checked first."""
+
+    certfile: str
+    keyfile: str
+    password: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bundle folder or name under {DEFAULT_BUNDLES_ROOT}/ "
                         "(default: the newest bundle there)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only)")
+                   help="address to listen on (default 127.0.0.1: this machine only; any other "
+                        "needs --api-key-file or --allow-unauthenticated)")
     p.add_argument("--port", type=int_at_least(0), default=8080, help="TCP port (default 8080; 0: any)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="onnxruntime device (auto: CUDA when installed and present)")
@@ -73,21 +96,65 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: httptools when installed (default auto)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    _add_access_flags(p.add_argument_group(
+        "who may use it", "API keys and allowed hosts (README: Deploying)"))
+    _add_tls_flags(p.add_argument_group(
+        "HTTPS", "serve https:// with a PEM certificate and its private key (both flags)"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 stopped cleanly, 1 bad bundle or address,
-    2 bad flags)."""
-    args = build_parser().parse_args(argv)
+def _add_access_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--api-key-file", metavar="FILE", default=None,
+                   help=f"require Authorization: Bearer KEY on /v1/* and every path but /, "
+                        f"/healthz and /readyz (401 otherwise); FILE has one key a line, blank "
+                        f"lines and # comments ignored (default: the file ${API_KEY_FILE_VARIABLE} "
+                        f"names, else no keys)")
+    g.add_argument("--open-metrics", action="store_true",
+                   help="with keys: serve /metrics without one (for a scraper on a private "
+                        "network)")
+    g.add_argument("--open-docs", action="store_true",
+                   help="with keys: serve /docs, /redoc and /openapi.json without one")
+    g.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen on a non-loopback --host without API keys (refused otherwise: "
+                        "anyone who can connect could use the model)")
+    g.add_argument("--allowed-hosts", metavar="LIST", type=_allowed_hosts, default=None,
+                   help="Host headers answered, comma-separated: names, addresses, networks "
+                        "(10.0.0.0/8), .example.com (it and its subdomains) or * (any); others "
+                        "get 421, a request without Host 400; /healthz and /readyz are exempt "
+                        f"(default: {', '.join(LOOPBACK_HOSTS)} when --host is loopback, "
+                        f"else *)")
+
+
+def _add_tls_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--ssl-certfile", metavar="FILE", default=None,
+                   help="the server's certificate (PEM; its chain may follow it)")
+    g.add_argument("--ssl-keyfile", metavar="FILE", default=None,
+                   help="the certificate's private key (PEM)")
+    g.add_argument("--ssl-keyfile-password", metavar="PASSWORD", default=None,
+                   help="the password of an encrypted --ssl-keyfile (other users of this "
+                        "machine can read command lines: prefer a key file only the service "
+                        "can read)")
+
+
+def _allowed_hosts(text: str) -> tuple[str, ...]:
     try:
-        bundle = resolve_bundle(args.model)
-        sock = _listen(args.host, args.port)
+        return parse_allowed_hosts(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 stopped cleanly, 1 bad bundle, address, key file
+    or certificate, 2 bad flags)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tls = _tls_flags(parser, args)
+    try:
+        settings, sock = _prepare(args, tls)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    settings = Settings(bundle=bundle, **{f.name: getattr(args, f.name) for f in fields(Settings)
-                                          if f.name != "bundle"})
+    bundle = settings.bundle
     server: uvicorn.Server | None = None
 
     def fatal() -> None:
@@ -102,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
                               on_shutdown=service.stopping.set, http=settings.http,
                               max_header_bytes=settings.max_header_bytes),
         h11_max_incomplete_event_size=settings.max_header_bytes + 1,  # ours answers first
-        timeout_graceful_shutdown=math.ceil(settings.timeout) + 5)
+        timeout_graceful_shutdown=math.ceil(settings.timeout) + 5,
+        **({} if tls is None else {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile,
+                                   "ssl_keyfile_password": tls.password}))
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
-    log.info("keraslm: listening on http://%s:%d, loading %s", _url_host(host), port, bundle)
+    log.info("keraslm: listening on %s://%s:%d; %s; loading %s", "http" if tls is None
+             else "https", _url_host(host), port, service.access.describe(), bundle)
     with sock, _signals_stop_only():
         server.run(sockets=[sock])
     error = service.load_error
@@ -115,15 +185,99 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _prepare(args: argparse.Namespace, tls: TLS | None) -> tuple[Settings, socket.socket]:
+    """The settings and the listening socket, once every file is read and checked; UserError
+    for a bad key file, certificate, bundle or address, or a non-loopback address without
+    keys."""
+    found = api_key_file(args.api_key_file)
+    api_keys = read_api_keys(*found) if found else ()
+    if tls is not None:
+        _check_tls(tls)
+    family, address = _resolve(args.host, args.port)
+    loopback = is_loopback(address[0])
+    if not (api_keys or loopback or args.allow_unauthenticated):
+        raise UserError(f"refusing to listen on {args.host} without API keys: anyone who can "
+                        f"reach it could use the model; give --api-key-file FILE (or "
+                        f"${API_KEY_FILE_VARIABLE}), or --allow-unauthenticated if something in "
+                        f"front of it (a proxy, a firewall) decides who may connect")
+    bundle = resolve_bundle(args.model)
+    flags = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name in vars(args)}
+    settings = Settings(**{**flags, "bundle": bundle, "api_keys": api_keys, "allowed_hosts":
+                           args.allowed_hosts or (LOOPBACK_HOSTS if loopback else ANY_HOST)})
+    return settings, _listen(family, address, args.host, args.port)
+
+
+def _tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TLS | None:
+    """The TLS files given, or None; both or neither (a usage error, exit 2, otherwise)."""
+    if args.ssl_certfile is None and args.ssl_keyfile is None:
+        if args.ssl_keyfile_password is not None:
+            parser.error("--ssl-keyfile-password needs --ssl-keyfile and --ssl-certfile")
+        return None
+    if args.ssl_certfile is None or args.ssl_keyfile is None:
+        given, missing = (("--ssl-keyfile", "--ssl-certfile") if args.ssl_certfile is None
+                          else ("--ssl-certfile", "--ssl-keyfile"))
+        parser.error(f"{given} needs {missing} too")
+    return TLS(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password)
+
+
+class _PasswordNeeded(Exception):
+    pass
+
+
+def _check_tls(tls: TLS) -> None:
+    """Load the certificate and key as uvicorn will, so that a missing, unreadable, malformed
+    or mismatched file, or a key whose password is missing or wrong, is a one-line UserError
+    before listening (and OpenSSL never prompts for a password)."""
+    cert, key = f"--ssl-certfile {tls.certfile}", f"--ssl-keyfile {tls.keyfile}"
+    read_bounded(tls.certfile, MAX_PEM_BYTES, cert)
+    read_bounded(tls.keyfile, MAX_PEM_BYTES, key)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.certfile)
+    except ssl.SSLError:
+        raise UserError(f"{cert}: no PEM certificate in it") from None
+
+    def password() -> str:
+        if tls.password is None:
+            raise _PasswordNeeded
+        return tls.password
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certfile, tls.keyfile,
+                                                                password)
+    except _PasswordNeeded:
+        raise UserError(f"{key}: the key is encrypted; give its password with "
+                        f"--ssl-keyfile-password") from None
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise UserError(f"{key} is not the private key of the certificate in "
+                            f"{tls.certfile}") from None
+        if tls.password is not None:
+            raise UserError(f"{key}: cannot decrypt it with --ssl-keyfile-password (wrong "
+                            f"password?), or not a PEM private key") from None
+        raise UserError(f"{key}: not a PEM private key") from None
+
+
+def _resolve(host: str, port: int) -> tuple[int, tuple]:
+    """The address family and socket address `host` names (its first)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as err:
+        raise _listen_error(host, port, err) from None
+    return family, address
+
+
+def _listen(family: int, address: tuple, host: str, port: int) -> socket.socket:
     """A listening socket, so a busy port or a bad address is a one-line error before startup."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, backlog=2048)
+        return socket.create_server(address, family=family, backlog=2048)
     except OSError as err:
-        reason = (err.strerror if isinstance(err, socket.gaierror) or not err.errno
-                  else os.strerror(err.errno)) or str(err)
-        raise UserError(f"cannot listen on {host}:{port} ({reason})") from None
+        raise _listen_error(host, port, err) from None
+
+
+def _listen_error(host: str, port: int, err: OSError) -> UserError:
+    reason = (err.strerror if isinstance(err, socket.gaierror) or not err.errno
+              else os.strerror(err.errno)) or str(err)
+    return UserError(f"cannot listen on {host}:{port} ({reason})")
 
 
 def _url_host(host: str) -> str:

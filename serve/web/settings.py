@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -24,3 +24,9 @@ class Settings:
     header_timeout: float = 10.0   # to send a request's headers once connected or kept alive
     max_header_bytes: int = 64 * 1024  # of a request's line and headers; more: 431, closed
     http: str = "auto"             # the HTTP/1.1 parser: httptools (C) when installed, else h11
+    # who may use it (serve/web/access.py); the CLI narrows the hosts to loopback names when it
+    # listens on loopback
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # Authorization: Bearer KEY
+    open_metrics: bool = False     # /metrics answers without a key
+    open_docs: bool = False        # /docs, /redoc and /openapi.json answer without a key
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host-header patterns (access.parse_allowed_hosts)
