@@ -3,13 +3,15 @@
 `start_server` runs `python -m serve.server` on a free loopback port. Overload, timeouts,
 readiness and draining need a model that is slow on demand: `LAUNCHER` starts the same server
 with `Scorer.__init__` and `Scorer.step` waiting while a gate file exists, so a test holds a batch
-as long as it needs to (the `gated` fixture of conftest.py, a `Gated`). Plain helpers; the
-fixtures built on them are in conftest.py and the test modules.
+as long as it needs to (the `gated` fixture of conftest.py, a `Gated`), and every generation step
+taking `TEST_GENERATE_DELAY` seconds when that is set. Plain helpers; the fixtures built on them
+are in conftest.py and the test modules.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -28,7 +30,7 @@ WAIT = 60  # seconds: the bound on every wait for the server
 
 LAUNCHER = textwrap.dedent("""
     import os, sys, time
-    from serve import scorer
+    from serve import scorer, session
 
     def gated(fn, variable):
         gate = os.environ.get(variable)
@@ -41,6 +43,16 @@ LAUNCHER = textwrap.dedent("""
 
     scorer.Scorer.__init__ = gated(scorer.Scorer.__init__, "TEST_LOAD_GATE")
     scorer.Scorer.step = gated(scorer.Scorer.step, "TEST_STEP_GATE")
+
+    def slowed(fn, seconds):
+        def sleep_then(*args, **kwargs):
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return sleep_then
+
+    if os.environ.get("TEST_GENERATE_DELAY"):  # seconds per generation step
+        session.ModelSession.next_logprobs = slowed(session.ModelSession.next_logprobs,
+                                                   float(os.environ["TEST_GENERATE_DELAY"]))
     from serve.server import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -135,3 +147,44 @@ def ready(g: Gated) -> Server:
 
 def in_thread(pool: concurrent.futures.Executor, server: Server, texts: list[str]):
     return pool.submit(server.post, json={"texts": texts})
+
+
+# ---- raw HTTP/1.1 over a socket, for what httpx will not send ----------------------------------
+
+def raw_connection(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT)
+    return sock
+
+
+def request_head(length: int, path: str = "/v1/score") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of the one answer on `sock` (read until the server closes it or the
+    body is complete)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True

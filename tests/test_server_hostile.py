@@ -1,0 +1,303 @@
+"""Hostile clients get bounded answers (issue 23, item 1): a prompt dense in tokens, bodies that
+never arrive, on any path, heads too big to buffer, work whose client left, and shutdown during a
+slow generation. Real servers on loopback, spoken to over raw sockets; every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers_server import (
+    WAIT,
+    Server,
+    closed_by_server,
+    raw_connection,
+    read_answer,
+    request_head,
+    start_server,
+    stop,
+)
+
+from keraslm.text import TextPipeline
+from serve import generate as generation
+from serve.bundle import load_bundle
+from serve.scorer import Scorer
+from serve.web.generation import GenerateRequest, generate_text
+from serve.web.schemas import ServiceError
+from serve.web.service import RequestContext, Service
+from serve.web.settings import Settings
+
+
+def rss_mb(server: Server) -> float:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    """One server with small limits: 300 tokens a text, a 2 s deadline, a queue of 2."""
+    s = start_server(tmp_path_factory.mktemp("hostile"), "--model", str(tiny_bundle.bundle),
+                     "--max-tokens-per-text", "300", "--timeout", "2", "--queue-size", "2")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        stop(s)
+
+
+# ---- the generate prompt is bounded in tokens -----------------------------------------------------
+
+@pytest.mark.parametrize("prompt", ["\n" * 400_000, "a\n" * 200_000, "\r\n" * 200_000],
+                         ids=["line-breaks", "short-lines", "crlf"])
+def test_a_prompt_dense_in_tokens_is_refused_by_its_tokens(server, prompt):
+    before = rss_mb(server)
+    started = time.monotonic()
+    answer = server.post("/v1/generate", json={"prompt": prompt, "tokens": 5})
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert (error["code"], error["limit"], error["max"]) == (
+        "too_many_tokens", "max_tokens_per_text", 300)
+    assert "prompt" in error["message"]
+    assert time.monotonic() - started < 2  # within the timeout, not at it
+    assert rss_mb(server) - before < 50  # no context of 400,000 tokens was run
+
+
+def test_a_prompt_of_exactly_the_limit_is_taken_and_one_more_is_not(server):
+    ask = {"tokens": 3, "seed": 0}
+    assert server.post("/v1/generate", json={"prompt": "the " * 300, **ask}).status_code == 200
+    refused = server.post("/v1/generate", json={"prompt": "the " * 301, **ask})
+    assert refused.status_code == 413
+    # a scored text's limit counts its <eos>: 299 words are 300 tokens
+    assert server.score(["the " * 299])[0]["num_tokens"] == 300
+    assert server.post(json={"texts": ["the " * 300]}).status_code == 413
+
+
+def test_a_long_context_runs_in_chunks_that_ask_to_stop_between_them(tiny_bundle, monkeypatch):
+    bundle = load_bundle(tiny_bundle.bundle)
+    prompt = "the game began in 1998 , with the team . " * 40  # 440 tokens
+    whole = generation.generate(bundle, prompt, tokens=8, seed=3)[0]
+    monkeypatch.setattr(generation, "CONTEXT_CHUNK", 100)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return False
+
+    chunked = generation.generate(bundle, prompt, tokens=8, seed=3, stop=stop)[0]
+    assert len(asked) == 5 + 7  # ceil(441 / 100) context calls, then one per drawn token after
+    assert chunked.tokens == whole.tokens
+
+    def stop_at_third_call() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    asked.clear()
+    with pytest.raises(generation.GenerationStopped):  # between two chunks of the context
+        generation.generate(bundle, prompt, tokens=8, stop=stop_at_third_call)
+    assert len(asked) == 3
+
+
+# ---- bodies that never arrive ---------------------------------------------------------------------
+
+def test_announced_bodies_that_never_come_do_not_lock_others_out(server):
+    idle = [raw_connection(server) for _ in range(6)]  # three times the queue
+    try:
+        for sock in idle:
+            sock.sendall(request_head((1 << 20) - 1))  # almost max_body_bytes, never sent
+        server.wait_metric("keraslm_requests_receiving", 6)
+        for _ in range(3):
+            assert server.score(["the game began ."])[0]["num_tokens"] == 5
+        generated = server.post("/v1/generate", json={"prompt": "the", "tokens": 3})
+        assert generated.status_code == 200
+        for sock in idle:  # each still gets its 408 at its deadline
+            status, body = read_answer(sock)
+            assert (status, body["error"]["code"]) == (408, "body_timeout")
+    finally:
+        for sock in idle:
+            sock.close()
+    server.wait_metric("keraslm_requests_receiving", 0)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/x"), ("POST", "/v1/score/"), ("POST", "/"), ("PUT", "/v1/score"),
+    ("POST", "/healthz"), ("GET", "/readyz"), ("DELETE", "/metrics")])
+def test_every_path_has_the_body_deadline(server, method, path):
+    with raw_connection(server) as sock:
+        started = time.monotonic()
+        sock.sendall(request_head(5000, path).replace(b"POST", method.encode(), 1) + b"{")
+        status, body = read_answer(sock)
+        assert (status, body["error"]["code"]) == (408, "body_timeout")
+        assert 1.5 < time.monotonic() - started < 2 + 3  # the 2 s deadline
+        assert closed_by_server(sock)
+
+
+def test_a_chunked_body_on_another_path_is_bounded_by_max_body_bytes(server):
+    with raw_connection(server) as sock:
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        try:
+            for _ in range(40):  # 2.5 MB, over the 1 MiB limit
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:  # closed on us mid-send: the answer is already there
+            pass
+        status, body = read_answer(sock)
+        assert (status, body["error"]["code"]) == (413, "body_too_large")
+
+
+# ---- request heads ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def parser_server(request, tiny_bundle, tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("heads"), "--model", str(tiny_bundle.bundle),
+                     "--http", request.param, "--max-header-bytes", "8192")
+    try:
+        yield s
+    finally:
+        stop(s)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Many: a\r\n" * 1000 + b"\r\n"],
+    ids=["one-header", "request-line", "many-headers"])
+def test_a_head_over_max_header_bytes_is_answered_431_and_closed(parser_server, head):
+    with raw_connection(parser_server) as sock:
+        sock.sendall(head)
+        status, body = read_answer(sock)
+        assert status == 431
+        assert (body["error"]["limit"], body["error"]["max"]) == ("max_header_bytes", 8192)
+        assert closed_by_server(sock)
+    fits = {"X-Fits": "a" * 7000}
+    assert parser_server.get("/healthz", headers=fits).status_code == 200
+
+
+def test_a_64_mb_head_sent_fast_is_not_buffered(parser_server):
+    before = rss_mb(parser_server)
+    with raw_connection(parser_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        try:
+            for _ in range(1024):
+                sock.sendall(b"a" * 65536)
+        except OSError:
+            pass  # closed on us: what matters is what the server kept
+    assert rss_mb(parser_server) - before < 16
+    assert parser_server.get("/healthz").status_code == 200
+
+
+def test_the_next_request_on_a_kept_alive_connection_is_capped_too(parser_server):
+    with raw_connection(parser_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, _ = read_answer(sock)
+        assert status == 200
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        status, _ = read_answer(sock)
+        assert status == 431
+
+
+# ---- work whose client left never starts ----------------------------------------------------------
+
+class CountingPipeline(TextPipeline):
+    """A real pipeline that counts the texts it splits into samples."""
+
+    def samples(self, text: str) -> list[str]:
+        self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
+        return super().samples(text)
+
+
+def _service(bundle: Path) -> Service:
+    """A Service over `bundle` with its scorer loaded, outside any server."""
+    service = Service(Settings(bundle, threads=1))
+    service.scorer = Scorer(bundle, device="cpu", threads=1,
+                            pipeline=CountingPipeline(split="lines", tokenizer="whitespace"))
+    return service
+
+
+def _blocked(pool) -> threading.Event:
+    """Occupy the single thread of `pool` until the event is set."""
+    release = threading.Event()
+    pool.submit(release.wait, WAIT)
+    return release
+
+
+def test_tokenizing_queued_for_a_request_that_gave_up_never_starts(tiny_bundle):
+    service = _service(tiny_bundle.bundle)
+
+    async def main():
+        release = _blocked(service.tokenizer_thread)
+        loop = asyncio.get_running_loop()
+        ctx = RequestContext(loop.time() + 0.3, ticket=None)
+        with pytest.raises(ServiceError) as err:
+            await service.tokenize(service.scorer, ["the game . " * 2000], ctx)
+        assert err.value.status == 504
+        release.set()
+        await loop.run_in_executor(service.tokenizer_thread, lambda: None)  # drained
+
+    asyncio.run(main())
+    assert service.scorer.pipeline.__dict__.get("calls", 0) == 0
+    service.tokenizer_thread.shutdown()
+
+
+def test_a_generation_queued_for_a_client_that_left_never_runs_the_model(tiny_bundle):
+    service = _service(tiny_bundle.bundle)
+    session = service.scorer.bundle.session
+    calls = []
+    run = session.next_logprobs
+    session.next_logprobs = lambda *a: calls.append(1) or run(*a)
+
+    async def main():
+        release = _blocked(service.model_thread)
+        loop = asyncio.get_running_loop()
+        ctx = RequestContext(loop.time() + WAIT, ticket=None)
+        loop.call_later(0.2, ctx.disconnected.set)
+        with pytest.raises(ServiceError) as err:
+            await generate_text(service, GenerateRequest(prompt="the game", tokens=20), ctx)
+        assert err.value.status == 499
+        release.set()
+        await loop.run_in_executor(service.model_thread, lambda: None)  # drained
+
+    asyncio.run(main())
+    assert calls == []
+    assert service.scorer.pipeline.__dict__.get("calls", 0) == 1  # the prompt, off that thread
+    service.model_thread.shutdown()
+
+
+# ---- shutdown during a slow generation -------------------------------------------------------------
+
+def test_sigterm_during_a_slow_generation_ends_by_its_deadline(tiny_bundle, tmp_path):
+    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), "--timeout", "3", gated=True,
+                     env={"TEST_GENERATE_DELAY": "0.05"})  # 2,000 tokens: 100 s
+    try:
+        s.wait_ready()
+        with raw_connection(s) as sock:
+            body = json.dumps({"prompt": "the", "tokens": 2000}).encode()
+            sock.sendall(request_head(len(body), "/v1/generate") + body)
+            s.wait_metric("keraslm_requests_in_progress", 1)
+            started = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            status, answer = read_answer(sock)
+            assert (status, answer["error"]["code"]) == (504, "timeout")
+            assert s.proc.wait(timeout=WAIT) == 0
+            assert time.monotonic() - started < 3 + 2  # its deadline, not 100 s
+    finally:
+        stop(s)
+
+
+def test_the_generation_steps_really_are_slowed(tiny_bundle, tmp_path):
+    """The test above means something only if TEST_GENERATE_DELAY slows generation."""
+    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), gated=True,
+                     env={"TEST_GENERATE_DELAY": "0.05"})
+    try:
+        s.wait_ready()
+        started = time.monotonic()
+        answer = s.post("/v1/generate", json={"prompt": "the", "tokens": 20})
+        assert answer.status_code == 200 and time.monotonic() - started > 20 * 0.05
+    finally:
+        stop(s)
