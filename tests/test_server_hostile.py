@@ -202,6 +202,29 @@ def test_the_next_request_on_a_kept_alive_connection_is_capped_too(parser_server
         assert status == 431
 
 
+def test_pipelining_is_answered_in_order_up_to_a_bound(parser_server, request):
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with raw_connection(parser_server) as sock:
+        sock.sendall(healthz * 10)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 10:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data.count(b'HTTP/1.1 200')} answers"
+            data += chunk
+    if request.node.callspec.params["parser_server"] == "h11":
+        return  # h11 parses one request at a time; httptools parses (and queues) all it reads
+    before = rss_mb(parser_server)
+    with raw_connection(parser_server) as sock:  # 20,000 requests in one write: closed
+        try:
+            sock.sendall(healthz * 20_000)
+            while sock.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+    assert rss_mb(parser_server) - before < 16
+    assert parser_server.get("/healthz").status_code == 200
+
+
 # ---- work whose client left never starts ----------------------------------------------------------
 
 class CountingPipeline(TextPipeline):

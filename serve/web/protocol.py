@@ -6,8 +6,10 @@ accept every connection, and (with httptools) buffer request heads of any size. 
 here (of the httptools protocol, uvicorn's C-parser one, when httptools is installed, else of the
 pure-Python h11 one) refuses a connection over the cap at once (a JSON 503, then closed), closes
 one that has not sent a whole request head within `header_timeout` of connecting or of its
-previous answer, and answers a head (request line and headers) over `max_header_bytes` with a
-JSON 431 before the parser sees more of it, then closes. The body is bounded by the request's own
+previous answer, answers a head (request line and headers) over `max_header_bytes` with a
+JSON 431 before the parser sees more of it, then closes, and closes a connection that pipelines
+more than `MAX_PIPELINED` requests behind the one being answered (httptools would queue them
+all). The body is bounded by the request's own
 deadline (serve/web/edge.py).
 """
 
@@ -24,6 +26,7 @@ from serve.web.settings import Settings
 
 HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
 LINGER = 1.0  # seconds a refused connection's input is read and dropped before it is closed
+MAX_PIPELINED = 16  # requests queued behind the one being answered; more: the connection closes
 
 
 def http_protocol(name: str = "auto") -> type:
@@ -93,6 +96,11 @@ def guarded_protocol(max_connections: int, header_timeout: float,
                     self._head_bytes = 0
             if data:
                 super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:  # httptools queues them all
+                self.transport.close()
 
         def _answer_and_close(self, answer: bytes) -> None:
             """Send `answer`, then close after a moment of dropping what the client still sends
