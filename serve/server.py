@@ -10,8 +10,9 @@ an answer at once; the bundle loads on the model thread, which then runs every o
 while the event loop keeps accepting, parsing and answering. A request is admitted or refused
 (503 + Retry-After) on arrival, before any work; from then one deadline (`--timeout`) covers
 reading its body, tokenizing, waiting and scoring. Every limit answers with a JSON error that
-names it. SIGTERM or Ctrl-C stops accepting connections, lets the requests in flight finish, and
-exits 0. Needs the `[serve]` extra; never imports TensorFlow. The parts live in `serve/web/`.
+names it. API keys (`--api-key-file`), allowed hosts (`--allowed-hosts`) and TLS
+(`--ssl-certfile/--ssl-keyfile`) make it fit to expose (README: "Deploying"). SIGTERM or Ctrl-C
+stops accepting connections, lets the requests in flight finish, and exits 0. Needs the `[serve]` extra; never imports TensorFlow. The parts live in `serve/web/`.
 """
 
 from __future__ import annotations

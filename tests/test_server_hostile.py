@@ -151,6 +151,16 @@ def test_a_chunked_body_on_another_path_is_bounded_by_max_body_bytes(server):
         assert (status, body["error"]["code"]) == (413, "body_too_large")
 
 
+@pytest.mark.parametrize("body", [
+    b'{"texts": ' + b"[" * 300_000 + b"]" * 300_000 + b"}",
+    b'{"texts": ["a"], "x": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+    b'{"texts": ["\xff\xfe"]}'], ids=["nested-lists", "nested-objects", "not-utf8"])
+def test_a_body_json_cannot_parse_is_a_400_saying_why(server, body):
+    answer = server.post(content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+    assert "not UTF-8, or nested too deeply" in answer.json()["error"]["message"]
+
+
 # ---- request heads ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])

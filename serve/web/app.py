@@ -126,7 +126,8 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
         message = str(err.detail)
         if err.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
-            message = f"the body is not valid JSON ({message[:1].lower()}{message[1:]}; is it UTF-8?)"
+            message = ("the body could not be parsed as JSON (not UTF-8, or nested too "
+                       "deeply)")
         response = await on_service_error(request, ServiceError(
             err.status_code, codes.get(err.status_code, "http_error"), message))
         response.headers.update(err.headers or {})

@@ -60,6 +60,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for sta
     (400, "invalid JSON"), (408, "the body did not arrive within the timeout"),
     (413, "over a limit: body, texts or tokens per text"),
     (415, "not sent as application/json"), (422, "wrong fields or types, or unscorable text"),
+    (431, "the request line and headers are over max_header_bytes (then closed)"),
     (503, "loading, or overloaded (see Retry-After)"), (504, "not scored within the timeout"))}
 
 
