@@ -361,21 +361,28 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def tls(tiny_bundle, pki, key_file, tmp_path_factory) -> Iterator[Server]:
-    """The server on https:// with the self-signed pair, and keys; its log at info."""
-    tmp, port = tmp_path_factory.mktemp("tls"), free_port()
+def tls_server(tmp: Path, bundle: Path, pki: Path, *args: str) -> Server:
+    """The server on https:// with the self-signed pair, once ready; its log at info."""
+    port = free_port()
     log = tmp / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serve.server", "--model", str(tiny_bundle.bundle), "--port",
-             str(port), "--threads", "1", "--ssl-certfile", str(pki / "cert.pem"),
-             "--ssl-keyfile", str(pki / "key.pem"), "--api-key-file", str(key_file)], cwd=REPO, stdout=out,
+            [sys.executable, "-m", "serve.server", "--model", str(bundle), "--port", str(port),
+             "--threads", "1", "--ssl-certfile", str(pki / "cert.pem"),
+             "--ssl-keyfile", str(pki / "key.pem"), *args], cwd=REPO, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
     s = Server(proc, f"https://127.0.0.1:{port}", log)
+    s.wait_for(lambda: https_status(s, pki, "/readyz") == 200, "https /readyz")
+    return s
+
+
+@pytest.fixture(scope="module")
+def tls(tiny_bundle, pki, key_file, tmp_path_factory) -> Iterator[Server]:
+    """The server on https:// with the self-signed pair, and keys."""
+    s = tls_server(tmp_path_factory.mktemp("tls"), tiny_bundle.bundle, pki,
+                   "--api-key-file", str(key_file))
     try:
-        s.wait_for(lambda: https_status(s, pki, "/readyz") == 200, "https /readyz")
         yield s
     finally:
         stop(s)
@@ -427,6 +434,31 @@ def test_the_log_says_https(tls):
     assert (f"keraslm: listening on https://127.0.0.1:{port}; API key required (2 keys; /, "
             f"/healthz, /readyz open); allowed hosts: localhost, 127.0.0.0/8, ::1; loading"
             ) in tls.log.read_text()
+
+
+def test_tls_handshakes_are_bounded_by_header_timeout_and_counted_as_connections(
+        tiny_bundle, pki, tmp_path):
+    s = tls_server(tmp_path, tiny_bundle.bundle, pki, "--header-timeout", "1",
+                   "--max-connections", "3")
+    host, port = s.url.removeprefix("https://").split(":")
+    try:
+        silent = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in range(3)]
+        time.sleep(0.3)  # accepted: three handshakes under way, the cap reached
+        with socket.create_connection((host, int(port)), timeout=WAIT) as fourth:
+            assert fourth.recv(1) == b""  # refused at once, without a word of plain text
+        started = time.monotonic()
+        for sock in silent:  # never start their handshake: closed at --header-timeout
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.monotonic() - started < 1 + 2  # not the event loop's 60 s
+        assert https_status(s, pki, "/healthz") == 200  # room again
+        assert "keraslm_connections_refused_total 1.0" in httpx.get(
+            s.url + "/metrics", verify=str(pki / "cert.pem"), trust_env=False).text
+    finally:
+        stop(s)
 
 
 @pytest.mark.parametrize("cert, key, password, expected", [

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tls = _tls_flags(parser, args)
     try:
-        settings, sock = _prepare(args, tls)
+        context = None if tls is None else load_tls(tls)
+        settings, sock = _prepare(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -167,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         http=guarded_protocol(settings.max_connections, settings.header_timeout,
                               on_refused=service.metrics.connections_refused.inc,
                               on_shutdown=service.stopping.set, http=settings.http,
-                              max_header_bytes=settings.max_header_bytes),
+                              max_header_bytes=settings.max_header_bytes, tls=context),
         h11_max_incomplete_event_size=settings.max_header_bytes + 1,  # ours answers first
         timeout_graceful_shutdown=math.ceil(settings.timeout) + 5,
-        **({} if tls is None else {"ssl_certfile": tls.certfile, "ssl_keyfile": tls.keyfile,
-                                   "ssl_keyfile_password": tls.password}))
+        loop="auto" if context is None else "asyncio")  # uvloop's start_tls can lose data
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     log.info("keraslm: listening on %s://%s:%d; %s; loading %s", "http" if tls is None
@@ -185,14 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace, tls: TLS | None) -> tuple[Settings, socket.socket]:
+def _prepare(args: argparse.Namespace) -> tuple[Settings, socket.socket]:
     """The settings and the listening socket, once every file is read and checked; UserError
-    for a bad key file, certificate, bundle or address, or a non-loopback address without
-    keys."""
+    for a bad key file, bundle or address, or a non-loopback address without keys."""
     found = api_key_file(args.api_key_file)
     api_keys = read_api_keys(*found) if found else ()
-    if tls is not None:
-        _check_tls(tls)
     family, address = _resolve(args.host, args.port)
     loopback = is_loopback(address[0])
     if not (api_keys or loopback or args.allow_unauthenticated):
@@ -224,10 +221,10 @@ class _PasswordNeeded(Exception):
     pass
 
 
-def _check_tls(tls: TLS) -> None:
-    """Load the certificate and key as uvicorn will, so that a missing, unreadable, malformed
-    or mismatched file, or a key whose password is missing or wrong, is a one-line UserError
-    before listening (and OpenSSL never prompts for a password)."""
+def load_tls(tls: TLS) -> ssl.SSLContext:
+    """The server's TLS context with the certificate and key loaded; a missing, unreadable,
+    malformed or mismatched file, or a key whose password is missing or wrong, is a one-line
+    UserError before listening (and OpenSSL never prompts for a password)."""
     cert, key = f"--ssl-certfile {tls.certfile}", f"--ssl-keyfile {tls.keyfile}"
     read_bounded(tls.certfile, MAX_PEM_BYTES, cert)
     read_bounded(tls.keyfile, MAX_PEM_BYTES, key)
@@ -241,9 +238,9 @@ def _check_tls(tls: TLS) -> None:
             raise _PasswordNeeded
         return tls.password
 
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certfile, tls.keyfile,
-                                                                password)
+        context.load_cert_chain(tls.certfile, tls.keyfile, password)
     except _PasswordNeeded:
         raise UserError(f"{key}: the key is encrypted; give its password with "
                         f"--ssl-keyfile-password") from None
@@ -255,6 +252,7 @@ def _check_tls(tls: TLS) -> None:
             raise UserError(f"{key}: cannot decrypt it with --ssl-keyfile-password (wrong "
                             f"password?), or not a PEM private key") from None
         raise UserError(f"{key}: not a PEM private key") from None
+    return context
 
 
 def _resolve(host: str, port: int) -> tuple[int, tuple]:

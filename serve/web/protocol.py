@@ -4,19 +4,24 @@ and at most `max_header_bytes` of them.
 uvicorn's HTTP/1.1 protocols wait forever for a client that sends its request a byte at a time,
 accept every connection, and (with httptools) buffer request heads of any size. The subclass made
 here (of the httptools protocol, uvicorn's C-parser one, when httptools is installed, else of the
-pure-Python h11 one) refuses a connection over the cap at once (a JSON 503, then closed), closes
-one that has not sent a whole request head within `header_timeout` of connecting or of its
-previous answer, answers a head (request line and headers) over `max_header_bytes` with a
-JSON 431 before the parser sees more of it, then closes, and closes a connection that pipelines
-more than `MAX_PIPELINED` requests behind the one being answered (httptools would queue them
-all). The body is bounded by the request's own
-deadline (serve/web/edge.py).
+pure-Python h11 one):
+- refuses a connection over the cap at once (a JSON 503, then closed);
+- with TLS, does the handshake itself (the event loop's `start_tls`), within `header_timeout` and
+  counted in the cap while it runs (uvicorn's own TLS gives a handshake 60 s, uncounted);
+- closes a connection that has not sent a whole request head within `header_timeout` of
+  connecting (or of its handshake) or of its previous answer;
+- answers a head (request line and headers) over `max_header_bytes` with a JSON 431 before the
+  parser sees more of it, then closes;
+- closes a connection that pipelines more than `MAX_PIPELINED` requests behind the one being
+  answered (httptools would parse and queue them all).
+The body is bounded by the request's own deadline (serve/web/edge.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ssl
 from collections.abc import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -45,12 +50,15 @@ def http_protocol(name: str = "auto") -> type:
 def guarded_protocol(max_connections: int, header_timeout: float,
                      on_refused: Callable[[], None] = lambda: None,
                      on_shutdown: Callable[[], None] = lambda: None,
-                     http: str = "auto", max_header_bytes: int = Settings.max_header_bytes) -> type:
+                     http: str = "auto", max_header_bytes: int = Settings.max_header_bytes,
+                     tls: ssl.SSLContext | None = None) -> type:
     """A uvicorn protocol class enforcing the three limits, for `uvicorn.Config(http=...)`.
 
     `on_refused` counts refused connections; `on_shutdown` is called when the server starts
     to shut down (so requests still sending their body can be answered at once); `http` picks
-    the parser (HTTP_IMPLEMENTATIONS)."""
+    the parser (HTTP_IMPLEMENTATIONS). With `tls`, each connection first completes a TLS
+    handshake with that context within `header_timeout` (counted in `max_connections` while
+    it runs); give uvicorn no certificate of its own then."""
     refusal = ServiceError(503, "too_many_connections", f"{max_connections} connections are "
                            f"open (max_connections); retry shortly", limit="max_connections",
                            max=max_connections, retry_after=RETRY_AFTER).http_bytes()
@@ -59,20 +67,50 @@ def guarded_protocol(max_connections: int, header_timeout: float,
                                 limit="max_header_bytes", max=max_header_bytes).http_bytes()
     base = http_protocol(http)
 
+    handshakes: set[GuardedProtocol] = set()  # TLS handshakes under way
+
     class GuardedProtocol(base):
-        _refused = False  # over max_connections: never handed to uvicorn
+        _refused = False  # over max_connections, or its handshake failed: never given to uvicorn
         _closing = False  # answered 431: what still arrives is dropped
         _head_bytes = 0  # of the request head being received
+        _early: list[bytes] | None = None  # decrypted before the handshake's end was seen
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= max_connections:
+            if len(self.connections) + len(handshakes) >= max_connections:
                 self._refused = True
-                transport.write(refusal)
+                if tls is None:  # a TLS client could not read a plain answer
+                    transport.write(refusal)
                 transport.close()
                 on_refused()
                 return
+            if tls is None:
+                self._begin(transport)
+                return
+            transport.pause_reading()  # nothing reaches the parser before the handshake
+            self._early = []
+            handshakes.add(self)
+            self.loop.create_task(self._handshake(transport))
+
+        async def _handshake(self, transport: asyncio.Transport) -> None:
+            try:
+                secure = await self.loop.start_tls(transport, self, tls, server_side=True,
+                                                   ssl_handshake_timeout=header_timeout)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+                secure = None  # timed out, not TLS, or the client left
+            finally:
+                handshakes.discard(self)
+            if secure is None:
+                self._refused = True
+                transport.abort()
+                return
+            self._begin(secure)
+
+        def _begin(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._expect_request(after=None)
+            early, self._early = self._early, None
+            if early:
+                self.data_received(b"".join(early))
 
         def connection_lost(self, exc: Exception | None) -> None:
             if not self._refused:
@@ -80,6 +118,9 @@ def guarded_protocol(max_connections: int, header_timeout: float,
 
         def data_received(self, data: bytes) -> None:
             if self._refused or self._closing:
+                return
+            if self._early is not None:  # the handshake is done, but not yet seen by _begin
+                self._early.append(data)
                 return
             while data and self._receiving_head():
                 room = max_header_bytes - self._head_bytes
