@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 if not __package__:  # run as `python serve/generate.py`: import `serve` from this checkout
     _here = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +40,7 @@ from serve.bundle import Bundle, load_bundle, resolve_bundle
 from serve.session import DEVICES, choose_providers
 
 Rng = np.random.Generator | Sequence[np.random.Generator]
+Call = Callable[[Callable[[], Any]], Any]  # runs one onnxruntime call where it must run
 
 
 @dataclass(frozen=True)
@@ -164,21 +166,25 @@ def generation_context(pipeline: TextPipeline, prompt: Sequence[str]) -> list[st
 
 def generate(bundle: Bundle, prompt: str = "", *, tokens: int = 50, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
-             allow_unk: bool = False, stop: Callable[[], bool] | None = None) -> list[Sample]:
+             allow_unk: bool = False, stop: Callable[[], bool] | None = None,
+             call: Call | None = None) -> list[Sample]:
     """`num_samples` continuations of `prompt`, `tokens` tokens each (see the module doc).
 
     `stop()`, asked before every onnxruntime call, ends the work early with GenerationStopped
-    (the service's deadline, or its client leaving)."""
+    (the service's deadline, or its client leaving). `call(fn)` runs each onnxruntime call
+    `fn()` and returns its result (default: here; the service runs them on its model thread, so
+    they take turns with its batches)."""
     context = generation_context(bundle.pipeline, prompt_tokens(bundle.pipeline, prompt))
     return continue_context(bundle, context, tokens=tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples,
-                            allow_unk=allow_unk, stop=stop)
+                            allow_unk=allow_unk, stop=stop, call=call)
 
 
 def continue_context(bundle: Bundle, context: Sequence[str], *, tokens: int = 50,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int | None = None, num_samples: int = 1, allow_unk: bool = False,
-                     stop: Callable[[], bool] | None = None) -> list[Sample]:
+                     stop: Callable[[], bool] | None = None, call: Call | None = None
+                     ) -> list[Sample]:
     """`generate` from an already tokenized context (`generation_context`'s tokens: `eos`
     first); the same arguments, the same samples."""
     require_next_logprobs(bundle)
@@ -196,7 +202,9 @@ def continue_context(bundle: Bundle, context: Sequence[str], *, tokens: int = 50
     def run(ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         if stop is not None and stop():
             raise GenerationStopped
-        return bundle.session.next_logprobs(ids, state)
+        if call is None:
+            return bundle.session.next_logprobs(ids, state)
+        return call(lambda: bundle.session.next_logprobs(ids, state))
 
     # The context runs once, in chunks; its state and distribution are then copied to every
     # sample.

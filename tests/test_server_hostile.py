@@ -323,6 +323,25 @@ def test_sigterm_during_a_slow_generation_ends_by_its_deadline(tiny_bundle, tmp_
         stop(s)
 
 
+def test_a_long_generation_takes_turns_with_scoring(tiny_bundle, tmp_path):
+    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), gated=True,
+                     env={"TEST_GENERATE_DELAY": "0.05"})  # 400 tokens: 20 s of model thread
+    try:
+        s.wait_ready()
+        with raw_connection(s) as sock:
+            body = json.dumps({"prompt": "the", "tokens": 400}).encode()
+            sock.sendall(request_head(len(body), "/v1/generate") + body)
+            s.wait_metric("keraslm_requests_in_progress", 1)
+            time.sleep(0.5)  # well into it
+            started = time.monotonic()
+            assert s.score(["the game began ."])[0]["num_tokens"] == 5
+            assert time.monotonic() - started < 3  # a step's wait, not the generation's 20 s
+            status, answer = read_answer(sock)
+            assert status == 200 and len(answer["tokens"]) == 400
+    finally:
+        stop(s)
+
+
 def test_the_generation_steps_really_are_slowed(tiny_bundle, tmp_path):
     """The test above means something only if TEST_GENERATE_DELAY slows generation."""
     s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), gated=True,

@@ -1,4 +1,8 @@
-"""POST /v1/generate: one sampled continuation, by `serve.generate.generate` on the model thread.
+"""POST /v1/generate: one sampled continuation, by `serve.generate.continue_context`.
+
+The generation loop runs on a thread of its own and sends each onnxruntime call to the model
+thread, where it takes its turn with the batches': a long generation delays scoring by a step at
+a time, never by its whole length.
 
 The options are serve/generate.py's (tokens, temperature, top-k, top-p, seed); the same seed
 gives the same text as `python serve/generate.py --seed`. Limits and errors are answered like
@@ -67,9 +71,18 @@ async def generate_text(service: Service, body: GenerateRequest, ctx: RequestCon
             raise GenerationStopped
         return continue_context(scorer.bundle, context, tokens=body.tokens,
                                 temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, seed=body.seed, stop=gave_up)[0]
+                                top_p=body.top_p, seed=body.seed, stop=gave_up,
+                                call=on_model_thread)[0]
 
-    work = loop.run_in_executor(service.model_thread, run)
+    def on_model_thread(fn):  # one step at a time: the batch's calls take turns with it
+        def step():
+            if gave_up():  # gone while the step waited its turn
+                raise GenerationStopped
+            return fn()
+
+        return service.model_thread.submit(step).result()
+
+    work = loop.run_in_executor(service.generation_threads, run)
     try:
         sample = await service.until(work, ctx)
     except UserError as err:

@@ -36,6 +36,7 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's own log: one stream for th
 INLINE_CHARS = 4096  # requests up to this much text are tokenized on the event loop (cheaper)
 CALIBRATION_WORDS = 2000  # words per text timed at load time, for admission's first estimate
 CALIBRATION_TEXTS = 4
+GENERATION_THREADS = 4  # generations that sample at once, their model calls queued by turns
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Service:
         self.load_error: str | None = None
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.generation_threads = ThreadPoolExecutor(max_workers=GENERATION_THREADS,
+                                                     thread_name_prefix="generate")
         self.batcher = Batcher(self.model_thread, max_batch=settings.max_batch,
                                max_wait=settings.max_wait_ms / 1000, coming=self._coming,
                                on_call=self._on_call, on_abandoned=self._on_abandoned)
@@ -110,7 +113,7 @@ class Service:
         if self._load_task is not None:
             await asyncio.wait([self._load_task])
         loop = asyncio.get_running_loop()
-        for pool in (self.tokenizer_thread, self.model_thread):
+        for pool in (self.generation_threads, self.tokenizer_thread, self.model_thread):
             await loop.run_in_executor(None, lambda p=pool: p.shutdown(wait=True,
                                                                         cancel_futures=True))
 
