@@ -74,6 +74,7 @@ def guarded_protocol(max_connections: int, header_timeout: float,
         _closing = False  # answered 431: what still arrives is dropped
         _head_bytes = 0  # of the request head being received
         _early: list[bytes] | None = None  # decrypted before the handshake's end was seen
+        _idle_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) + len(handshakes) >= max_connections:
@@ -113,6 +114,8 @@ def guarded_protocol(max_connections: int, header_timeout: float,
                 self.data_received(b"".join(early))
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             if not self._refused:
                 super().connection_lost(exc)
 
@@ -167,8 +170,10 @@ def guarded_protocol(max_connections: int, header_timeout: float,
 
         def _expect_request(self, after: object) -> None:
             """Close the connection unless a request after `after` has begun within
-            header_timeout."""
-            self.loop.call_later(header_timeout, self._close_if_idle, after)
+            header_timeout (one timer a connection: each holds its request until it fires)."""
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = self.loop.call_later(header_timeout, self._close_if_idle, after)
 
         def _close_if_idle(self, cycle_then: object) -> None:
             idle = cycle_then is None or cycle_then.response_complete  # not still answering
