@@ -3,7 +3,7 @@
     python bench/hostile_cases.py [--bundle DIR] [--work DIR] [--bound SECONDS] [--only TEXT ...]
 
 Not part of the test suite (tests/ asserts these behaviours); this prints what a user would see.
-It builds the tests' tiny bundle (tests/test_serve_bundle.py `make_bundle`: random weights,
+It builds the tests' tiny bundle (tests/helpers_runs.py `make_bundle`: random weights,
 WikiText-2 vocabulary of 200, exported by export.to_onnx) unless `--bundle` gives one, and a
 raw-text copy of it (punkt sentences + Moses, keraslm.text.RAW). Then each case runs for real:
 `serve/score.py --threads 1` as a child process (exit status, first line of its message, wall
@@ -20,7 +20,11 @@ few thousand short sentences a second), the two 10 MB cases and SIGTERM with the
 Cases (issue 13): 1 overload (one row; bench/bench_flood.py covers floods), 2 bad requests,
 3 1 MB of short sentences through punkt, 4 huge lines, /dev/zero, binary, 5 FIFO and standard
 input, 6 hostile bundles, 7 slow senders, connection cap, SIGTERM, 8 --per-line through a
-symbolic link.
+symbolic link. Issue 23 (against `--timeout 5 --max-connections 8 --header-timeout 10`, the
+issue's server; `--only 23` runs them alone): 23 its named clients (token-dense prompts, idle
+uploads, bodies that never come on other paths, a 64 MB header), 23+ others of their kinds
+(slow bodies and chunks on every path, deep JSON, pipelining); their RSS column is the server's
+growth over the case.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ DATA_ROOT = Path(os.environ.get("KERASLM_DATA", "/work/shared/data"))
 VALID = DATA_ROOT / "wikitext-2" / "wiki.valid.tokens"
 MESSAGE_CHARS = 120
 DEEP = 100_000  # nesting depth of the deep-JSON cases
+HOST = "127.0.0.1"  # the Host header of raw requests (a loopback server allows only loopback)
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -84,6 +89,9 @@ SERVERS = {  # name: (over the raw-text bundle?, flags)
     "defaults": (True, []),  # raw text, so that a request goes through punkt + Moses
     "timeout-2": (False, ["--timeout", "2", "--header-timeout", "2"]),
     "connections-5": (False, ["--max-connections", "5"]),
+    "issue-23": (False, ["--timeout", "5", "--max-connections", "8", "--header-timeout", "10"]),
+    "issue-23-raw": (True, ["--timeout", "5", "--max-connections", "8", "--header-timeout",
+                            "10"]),
 }
 
 
@@ -216,7 +224,7 @@ def cli_message(o: Outcome) -> str:
 
 def head(length: int | None, content_type: str | None = "application/json",
          path: str = "/v1/score") -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: bench"]
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}"]
     if content_type is not None:
         lines.append(f"Content-Type: {content_type}")
     if length is not None:
@@ -469,12 +477,12 @@ def bad_bundle(damage: Callable[[Path], None]) -> Callable[[Context], Row]:
 
 # ---- defect 7: slow senders, connection cap, SIGTERM ---------------------------------------------
 
-HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
+HEALTHZ = f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
 def slow_headers(ctx: Context) -> Row:
     _, port = ctx.server("timeout-2")
-    data = b"POST /v1/score HTTP/1.1\r\nHost: bench\r\nX-Slow: " + b"a" * 1000
+    data = f"POST /v1/score HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode() + b"a" * 1000
     answer, closed = b"", False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         started = time.monotonic()
@@ -585,6 +593,128 @@ def per_line_symlink(ctx: Context) -> Row:
     return row
 
 
+# ---- issue 23: hostile clients of the service, and others of their kinds --------------------------
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _growth(server: str, run: Callable[[int], Row]) -> Callable[[Context], Row]:
+    """`run(port)` against the server `server`, its row's RSS the server's growth (VmRSS)."""
+    def case(ctx: Context) -> Row:
+        proc, port = ctx.server(server)
+        before = _rss_mb(proc.pid)
+        row = run(port)
+        row.rss_mb = _rss_mb(proc.pid) - before
+        row.message += " (RSS: the server's growth)"
+        return row
+    return case
+
+
+def generate_prompt(prompt: str) -> Callable[[int], Row]:
+    def run(port: int) -> Row:
+        body = json.dumps({"prompt": prompt, "tokens": 5}).encode()
+        return http_row(*exchange(port, head(len(body), path="/v1/generate") + body))
+    return run
+
+
+def idle_uploads_then_small(port: int) -> Row:
+    """Three connections announce 1 MiB on /v1/score and send nothing; then three one-line
+    requests on fresh connections: what they get."""
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        for sock in idle:
+            sock.sendall(head(1 << 20))
+        time.sleep(0.3)
+        got = [exchange(port, post(b'{"texts": ["the game began ."]}'), 10) for _ in range(3)]
+    finally:
+        for sock in idle:
+            sock.close()
+    statuses = ", ".join(str(status) for status, _, _ in got)
+    return Row(f"one-line requests: {statuses}", "three idle 1 MiB uploads open beside them",
+               sum(seconds for _, _, seconds in got))
+
+
+def body_never_comes(path: str) -> Callable[[int], Row]:
+    def run(port: int) -> Row:
+        return http_row(*exchange(port, head(5000, path=path) + b"{", 30))
+    return run
+
+
+def big_head(size: int) -> Callable[[int], Row]:
+    def run(port: int) -> Row:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            started = time.monotonic()
+            try:
+                sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\nX-Big: ".encode())
+                for _ in range(size // 65536):
+                    sock.sendall(b"a" * 65536)
+            except OSError:
+                pass  # closed on us
+            status, body = read_answer(sock, 10)
+            return http_row(status, body, time.monotonic() - started, note=f"({size:,} bytes) ")
+    return run
+
+
+def trickled_body(path: str, gap: float = 0.5) -> Callable[[int], Row]:
+    """A 40-byte body on `path`, a byte every `gap` seconds (20 s in all)."""
+    def run(port: int) -> Row:
+        body = b'{"texts": ["the game began in 1998 ."]}'
+        with socket.create_connection(("127.0.0.1", port), timeout=40) as sock:
+            started = time.monotonic()
+            sock.sendall(head(len(body), path=path))
+            for byte in body:
+                if select.select([sock], [], [], gap)[0]:
+                    break  # answered (and closed) already
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    break
+            status, answer = read_answer(sock, 30)
+            return http_row(status, answer, time.monotonic() - started)
+    return run
+
+
+def trickled_chunks(port: int) -> Row:
+    """A chunked body on /v1/score, one byte a chunk every 0.1 s, for 20 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=40) as sock:
+        started = time.monotonic()
+        sock.sendall(f"POST /v1/score HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: "
+                     f"application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for _ in range(200):
+            if select.select([sock], [], [], 0.1)[0]:
+                break
+            try:
+                sock.send(b"1\r\n \r\n")
+            except OSError:
+                break
+        status, answer = read_answer(sock, 30)
+        return http_row(status, answer, time.monotonic() - started)
+
+
+def pipelined(count: int) -> Callable[[int], Row]:
+    def run(port: int) -> Row:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            started = time.monotonic()
+            answers = 0
+            try:
+                sock.sendall(HEALTHZ * count)
+                while answers < count:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        break
+                    answers += chunk.count(b"HTTP/1.1 200")
+            except OSError:
+                pass
+            ending = "all answered" if answers == count else "then closed"
+            return Row(f"{answers:,} answers, {ending}", f"{count:,} GET /healthz in one write",
+                       time.monotonic() - started)
+    return run
+
+
 # ---- the runner -----------------------------------------------------------------------------------
 
 @dataclass
@@ -633,6 +763,32 @@ CASES = [
     Case("7 SIGTERM, 20 slow senders open (server defaults: --timeout 30)",
          sigterm_slow_senders("defaults"), server="defaults"),
     Case("8 score.py --per-line LINK (symbolic link to a file)", per_line_symlink),
+    Case("23 generate, a prompt of 400,000 line breaks",
+         _growth("issue-23", generate_prompt("\n" * 400_000)), server="issue-23"),
+    Case('23 generate, raw-text bundle, a prompt of 400,000 "!"',
+         _growth("issue-23-raw", generate_prompt("!" * 400_000)), server="issue-23-raw"),
+    Case('23 generate, raw-text bundle, a prompt "x,x,x..." of 400 KB',
+         _growth("issue-23-raw", generate_prompt("x," * 200_000)), server="issue-23-raw"),
+    Case("23 three idle 1 MiB uploads, then three one-line requests",
+         _growth("issue-23", idle_uploads_then_small), server="issue-23"),
+    *(Case(f"23 POST {path}, announced body never sent", _growth("issue-23", body_never_comes(
+        path)), server="issue-23") for path in ("/x", "/v1/score/", "/")),
+    Case("23 a 64 MB header sent fast", _growth("issue-23", big_head(64 << 20)),
+         server="issue-23"),
+    Case("23+ a body a byte per 0.5 s, /v1/score", _growth("issue-23", trickled_body(
+        "/v1/score")), server="issue-23"),
+    Case("23+ the same on /v1/generate", _growth("issue-23", trickled_body("/v1/generate")),
+         server="issue-23"),
+    Case("23+ the same on /nowhere", _growth("issue-23", trickled_body("/nowhere")),
+         server="issue-23"),
+    Case("23+ a chunked body, a byte a chunk every 0.1 s", _growth("issue-23", trickled_chunks),
+         server="issue-23"),
+    Case("23+ JSON nested 300,000 deep", _growth("issue-23", lambda port: http_row(*exchange(
+        port, post(b'{"texts": ' + b"[" * 300_000 + b"]" * 300_000 + b"}")))),
+         server="issue-23"),
+    Case("23+ 10 pipelined requests", _growth("issue-23", pipelined(10)), server="issue-23"),
+    Case("23+ 20,000 pipelined requests", _growth("issue-23", pipelined(20_000)),
+         server="issue-23"),
 ]
 
 def run_case(ctx: Context, case: Case, bound: float) -> Row:
@@ -670,7 +826,7 @@ def build_bundles(work: Path, given: Path | None) -> tuple[Path, Path]:
     """The bundle (given, or the tests' tiny one built in a child process) and its raw-text copy."""
     if given is None:
         code = ("import sys; from pathlib import Path; sys.path[:0] = [sys.argv[1], sys.argv[1] + "
-                "'/tests']; from test_serve_bundle import make_bundle; "
+                "'/tests']; from helpers_runs import make_bundle; "
                 "print(make_bundle(Path(sys.argv[2])).bundle)")
         done = subprocess.run([sys.executable, "-c", code, str(REPO), str(work)], cwd=REPO,
                               check=False, capture_output=True, text=True, timeout=600)
