@@ -6,7 +6,8 @@
 #   train host  keraslm-X.whl[train,cpu]: keraslm-train a tiny model on a WikiText-2 prefix,
 #               keraslm-export it, keraslm-evaluate it
 #   serve host  keraslm-X.whl[cpu,serve]: TensorFlow must not be importable; keraslm-score,
-#               keraslm-generate and keraslm-serve (the page, POST /v1/score) on that bundle
+#               keraslm-generate and keraslm-serve (the page, POST /v1/score) on that bundle, and
+#               keraslm-serve exposed (API keys, allowed hosts, TLS, the header cap) to curl
 # Usage: .ci/wheel_check.sh, with a Python on PATH that has setuptools>=77 (the project's .venv,
 # which `pip install -e ".[test]"` sets up; .ci/run calls it that way). Offline: the build needs
 # no index, the installs only the local pip index. Data: $KERASLM_DATA, else ../shared/data.
@@ -128,19 +129,35 @@ in_env serve python -c 'import json, sys; r = json.loads(open(sys.argv[1]).readl
 assert len(r["tokens"]) == 10, r
 print("generate:", r["text"])' generate.json || fail "keraslm-generate output: $(cat generate.json)"
 
-step "keraslm-serve: /readyz, the page, POST /v1/score"
-PORT="$(in_env serve python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-URL="http://127.0.0.1:$PORT"
-in_env serve keraslm-serve --model bundle --port "$PORT" --log-level warning >serve.log 2>&1 &
-SERVER_PID=$!
 CURL=(curl --silent --show-error --noproxy '*' --max-time 30)
-for _ in $(seq 1 600); do
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat serve.log >&2; fail "keraslm-serve exited before it was ready"; }
-    [ "$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$URL/readyz" 2>/dev/null)" = 200 ] && break
-    sleep 0.2
-done
-[ "$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$URL/readyz")" = 200 ] ||
-    { cat serve.log >&2; fail "keraslm-serve not ready at $URL/readyz within 120 s"; }
+
+start_serve() {  # start_serve URL ARGS...: keraslm-serve in the background, once /readyz is 200
+    local url="$1"; shift
+    in_env serve keraslm-serve --model bundle --log-level warning "$@" >serve.log 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 600); do
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat serve.log >&2; fail "keraslm-serve exited before it was ready"; }
+        [ "$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$url/readyz" 2>/dev/null)" = 200 ] && return
+        sleep 0.2
+    done
+    cat serve.log >&2
+    fail "keraslm-serve not ready at $url/readyz within 120 s"
+}
+
+stop_serve() {
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+
+free_port() {
+    in_env serve python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+step "keraslm-serve: /readyz, the page, POST /v1/score"
+PORT="$(free_port)"
+URL="http://127.0.0.1:$PORT"
+start_serve "$URL" --port "$PORT"
 CODE="$("${CURL[@]}" -o page.html -w '%{http_code}' "$URL/")"
 [ "$CODE" = 200 ] || fail "GET / answered $CODE"
 grep -qi "<html" page.html || fail "GET / is not the page: $(head -c 300 page.html)"
@@ -151,8 +168,31 @@ in_env serve python -c 'import json, math, sys; r = json.load(open(sys.argv[1]))
 assert len(r) == 1 and math.isfinite(r[0]["perplexity"]), r
 print("serve: POST /v1/score perplexity %.2f" % r[0]["perplexity"])' scored.json ||
     fail "POST /v1/score output: $(cat scored.json)"
-kill "$SERVER_PID"
-wait "$SERVER_PID" 2>/dev/null || true
-SERVER_PID=""
+stop_serve
+
+step "keraslm-serve exposed: API keys, allowed hosts, TLS, the head cap"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout key.pem -out cert.pem 2>/dev/null ||
+    fail "openssl could not make a certificate"
+KEY="$(openssl rand -hex 16)"
+printf '# the tests key\n%s\n' "$KEY" >keys.txt
+PORT="$(free_port)"
+URL="https://localhost:$PORT"
+CURL+=(--cacert cert.pem)
+start_serve "$URL" --port "$PORT" --api-key-file keys.txt --ssl-certfile cert.pem --ssl-keyfile key.pem
+expect() {  # expect CODE WHAT CURL-ARGS...
+    local want="$1" what="$2"; shift 2
+    local got; got="$("${CURL[@]}" -o answer.json -w '%{http_code}' "$@")"
+    [ "$got" = "$want" ] || fail "$what answered $got, not $want: $(head -c 300 answer.json)"
+    echo "serve: $what -> $got"
+}
+SCORE=(-H 'Content-Type: application/json' -d '{"texts": ["the cat sat ."]}')
+expect 401 "https POST /v1/score without a key" "${SCORE[@]}" "$URL/v1/score"
+expect 401 "https POST /v1/score with a wrong key" -H "Authorization: Bearer not-$KEY" "${SCORE[@]}" "$URL/v1/score"
+expect 200 "https POST /v1/score with the key" -H "Authorization: Bearer $KEY" "${SCORE[@]}" "$URL/v1/score"
+expect 421 "https POST /v1/score for Host: evil.example" -H "Host: evil.example" -H "Authorization: Bearer $KEY" "${SCORE[@]}" "$URL/v1/score"
+expect 431 "https GET /healthz with a 100 kB header" -H "X-Big: $(head -c 100000 /dev/zero | tr '\0' a)" "$URL/healthz"
+expect 401 "https GET /metrics without a key" "$URL/metrics"
+stop_serve
 
 step "passed in $((SECONDS - START)) s"
