@@ -138,6 +138,15 @@ def test_every_path_has_the_body_deadline(server, method, path):
         assert closed_by_server(sock)
 
 
+def test_a_body_announced_over_the_limit_on_another_path_is_413_at_once(server):
+    with raw_connection(server) as sock:
+        started = time.monotonic()
+        sock.sendall(request_head(50 << 20, "/x"))
+        status, body = read_answer(sock)
+        assert (status, body["error"]["code"]) == (413, "body_too_large")
+        assert time.monotonic() - started < 1
+
+
 def test_a_chunked_body_on_another_path_is_bounded_by_max_body_bytes(server):
     with raw_connection(server) as sock:
         sock.sendall(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")

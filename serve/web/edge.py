@@ -74,11 +74,9 @@ class Edge:
         """Refuse at once if full, read the body by the deadline, admit it, then run the app."""
         service, settings = self.service, self.service.settings
         deadline = asyncio.get_running_loop().time() + settings.timeout
-        declared = _content_length(scope)
         try:
             service.check_ready()
-            if declared is not None and declared > settings.max_body_bytes:
-                raise _too_large(settings.max_body_bytes)
+            self._check_declared(scope)
             arrival = service.admission.arrive()
         except ServiceError as err:
             await self.answer(err, scope, receive, send)
@@ -103,6 +101,7 @@ class Edge:
         (503 if the service cannot take it now), then run the app with the body replayed and a
         watch for the client leaving."""
         try:
+            self._check_declared(scope)
             body = await self._read_body(receive, deadline)
             if body is not None and admit is not None:
                 scope[CONTEXT_KEY] = admit(body)
@@ -129,6 +128,12 @@ class Edge:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+
+    def _check_declared(self, scope: dict) -> None:
+        """413 at once for a body announced over the limit."""
+        declared, limit = _content_length(scope), self.service.settings.max_body_bytes
+        if declared is not None and declared > limit:
+            raise _too_large(limit)
 
     async def _read_body(self, receive: Receive, deadline: float) -> bytes | None:
         """The body; None if the client disconnected first."""
