@@ -61,8 +61,8 @@ from bench.bench_flood import request_bodies
 from bench.bench_score import PRESET, untrained_run
 from bench.bench_server import peak_rss_mb, start_server
 from bench.common import flops_per_token, matmul_peak
+from bench.hostile_cases import HOST, head
 
-HOST = "127.0.0.1"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 GOAL_SHARE = 0.80  # of the unloaded throughput
 FLAT_MB = 64  # RSS growth (loaded max over unloaded max) still called flat ...
@@ -122,18 +122,14 @@ def outcome(err: BaseException) -> str:
     return type(err).__name__
 
 
-def head(port: int, path: str, length: int | None = None, method: str = "POST") -> bytes:
-    """A request line and headers, with the Host a loopback server allows (hostile_cases.head
-    sends `Host: bench`, which --allowed-hosts refuses) and a JSON Content-Type."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Content-Type: application/json"]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+def post(path: str, body: bytes) -> bytes:
+    """A whole POST of a JSON `body` (hostile_cases.head's request line and headers)."""
+    return head(len(body), path=path) + body
 
 
-def post(port: int, path: str, body: bytes) -> bytes:
-    """A whole POST of a JSON `body`."""
-    return head(port, path, len(body)) + body
+def open_head(path: str = "/v1/score") -> bytes:
+    """A POST's request line and headers without the blank line that ends them."""
+    return head(None, path=path)[:-2]
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -238,7 +234,7 @@ async def normal_client(port: int, path: str, bodies: list[bytes], first: int, s
     reader = writer = None
     i = first
     while time.monotonic() < stop_at:
-        data = post(port, path, bodies[i % len(bodies)])
+        data = post(path, bodies[i % len(bodies)])
         i += 1
         started = time.monotonic()
         try:
@@ -295,7 +291,7 @@ def normal_bodies(valid: Path, generate_tokens: int) -> tuple[list[bytes], list[
 
 # ---- the hostile clients -------------------------------------------------------------------------
 
-def token_dense_requests(port: int, max_body: int) -> list[tuple[str, bytes]]:
+def token_dense_requests(max_body: int) -> list[tuple[str, bytes]]:
     """(label, request) of prompts and texts that are almost all line breaks: each break is one
     <eos> token, and no spaces for a word count to see. Each body fits in `max_body`."""
     def fit(char: str, count: int, raw: bool) -> str:
@@ -309,13 +305,13 @@ def token_dense_requests(port: int, max_body: int) -> list[tuple[str, bytes]]:
              ("generate U+0085", "/v1/generate", {"prompt": fit("\x85", 400_000, True),
                                                   "tokens": 20}),
              ("score \\n", "/v1/score", {"texts": [fit("\n", 400_000, False)]})]
-    return [(label, post(port, path, json.dumps(body, ensure_ascii=False).encode()))
+    return [(label, post(path, json.dumps(body, ensure_ascii=False).encode()))
             for label, path, body in cases]
 
 
-def garbage_requests(port: int) -> list[tuple[str, bytes]]:
+def garbage_requests() -> list[tuple[str, bytes]]:
     """(label, bytes) of malformed HTTP, with a Host the server allows where there is one."""
-    score = head(port, "/v1/score")[:-2]  # the headers, open for more
+    score, host = open_head(), f"Host: {HOST}\r\n\r\n".encode()
     return [
         ("random", bytes(random.Random(0).randrange(256) for _ in range(2048))),
         ("TLS hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) * 2),
@@ -323,8 +319,8 @@ def garbage_requests(port: int) -> list[tuple[str, bytes]]:
         ("bad chunk", score + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
         ("length -1", score + b"Content-Length: -1\r\n\r\n"),
         ("1000 CRLFs", b"\r\n" * 1000),
-        ("100 kB path", head(port, "/" + "a" * 100_000, method="GET")),
-        ("HTTP/9.9", head(port, "/", method="GET").replace(b"HTTP/1.1", b"HTTP/9.9")),
+        ("100 kB path", b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n" + host),
+        ("HTTP/9.9", b"GET / HTTP/9.9\r\n" + host),
     ]
 
 
@@ -340,11 +336,10 @@ class Hostile:
     slowest: float = 0.0  # seconds of the longest try
 
 
-def hostile_clients(args: argparse.Namespace, port: int, big_score: list[bytes]
-                    ) -> list[Hostile]:
+def hostile_clients(args: argparse.Namespace, big_score: list[bytes]) -> list[Hostile]:
     """The hostile clients of issue 23 (numbered as its list) and a few of the same kinds."""
-    dense = token_dense_requests(port, args.max_body_bytes)
-    garbage_data = garbage_requests(port)
+    dense = token_dense_requests(args.max_body_bytes)
+    garbage_data = garbage_requests()
     never = ["/x", "/v1/score/", "/", "/v1/generate"]
     mib = b"a" * (1 << 20)
 
@@ -353,28 +348,28 @@ def hostile_clients(args: argparse.Namespace, port: int, big_score: list[bytes]
         return f"{name}: {await exchange(port, data, bound)}"
 
     async def idle_content_length(port: int, i: int, bound: float) -> str:
-        return await trickle(port, head(port, "/v1/score", 1 << 20), [], 0, bound)
+        return await trickle(port, head(1 << 20), [], 0, bound)
 
     async def slow_sender(port: int, i: int, bound: float) -> str:  # 1 MB at 40 kB/s
         chunks = [b'{"texts": ["' + b"x " * 1995 + b'"'] + [b"," + b" " * 3999] * 249
-        start = head(port, "/v1/score", sum(map(len, chunks)))
+        start = head(sum(map(len, chunks)))
         return await trickle(port, start, chunks, 0.1, bound)
 
     async def never_sent(port: int, i: int, bound: float) -> str:
         path = never[i % len(never)]
-        return f"{path}: {await trickle(port, head(port, path, 50_000), [], 0, bound)}"
+        return f"{path}: {await trickle(port, head(50_000, path=path), [], 0, bound)}"
 
     async def huge_header(port: int, i: int, bound: float) -> str:
-        return await trickle(port, head(port, "/v1/score")[:-2] + b"X-Big: ",
+        return await trickle(port, open_head() + b"X-Big: ",
                              [mib] * 64 + [b"\r\n\r\n"], 0, bound)
 
     async def slowloris(port: int, i: int, bound: float) -> str:
-        data = head(port, "/v1/score")[:-2] + b"X-Slow: " + b"a" * 100_000
+        data = open_head() + b"X-Slow: " + b"a" * 100_000
         return await trickle(port, b"", (data[k:k + 1] for k in range(len(data))), 0.2, bound)
 
     async def leave_at_once(port: int, i: int, bound: float) -> str:
-        name, data = ("score", post(port, "/v1/score", big_score[i % len(big_score)])) \
-            if i % 2 == 0 else ("generate", post(port, "/v1/generate", json.dumps(
+        name, data = ("score", post("/v1/score", big_score[i % len(big_score)])) \
+            if i % 2 == 0 else ("generate", post("/v1/generate", json.dumps(
                 {"prompt": "the", "tokens": args.leave_tokens, "seed": i}).encode()))
         writer = None
         try:
@@ -641,7 +636,7 @@ async def soak(port: int, args: argparse.Namespace, bodies: dict[str, list[bytes
                watch: Watch, hostile: list[Hostile]) -> list[Phase]:
     """A warm-up request of each kind, then the three phases."""
     for path, kind in (("/v1/score", "score"), ("/v1/generate", "generate")):
-        await exchange(port, post(port, path, bodies[kind][0]), args.client_bound)
+        await exchange(port, post(path, bodies[kind][0]), args.client_bound)
     return [await phase("unloaded", args.unloaded_seconds, port, args, bodies, watch, []),
             await phase("loaded", args.seconds, port, args, bodies, watch, hostile),
             await phase("unloaded again", args.unloaded_seconds, port, args, bodies, watch, [])]
@@ -701,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         model = json.loads((bundle / "bundle.json").read_text())["model"]
         score, generate = normal_bodies(valid, args.generate_tokens)
         big, _ = request_bodies(valid, 16, 500)
+        hostile = [h for h in hostile_clients(args, big)
+                   if not args.hostile or any(h.kind.startswith(t) for t in args.hostile)]
         threads = ["--threads", str(args.threads)] if args.threads else []
         cpus = sorted(os.sched_getaffinity(0))
         if args.pin:
@@ -712,8 +709,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.pin:
             os.sched_setaffinity(0, cpus[:-1] or cpus)
         port = int(url.rsplit(":", 1)[1])
-        hostile = [h for h in hostile_clients(args, port, big)
-                   if not args.hostile or any(h.kind.startswith(t) for t in args.hostile)]
         watch = Watch(proc, args.rss_limit_mb)
         try:
             phases = asyncio.run(
