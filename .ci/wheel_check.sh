@@ -23,9 +23,17 @@ unset PYTHONPATH
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/keraslm-wheel-check.XXXXXX")"
 case "$WORK/" in "$ROOT"/*) echo "wheel check: $WORK is inside the source tree" >&2; exit 1 ;; esac
-SERVER_PID=""
+SERVER_PID=""  # the background subshell running in_env; the server is its child
+stop_serve() {
+    if [ -n "$SERVER_PID" ]; then
+        pkill -TERM -P "$SERVER_PID" 2>/dev/null || true
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
 cleanup() {
-    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    stop_serve
     if [ "${KEEP_WHEEL_CHECK:-}" = 1 ]; then echo "wheel check: kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -142,12 +150,6 @@ start_serve() {  # start_serve URL ARGS...: keraslm-serve in the background, onc
     done
     cat serve.log >&2
     fail "keraslm-serve not ready at $url/readyz within 120 s"
-}
-
-stop_serve() {
-    kill "$SERVER_PID"
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
 }
 
 free_port() {

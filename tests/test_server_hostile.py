@@ -28,7 +28,7 @@ from serve import generate as generation
 from serve.bundle import load_bundle
 from serve.scorer import Scorer
 from serve.web.generation import GenerateRequest, generate_text
-from serve.web.schemas import ServiceError
+from serve.web.schemas import ScoreRequest, ServiceError
 from serve.web.service import RequestContext, Service
 from serve.web.settings import Settings
 
@@ -273,7 +273,7 @@ def test_tokenizing_queued_for_a_request_that_gave_up_never_starts(tiny_bundle):
     async def main():
         release = _blocked(service.tokenizer_thread)
         loop = asyncio.get_running_loop()
-        ctx = RequestContext(loop.time() + 0.3, ticket=None)
+        ctx = RequestContext(loop.time() + 0.3, service.admission.arrive(), size=0)
         with pytest.raises(ServiceError) as err:
             await service.tokenize(service.scorer, ["the game . " * 2000], ctx)
         assert err.value.status == 504
@@ -295,7 +295,7 @@ def test_a_generation_queued_for_a_client_that_left_never_runs_the_model(tiny_bu
     async def main():
         release = _blocked(service.model_thread)
         loop = asyncio.get_running_loop()
-        ctx = RequestContext(loop.time() + WAIT, ticket=None)
+        ctx = RequestContext(loop.time() + WAIT, service.admission.arrive(), size=0)
         loop.call_later(0.2, ctx.disconnected.set)
         with pytest.raises(ServiceError) as err:
             await generate_text(service, GenerateRequest(prompt="the game", tokens=20), ctx)
@@ -307,6 +307,38 @@ def test_a_generation_queued_for_a_client_that_left_never_runs_the_model(tiny_bu
     assert calls == []
     assert service.scorer.pipeline.__dict__.get("calls", 0) == 1  # the prompt, off that thread
     service.model_thread.shutdown()
+
+
+def test_a_request_sure_to_pass_the_token_limit_is_413_even_when_busy(tiny_bundle):
+    service = _service(tiny_bundle.bundle)
+    service.admission.record(1000, 1.0)  # 1 ms a byte: a 400 kB body is 400 s of work
+    busy = service.admission.admit(10)  # another request in flight
+
+    async def answer(call, body):
+        loop = asyncio.get_running_loop()
+        ctx = RequestContext(loop.time() + WAIT, service.admission.arrive(), size=400_000)
+        try:
+            await call(body, ctx)
+        except ServiceError as err:
+            return err.status, err.code
+        finally:
+            ctx.close()
+
+    async def main():
+        generate = lambda body, ctx: generate_text(service, body, ctx)
+        assert await answer(generate, GenerateRequest(prompt="\n" * 400_000)) == (
+            413, "too_many_tokens")
+        assert await answer(generate, GenerateRequest(prompt="\u2028" * 400_000)) == (
+            413, "too_many_tokens")
+        assert await answer(service.score, ScoreRequest(texts=["a\n" * 200_000])) == (
+            413, "too_many_tokens")
+        # a body the limit cannot refuse without tokenizing: refused by admission, 503
+        assert await answer(generate, GenerateRequest(prompt="the " * 100)) == (
+            503, "overloaded")
+
+    asyncio.run(main())
+    busy.close()
+    assert (service.admission.in_flight, service.admission.receiving) == (0, 0)
 
 
 # ---- shutdown during a slow generation -------------------------------------------------------------

@@ -4,7 +4,8 @@ deadline, and every request counted by path and status (and its time in the serv
 
 The model's requests (POST /v1/score, /v1/generate) are refused at arrival if the service is
 full, read by their deadline (`--timeout` from arrival; 408 after, 413 past `--max-body-bytes`),
-then admitted or refused on their real size. Any other request that announces a body, whatever
+then handed to the endpoint, which admits or refuses them on their real size once the checks
+that cost nothing have passed (serve/web/service.py `RequestContext`). Any other request that announces a body, whatever
 its path or method, is read under the same two limits before the app answers it, so no request
 holds its connection past the timeout.
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from serve.web.admission import Arrival
 from serve.web.schemas import ServiceError
 from serve.web.service import RequestContext, Service
 
@@ -25,7 +27,7 @@ GENERATE_PATH = "/v1/generate"
 ADMITTED_PATHS = (SCORE_PATH, GENERATE_PATH)  # the model's work: admission and a deadline
 PATHS = (SCORE_PATH, GENERATE_PATH, "/", "/healthz", "/readyz", "/metrics", "/openapi.json",
          "/docs", "/redoc")
-CONTEXT_KEY = "keraslm.request"  # the RequestContext of an admitted request, in its scope
+CONTEXT_KEY = "keraslm.request"  # the RequestContext of a model request, in its scope
 
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -81,35 +83,28 @@ class Edge:
         except ServiceError as err:
             await self.answer(err, scope, receive, send)
             return
-        ticket = None
-
-        def admit(body: bytes) -> RequestContext:
-            nonlocal ticket
-            ticket = arrival.admit(len(body))
-            return RequestContext(deadline, ticket)
-
         try:
-            await self._read_then(scope, receive, send, deadline=deadline, admit=admit)
+            await self._read_then(scope, receive, send, deadline=deadline, arrival=arrival)
         finally:
             arrival.close()
-            if ticket is not None:
-                ticket.close()
+            if CONTEXT_KEY in scope:
+                scope[CONTEXT_KEY].close()
 
     async def _read_then(self, scope: dict, receive: Receive, send: Send, *, deadline: float,
-                         admit: Callable[[bytes], RequestContext] | None = None) -> None:
-        """Read the whole body (413 past the limit, 408 past the deadline), admit it if asked
-        (503 if the service cannot take it now), then run the app with the body replayed and a
-        watch for the client leaving."""
+                         arrival: Arrival | None = None) -> None:
+        """Read the whole body (413 past the limit, 408 past the deadline), then run the app with
+        the body replayed and a watch for the client leaving; a model request's RequestContext
+        (its `arrival`, for the endpoint to admit) goes in its scope."""
         try:
             self._check_declared(scope)
             body = await self._read_body(receive, deadline)
-            if body is not None and admit is not None:
-                scope[CONTEXT_KEY] = admit(body)
         except ServiceError as err:
             await self.answer(err, scope, receive, send)
             return
         if body is None:  # the client left
             return
+        if arrival is not None:
+            scope[CONTEXT_KEY] = RequestContext(deadline, arrival, len(body))
         context = scope.get(CONTEXT_KEY)
         watch = asyncio.ensure_future(_watch_disconnect(receive, context))
         replayed = False

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from keraslm.errors import UserError
 from serve.generate import GenerationStopped, continue_context, generation_context
 from serve.web.schemas import ServiceError, timeout_error
-from serve.web.service import RequestContext, Service
+from serve.web.service import RequestContext, Service, check_token_bound
 
 
 class GenerateRequest(BaseModel):
@@ -50,13 +50,13 @@ async def generate_text(service: Service, body: GenerateRequest, ctx: RequestCon
     limit = service.settings.max_tokens_per_text
     if body.tokens > limit:
         raise _over_limit(f"{body.tokens} tokens asked for", limit)
+    check_token_bound(scorer, body.prompt, limit, "the prompt", open_end=True)
+    ctx.admit()
     try:
         prompt, = await service.tokenize(scorer, [body.prompt], ctx, per_token=True,
                                          open_end=True)
     except ServiceError as err:
-        if err.code == "too_many_tokens":
-            raise _over_limit(f"the prompt has more than {limit} tokens", limit) from None
-        raise ServiceError(err.status, err.code, err.message.replace("texts[0]", "prompt"),
+        raise ServiceError(err.status, err.code, err.message.replace("texts[0]", "the prompt"),
                            limit=err.limit, max=err.max) from None
     context = generation_context(scorer.pipeline, prompt.tokens)
 

@@ -25,7 +25,7 @@ from keraslm.scores import TextScore, finite_or_none
 from serve.row_batch import RowBatch, calibrate
 from serve.scorer import Scorer
 from serve.web.access import Access
-from serve.web.admission import Admission, Ticket
+from serve.web.admission import Admission, Arrival, Ticket
 from serve.web.batcher import Batcher, Job
 from serve.web.metrics import Metrics
 from serve.web.schemas import RETRY_AFTER, ScoreRequest, ServiceError, timeout_error
@@ -41,11 +41,27 @@ GENERATION_THREADS = 4  # generations that sample at once, their model calls que
 
 @dataclass
 class RequestContext:
-    """A score request as the edge admitted it: its deadline (loop clock) and its ticket."""
+    """A model request whose body is in: its deadline (loop clock), its arrival and body size,
+    and once `admit()`ted its ticket. The endpoint admits it after the checks that need no work
+    (fields, limits, `check_token_bound`), so a request that could never be answered gets its
+    4xx, not a 503 inviting it to retry."""
 
     deadline: float
-    ticket: Ticket
+    arrival: Arrival
+    size: int
+    ticket: Ticket | None = None
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def admit(self) -> Ticket:
+        """Admit the request now; ServiceError 503 if the service cannot take it in time."""
+        self.ticket = self.arrival.admit(self.size)
+        return self.ticket
+
+    def close(self) -> None:
+        """Answered or abandoned: its place (and its bytes, if admitted) are free again."""
+        self.arrival.close()
+        if self.ticket is not None:
+            self.ticket.close()
 
 
 @dataclass
@@ -184,6 +200,9 @@ class Service:
                                f"the limit is {s.max_texts} (max_texts)", limit="max_texts",
                                max=s.max_texts)
         _check_unicode(body.texts)
+        for i, text in enumerate(body.texts):
+            check_token_bound(scorer, text, s.max_tokens_per_text, f"texts[{i}]")
+        ctx.admit()
         began, started = self.admission.clock(), time.perf_counter()
         try:
             encoded = await self.tokenize(scorer, body.texts, ctx, body.per_token)
@@ -265,6 +284,19 @@ def _check_unicode(texts: list[str]) -> None:
                                f"surrogate at character {err.start})") from None
 
 
+def check_token_bound(scorer: Scorer, text: str, limit: int, what: str,
+                      open_end: bool = False) -> None:
+    """413 if `text` is sure to pass `limit` tokens, by a count that needs no tokenizing: every
+    whitespace-separated word is at least one token (a token never spans whitespace), and in a
+    pipeline of lines every line ends in `eos` (400,000 line breaks are 400,000 tokens)."""
+    pipeline = scorer.pipeline
+    fewest = len(text.split())
+    if pipeline.eos and not pipeline.skip_empty:
+        fewest += len(text.splitlines()) if pipeline.split == "lines" else int(bool(text))
+    if fewest - int(open_end) > limit:
+        raise _too_many_tokens(what, limit)
+
+
 def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], bool],
             per_token: bool, open_end: bool = False) -> list[_Encoded]:
     """Tokens and ids of each text, as Scorer.score tokenizes; 413 as soon as a text passes
@@ -278,8 +310,6 @@ def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], 
     for i, text in enumerate(texts):
         if stopped():
             raise Abandoned
-        if len(text.split()) > limit:  # a token is never made of two whitespace-separated parts
-            raise _too_many_tokens(i, limit)
         tokens: list[str] = []
         try:
             for sample in pipeline.samples(text):
@@ -288,12 +318,12 @@ def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], 
                 if sample or not pipeline.skip_empty:
                     tokens.extend(pipeline.sample_tokens(sample))
                 if len(tokens) > limit + slack:
-                    raise _too_many_tokens(i, limit)
+                    raise _too_many_tokens(f"texts[{i}]", limit)
             if open_end and tokens and tokens[-1] == pipeline.eos and not text.endswith(
                     ("\n", "\r")):
                 tokens.pop()
             if len(tokens) > limit:
-                raise _too_many_tokens(i, limit)
+                raise _too_many_tokens(f"texts[{i}]", limit)
             ids, oov = scorer.vocab.encode(tokens, return_oov=True)
         except (UserError, TimeoutError) as err:  # no <unk> for an unknown word; punkt's limit
             raise ServiceError(422, "unscorable_text", f"texts[{i}]: {err}") from None
@@ -301,8 +331,8 @@ def _encode(scorer: Scorer, texts: list[str], limit: int, stopped: Callable[[], 
     return out
 
 
-def _too_many_tokens(i: int, limit: int) -> ServiceError:
-    return ServiceError(413, "too_many_tokens", f"texts[{i}] has more than {limit} tokens; the "
+def _too_many_tokens(what: str, limit: int) -> ServiceError:
+    return ServiceError(413, "too_many_tokens", f"{what} has more than {limit} tokens; the "
                         f"limit is {limit} (max_tokens_per_text)", limit="max_tokens_per_text",
                         max=limit)
 
