@@ -84,10 +84,11 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
             logits = tf.matmul(inputs, weight) + bias
         logprobs = tf.nn.log_softmax(logits)  # [N, V]: stays inside the graph
         wanted = tf.gather(flat_targets, decoded)
-        # Mask before gathering: a -1 index would silently read the last word.
-        picked = tf.gather(tf.reshape(logprobs, [-1]),
-                           tf.range(tf.shape(wanted)[0]) * tf.shape(logprobs)[1]
-                           + tf.maximum(wanted, 0))
+        # (row, word) pairs, never a flat row * vocab + word: that int32 product wraps negative
+        # past 2**31 logits in one call, and Gather reads negative indices from the end. Mask
+        # before gathering: a -1 index would silently read the last word.
+        pairs = tf.stack([tf.range(tf.shape(wanted)[0]), tf.maximum(wanted, 0)], axis=1)
+        picked = tf.gather_nd(logprobs, pairs)
         picked = tf.where(wanted >= 0, picked, tf.zeros_like(picked))
         scattered = tf.scatter_nd(decoded[:, None], picked, tf.cast([batch * steps], tf.int64))
         outputs = {contract.OUTPUT_LOGPROBS: tf.reshape(scattered, [batch, steps])}

@@ -169,6 +169,21 @@ def test_padding_targets_score_zero_and_change_nothing_else(exported, text):
     np.testing.assert_array_equal(got_next, full_next)  # row 0's last position is padding
 
 
+def test_target_logprobs_are_read_by_row_and_word_never_by_a_flat_index(exported):
+    """The targets' log-probabilities come out of the [N, vocab] log-softmax as (row, word)
+    pairs (GatherND), so no row * vocab + word is ever computed: in int32 that wraps negative
+    once one call covers 2**31 logits (WikiText-2's 33,278 words x 64,536 targets, e.g.
+    `score.py --batch-size 64 --bptt 1024`), and ONNX Gather reads negative indices from the
+    end, silently. Only the graph's structure can show this without materialising such a call;
+    the log-probabilities themselves are the parity tests'."""
+    nodes = onnx.load(exported["bundle"] / "model.onnx").graph.node
+    softmax, = (node.output[0] for node in nodes if node.op_type == "LogSoftmax")
+    readers = {node.op_type for node in nodes if softmax in node.input}
+    assert "GatherND" in readers  # the targets, by (row, word)
+    assert readers <= {"GatherND", "Gather"}  # and next_logprobs, whole rows
+    assert not readers & {"Reshape", "Flatten"}  # never flattened for a flat index
+
+
 def test_the_decoder_runs_only_at_targets_and_last_positions(exported, text, tmp_path):
     """Padding costs the LSTM, not the [vocab]-wide decoder: onnxruntime's own profile shows
     the decoder's matmul given one row per target, plus each row's last position."""
