@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from keraslm.errors import UserError
-from keraslm.files import write_text_atomic
+from keraslm.files import read_bounded, write_text_atomic
+
+MAX_VOCAB_JSON_BYTES = 1 << 30  # of vocab.json: far above any real vocabulary's
 
 FORMAT = "keraslm-vocab"
 VERSION = 1
@@ -194,17 +196,15 @@ class Vocab:
     def load(cls, path: str | os.PathLike) -> Vocab:
         """Read a vocabulary written by ``save``; UserError naming the file if it is invalid."""
         path = Path(path)
+        if not path.exists():
+            raise UserError(f"vocabulary file not found: {path}")
+        data = read_bounded(path, MAX_VOCAB_JSON_BYTES)  # a FIFO or /dev/zero: one line, at once
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise UserError(f"vocabulary file not found: {path}") from None
-        except (ValueError, UnicodeDecodeError) as e:  # ValueError: bad JSON, or ints too long
+            d = json.loads(data.decode("utf-8"))
+        except ValueError as e:  # bad JSON or UTF-8, or ints too long
             raise UserError(f"{path}: corrupt vocabulary file (invalid JSON: {e})") from None
         except RecursionError:
             raise UserError(f"{path}: corrupt vocabulary file (JSON nested too deeply)") from None
-        except OSError as e:
-            raise UserError(f"cannot read vocabulary {path}: {e.strerror or e}") from None
         try:
             return cls.from_dict(d)
         except UserError as e:

@@ -36,10 +36,8 @@ from keraslm.contract import (
 from keraslm.errors import UserError
 from keraslm.files import not_regular, open_binary, read_json
 from keraslm.text import TextPipeline
-from keraslm.vocab import Vocab
+from keraslm.vocab import MAX_VOCAB_JSON_BYTES, Vocab
 from serve.session import ModelSession, Spin
-
-MAX_VOCAB_JSON_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,14 @@ def test_invalid_contents_are_rejected(tmp_path, change, message):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="vocabulary file not found"):
         Vocab.load(tmp_path / "none.json")
+
+
+def test_a_vocabulary_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "vocab.json"
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
+    with pytest.raises(UserError, match="not a regular file"):
+        Vocab.load(fifo)
+    link = tmp_path / "zero.json"
+    link.symlink_to("/dev/zero")  # read whole, it would fill the memory
+    with pytest.raises(UserError, match="not a regular file"):
+        Vocab.load(link)
