@@ -1,32 +1,25 @@
 """The service's page (GET /) in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by Selenium): the numbers it shows are /v1/score's, limits show as messages, and Continue
 gives serve/generate.py's text for the same seed. With KERASLM_SCREENSHOT=path, the scored page
-is also saved there as a PNG (docs/page.png is made so)."""
+is also saved there as a PNG (the view docs/page.png shows, of a trained model)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_browser import WAIT, chromium, require_browser
 from helpers_server import Server, start_server, stop
 
 from serve.bundle import load_bundle
 from serve.generate import generate
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-WAIT = 30  # seconds, for anything the page does
 TEXT = ("the game began in 1998 , with zyzzyva on the team .\n"
         "= Valkyria Chronicles = was a game of the year .")
 
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-    if os.environ.get("KERASLM_REQUIRE_BROWSER"):  # set by .ci/run: never skipped there
-        pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing", pytrace=False)
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)",
-                allow_module_level=True)
+require_browser()
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -44,20 +37,9 @@ def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1100,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
+def browser(tmp_path_factory) -> Iterator:
+    with chromium(tmp_path_factory.mktemp("chromium")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def open_page(browser, server: Server) -> WebDriverWait:

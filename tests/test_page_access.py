@@ -5,24 +5,16 @@ message."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
+from helpers_browser import WAIT, chromium, require_browser
 from helpers_server import Server, start_server, stop
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-WAIT = 30  # seconds, for anything the page does
 KEY = "page-key-0123456789"
 TEXT = "the game began in 1998 , with zyzzyva on the team ."
 
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-    if os.environ.get("KERASLM_REQUIRE_BROWSER"):  # set by .ci/run: never skipped there
-        pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing", pytrace=False)
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)",
-                allow_module_level=True)
+require_browser()
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -42,19 +34,9 @@ def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory) -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--window-size=1100,900",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-access')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options,
-                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
+def browser(tmp_path_factory) -> Iterator:
+    with chromium(tmp_path_factory.mktemp("chromium-access")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def fresh_page(browser, server: Server) -> WebDriverWait:
