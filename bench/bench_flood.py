@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
 from bench.bench_score import PRESET, pick_run, untrained_run
-from bench.bench_server import peak_rss_mb, start_server
+from bench.bench_server import peak_rss_mb, post, start_server
 from bench.common import flops_per_token, matmul_peak
 
 
@@ -61,40 +61,53 @@ class Tally:
 
 async def load(url: str, bodies: list[bytes], clients: int, seconds: float,
                requests: int | None = None) -> Tally:
-    """`clients` clients send `bodies` in turn until `seconds` pass (or `requests` are sent);
-    a 503 makes its client wait Retry-After before trying again."""
-    import httpx
-
+    """`clients` clients, each on a kept-alive raw HTTP/1.1 connection (reopened when the server
+    closes it), send `bodies` in turn until `seconds` pass (or `requests` are sent); a 503 makes
+    its client wait Retry-After before trying again."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: %d\r\n\r\n").encode()
     tally, sent = Tally(), 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     started = time.perf_counter()
     stop_at = started + seconds
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=seconds + 60,
-                                 trust_env=False) as client:
-        async def one_client() -> None:
-            nonlocal sent
-            while time.perf_counter() < stop_at and (requests is None or sent < requests):
-                body = bodies[sent % len(bodies)]
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    response = await client.post("/v1/score", content=body,
-                                                 headers={"content-type": "application/json"})
-                except httpx.HTTPError as err:
-                    tally.statuses[type(err).__name__] += 1
-                    continue
-                tally.statuses[response.status_code] += 1
-                if response.status_code == 200:
-                    tally.latencies.append(time.perf_counter() - t0)
-                    timing = response.headers.get("server-timing", "dur=nan")
-                    tally.server.append(float(timing.rsplit("dur=", 1)[1]) / 1000)
-                    tally.tokens += sum(r["num_tokens"] for r in response.json()["results"])
-                elif response.status_code == 503:
-                    await asyncio.sleep(float(response.headers.get("retry-after", 1)))
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    async def one_client() -> None:
+        nonlocal sent
+        connection = None
+        while time.perf_counter() < stop_at and (requests is None or sent < requests):
+            body = bodies[sent % len(bodies)]
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                if connection is None:
+                    connection = await asyncio.open_connection(host, int(port))
+                status, headers, answer = await asyncio.wait_for(
+                    post(*connection, head, body), seconds + 60)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:
+                tally.statuses[type(err).__name__] += 1
+                connection = _closed(connection)
+                continue
+            tally.statuses[status] += 1
+            if status == 200:
+                tally.latencies.append(time.perf_counter() - t0)
+                timing = headers.get("server-timing", "dur=nan")
+                tally.server.append(float(timing.rsplit("dur=", 1)[1]) / 1000)
+                tally.tokens += sum(r["num_tokens"] for r in json.loads(answer)["results"])
+            if headers.get("connection", "").lower() == "close":
+                connection = _closed(connection)
+            if status == 503:
+                await asyncio.sleep(float(headers.get("retry-after", 1)))
+        _closed(connection)
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     tally.seconds = time.perf_counter() - started
     return tally
+
+
+def _closed(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
+    """Close a client's connection (if open); None, for the client's next one."""
+    if connection is not None:
+        connection[1].close()
 
 
 def request_bodies(valid: Path, max_texts: int, max_tokens: int

@@ -75,19 +75,27 @@ def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.
         time.sleep(0.1)
 
 
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
+               body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One POST on a kept-alive connection (`head` has a %d for the body's length): status,
+    headers (lower-case names) and body of the answer."""
+    writer.write(head % len(body) + body)
+    status_line = await reader.readline()
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if not status_line:
+        raise ConnectionError("the server closed the connection")
+    answer = await reader.readexactly(int(headers.get("content-length", 0)))
+    return int(status_line.split()[1]), headers, answer
+
+
 async def post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes,
                     body: bytes) -> tuple[int, bytes]:
     """One POST on a kept-alive connection: (status, response body)."""
-    writer.write(head % len(body) + body)
-    status_line = await reader.readline()
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if not status_line:
-        raise ConnectionError("the server closed the connection")
-    return int(status_line.split()[1]), await reader.readexactly(length)
+    status, _, answer = await post(reader, writer, head, body)
+    return status, answer
 
 
 async def load(url: str, requests: list[list[str]], concurrency: int, count: int,
