@@ -6,7 +6,8 @@
 Times the real `keraslm.training.step.Trainer` step (fp32, full softmax, SGD, global-norm clipping,
 carried state, dropout) on the first WikiText-2 training batches, and the PyTorch
 `word_language_model` equivalent (bench/torch_word_lm.py, in its own process) on the same ids,
-in the same run. Prints tokens/s, achieved GFLOP/s (3x the forward FLOPs: forward + backward)
+in the same run, with its full softmax and with PyTorch's adaptive softmax (issue 24's baseline;
+`--torch-python` names a Python that has torch, if this one has not). Prints tokens/s, achieved GFLOP/s (3x the forward FLOPs: forward + backward)
 and that as a fraction of the machine's measured fp32 matmul peak (measured before and after,
 the higher kept). `--max-vocab 10000` keeps the 10,000 most frequent words (the rest <unk>): the
 regime where the LSTM recurrence, not the decoder, is most of the step. Variants:
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import flops_per_token, matmul_peak
+from keraslm.adaptive import default_cutoffs
 from keraslm.errors import UserError
 from keraslm.precision import check_supported as check_precision
 
@@ -86,12 +88,17 @@ def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int,
     return tokens / (time.perf_counter() - started)
 
 
-def bench_torch(ids: np.ndarray, vocab_size: int, batches: int, warmup: int) -> dict | None:
+def bench_torch(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, *,
+                python: str = sys.executable, cutoffs: tuple[int, ...] = ()) -> dict | None:
+    """The PyTorch recipe's tokens/s (bench/torch_word_lm.py under `python`), with PyTorch's
+    adaptive softmax at `cutoffs` when given; None (and why, printed) if it could not run."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "ids.npy", ids)
-        command = [sys.executable, str(ROOT / "bench" / "torch_word_lm.py"), "--ids",
+        command = [python, str(ROOT / "bench" / "torch_word_lm.py"), "--ids",
                    str(Path(tmp) / "ids.npy"), "--vocab", str(vocab_size),
                    "--batches", str(batches), "--warmup", str(warmup)]
+        if cutoffs:
+            command += ["--adaptive-cutoffs", ",".join(map(str, cutoffs)), "--div-value", "4"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         print(f"PyTorch baseline did not run: {done.stderr.strip().splitlines()[-1:]}")
@@ -106,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="fused,keras-lstm,fused+jit,unfused")
     p.add_argument("--max-vocab", type=int, default=None,
                    help="keep only the N most frequent words (e.g. 10000)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    p.add_argument("--torch-python", default=sys.executable,
+                   help="a Python with torch installed, for the baselines (default: this one)")
+    p.add_argument("--torch-adaptive", default="auto", metavar="C1,C2,...|auto|off",
+                   help="also time PyTorch with nn.AdaptiveLogSoftmaxWithLoss (div_value 4) at "
+                        "these cutoffs (auto: keraslm.adaptive.default_cutoffs)")
     p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
 
@@ -116,10 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     train_flops = 3 * flops_per_token(model)
     peak, peak_source = matmul_peak()
     results = {}
+    adaptive_rows = set()
     if not args.no_torch:
-        baseline = bench_torch(ids, vocab_size, args.batches, args.warmup)
+        baseline = bench_torch(ids, vocab_size, args.batches, args.warmup,
+                               python=args.torch_python)
         if baseline:
             results[f"PyTorch {baseline['torch']} word_language_model"] = baseline["tokens_per_s"]
+        cutoffs = (() if args.torch_adaptive == "off" else default_cutoffs(vocab_size)
+                   if args.torch_adaptive == "auto"
+                   else tuple(int(c) for c in args.torch_adaptive.split(",")))
+        adaptive = cutoffs and bench_torch(ids, vocab_size, args.batches, args.warmup,
+                                           python=args.torch_python, cutoffs=cutoffs)
+        if adaptive:
+            name = f"PyTorch adaptive softmax {','.join(map(str, cutoffs))}"
+            results[name] = adaptive["tokens_per_s"]
+            adaptive_rows.add(name)
     for name in args.variants.split(","):
         try:
             check_precision(VARIANTS[name].get("precision", "fp32"))
@@ -137,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     base = next((v for k, v in results.items() if k.startswith("PyTorch")), None)
     print(f"{'implementation':<40} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8} {'vs PyTorch':>11}")
     for name, tps in results.items():
-        gflops = tps * train_flops / 1e9
         ratio = f"{tps / base:.2f}x" if base else "-"
+        if name in adaptive_rows:  # fewer FLOPs a token: the full softmax's count would lie
+            print(f"{name:<40} {tps:>10,.0f} {'-':>9} {'-':>8} {ratio:>11}")
+            continue
+        gflops = tps * train_flops / 1e9
         print(f"{name:<40} {tps:>10,.0f} {gflops:>9.1f} {gflops / peak:>8.1%} {ratio:>11}")
     ceiling = peak * 1e9 / train_flops  # every training FLOP at the matmul peak, nothing else
     print(f"{'ceiling: all FLOPs at the matmul peak':<40} {ceiling:>10,.0f} {peak:>9.1f} "
