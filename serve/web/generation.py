@@ -62,12 +62,12 @@ async def generate_text(service: Service, body: GenerateRequest, ctx: RequestCon
 
     loop = asyncio.get_running_loop()
 
-    def gave_up() -> bool:  # asked from the model thread: flags and the monotonic clock
+    def gave_up() -> bool:  # asked from the generation and model threads: flags and a clock
         return (ctx.disconnected.is_set() or service.closed
                 or loop.time() >= ctx.deadline)
 
     def run():
-        if gave_up():  # gone while queued for the model thread: no model time spent
+        if gave_up():  # gone while waiting for a generation thread: nothing spent
             raise GenerationStopped
         return continue_context(scorer.bundle, context, tokens=body.tokens,
                                 temperature=body.temperature, top_k=body.top_k,
