@@ -155,15 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         big, small = request_bodies(data_root / "wikitext-2" / "wiki.valid.tokens",
                                     args.max_texts, args.max_tokens_per_text)
         threads = ["--threads", str(args.threads)] if args.threads else []
-        cpus = sorted(os.sched_getaffinity(0))
-        if args.pin:
-            os.sched_setaffinity(0, cpus[-1:])  # the server inherits this
         proc, url = start_server(bundle, [
             "--timeout", str(args.timeout), "--max-texts", str(args.max_texts),
             "--max-tokens-per-text", str(args.max_tokens_per_text), *threads],
-                                 work / "server.log")
-        if args.pin:
-            os.sched_setaffinity(0, cpus[:-1] or cpus)
+                                 work / "server.log", pin=args.pin)
         try:
             asyncio.run(load(url, big[:1], 1, 60, requests=1))  # warm-up
             phases = [

@@ -48,17 +48,25 @@ def http_get(url: str) -> tuple[int, str]:
         return err.code, err.read().decode("utf-8", "replace")
 
 
-def start_server(bundle: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    """`python -m serve.server` over `bundle` with `flags`, on a free loopback port, once ready."""
+def start_server(bundle: Path, flags: list[str], log: Path, *, pin: bool = False
+                 ) -> tuple[subprocess.Popen, str]:
+    """`python -m serve.server` over `bundle` with `flags`, on a free loopback port, once ready.
+    `pin`: the server on this process's last CPU, and this process (the load generator) on the
+    others from then on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin:
+        os.sched_setaffinity(0, cpus[-1:])  # the server inherits this
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "serve.server", "--model", str(bundle), "--port", str(port),
              "--log-level", "warning", *flags],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "PYTHONPATH": str(REPO)})
+    if pin:
+        os.sched_setaffinity(0, cpus[:-1] or cpus)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -700,14 +700,10 @@ def main(argv: list[str] | None = None) -> int:
                    if not args.hostile or any(h.kind.startswith(t) for t in args.hostile)]
         threads = ["--threads", str(args.threads)] if args.threads else []
         cpus = sorted(os.sched_getaffinity(0))
-        if args.pin:
-            os.sched_setaffinity(0, cpus[-1:])  # the server inherits this
         proc, url = start_server(bundle, [
             "--timeout", str(args.timeout), "--max-connections", str(args.max_connections),
             "--max-body-bytes", str(args.max_body_bytes), *threads, *args.server_arg],
-                                 work / "server.log")
-        if args.pin:
-            os.sched_setaffinity(0, cpus[:-1] or cpus)
+                                 work / "server.log", pin=args.pin)
         port = int(url.rsplit(":", 1)[1])
         watch = Watch(proc, args.rss_limit_mb)
         try:

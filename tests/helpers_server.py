@@ -11,6 +11,7 @@ are in conftest.py and the test modules.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,18 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, gated
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     server.wait_for(lambda: server._status("/healthz") == 200, "/healthz")
     return server
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, bundle: Path, *args: str, **options) -> Iterator[Server]:
+    """`start_server` over `bundle` with `args` (and start_server's `options`), once ready;
+    stopped on leaving."""
+    s = start_server(tmp, "--model", str(bundle), *args, **options)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        stop(s)
 
 
 def stop(server: Server) -> None:

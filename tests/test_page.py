@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers_browser import WAIT, chromium, require_browser
-from helpers_server import Server, start_server, stop
+from helpers_server import Server, serving
 
 from serve.bundle import load_bundle
 from serve.generate import generate
@@ -27,13 +27,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("page"), "--model", str(tiny_bundle.bundle),
-                     "--max-tokens-per-text", "300")
-    try:
-        s.wait_ready()
+    with serving(tmp_path_factory.mktemp("page"), tiny_bundle.bundle,
+                 "--max-tokens-per-text", "300") as s:
         yield s
-    finally:
-        stop(s)
 
 
 @pytest.fixture(scope="module")

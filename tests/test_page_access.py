@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers_browser import WAIT, chromium, require_browser
-from helpers_server import Server, start_server, stop
+from helpers_server import Server, serving
 
 KEY = "page-key-0123456789"
 TEXT = "the game began in 1998 , with zyzzyva on the team ."
@@ -24,13 +24,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("page-access")
     (tmp / "keys.txt").write_text(f"# the page's key\n{KEY}\n")
-    s = start_server(tmp, "--model", str(tiny_bundle.bundle), "--api-key-file",
-                     str(tmp / "keys.txt"))
-    try:
-        s.wait_ready()
+    with serving(tmp, tiny_bundle.bundle, "--api-key-file", str(tmp / "keys.txt")) as s:
         yield s
-    finally:
-        stop(s)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_server import REPO, WAIT, Server, free_port, in_thread, ready, start_server, stop
+from helpers_server import REPO, WAIT, Server, free_port, in_thread, ready, serving
 
 from serve import score as score_cli
 from serve import server as server_module
@@ -46,14 +46,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("server"), "--model", str(tiny_bundle.bundle),
-                     "--max-batch", "8", "--max-texts", "16", "--max-tokens-per-text", "300",
-                     "--max-body-bytes", "20000")
-    try:
-        s.wait_ready()
+    with serving(tmp_path_factory.mktemp("server"), tiny_bundle.bundle, "--max-batch", "8",
+                 "--max-texts", "16", "--max-tokens-per-text", "300",
+                 "--max-body-bytes", "20000") as s:
         yield s
-    finally:
-        stop(s)
 
 
 @pytest.fixture(scope="module")

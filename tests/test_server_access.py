@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers_server import REPO, WAIT, Server, free_port, start_server, stop
+from helpers_server import REPO, WAIT, Server, free_port, serving, start_server, stop
 
 from serve import server as server_module
 
@@ -43,20 +43,15 @@ def key_file(tmp_path_factory) -> Path:
     return path
 
 
-def serving(tmp: Path, tiny_bundle, *args: str, env: dict | None = None) -> Iterator[Server]:
-    s = start_server(tmp, "--model", str(tiny_bundle.bundle), "--timeout", str(TIMEOUT), *args,
-                     env=env)
-    try:
-        s.wait_ready()
+def serve_tiny(tmp: Path, tiny_bundle, *args: str, env: dict | None = None) -> Iterator[Server]:
+    with serving(tmp, tiny_bundle.bundle, "--timeout", str(TIMEOUT), *args, env=env) as s:
         yield s
-    finally:
-        stop(s)
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_bundle, key_file, tmp_path_factory) -> Iterator[Server]:
     """Keys, on loopback with the default hosts, httptools; its log at info."""
-    yield from serving(tmp_path_factory.mktemp("keyed"), tiny_bundle, "--api-key-file",
+    yield from serve_tiny(tmp_path_factory.mktemp("keyed"), tiny_bundle, "--api-key-file",
                        str(key_file), "--log-level", "info")
 
 
@@ -64,7 +59,7 @@ def keyed(tiny_bundle, key_file, tmp_path_factory) -> Iterator[Server]:
 def opened(tiny_bundle, key_file, tmp_path_factory) -> Iterator[Server]:
     """Keys on every interface (no --allow-unauthenticated needed), /metrics and the docs open,
     an explicit host list."""
-    yield from serving(tmp_path_factory.mktemp("opened"), tiny_bundle, "--host", "0.0.0.0",
+    yield from serve_tiny(tmp_path_factory.mktemp("opened"), tiny_bundle, "--host", "0.0.0.0",
                        "--api-key-file", str(key_file), "--open-metrics", "--open-docs",
                        "--allowed-hosts", OPEN_HOSTS)
 
@@ -72,7 +67,7 @@ def opened(tiny_bundle, key_file, tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def from_env(tiny_bundle, key_file, tmp_path_factory) -> Iterator[Server]:
     """Keys from KERASLM_API_KEY_FILE, any host, the h11 parser."""
-    yield from serving(tmp_path_factory.mktemp("env"), tiny_bundle, "--allowed-hosts", "*",
+    yield from serve_tiny(tmp_path_factory.mktemp("env"), tiny_bundle, "--allowed-hosts", "*",
                        "--http", "h11", env={"KERASLM_API_KEY_FILE": str(key_file)})
 
 

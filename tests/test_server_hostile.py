@@ -19,8 +19,7 @@ from helpers_server import (
     raw_connection,
     read_answer,
     request_head,
-    start_server,
-    stop,
+    serving,
 )
 
 from keraslm.text import TextPipeline
@@ -43,13 +42,9 @@ def rss_mb(server: Server) -> float:
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
     """One server with small limits: 300 tokens a text, a 2 s deadline, a queue of 2."""
-    s = start_server(tmp_path_factory.mktemp("hostile"), "--model", str(tiny_bundle.bundle),
-                     "--max-tokens-per-text", "300", "--timeout", "2", "--queue-size", "2")
-    try:
-        s.wait_ready()
+    with serving(tmp_path_factory.mktemp("hostile"), tiny_bundle.bundle,
+                 "--max-tokens-per-text", "300", "--timeout", "2", "--queue-size", "2") as s:
         yield s
-    finally:
-        stop(s)
 
 
 # ---- the generate prompt is bounded in tokens -----------------------------------------------------
@@ -174,12 +169,9 @@ def test_a_body_json_cannot_parse_is_a_400_saying_why(server, body):
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def parser_server(request, tiny_bundle, tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("heads"), "--model", str(tiny_bundle.bundle),
-                     "--http", request.param, "--max-header-bytes", "8192")
-    try:
+    with serving(tmp_path_factory.mktemp("heads"), tiny_bundle.bundle, "--http", request.param,
+                 "--max-header-bytes", "8192") as s:
         yield s
-    finally:
-        stop(s)
 
 
 @pytest.mark.parametrize("head", [
@@ -343,52 +335,44 @@ def test_a_request_sure_to_pass_the_token_limit_is_413_even_when_busy(tiny_bundl
 
 # ---- shutdown during a slow generation -------------------------------------------------------------
 
+def slow_generation(tmp: Path, tiny_bundle, *args: str):
+    """A ready server whose every generation step takes 50 ms (helpers_server's launcher)."""
+    return serving(tmp, tiny_bundle.bundle, *args, gated=True,
+                   env={"TEST_GENERATE_DELAY": "0.05"})
+
+
+def send_generate(sock, tokens: int) -> None:
+    body = json.dumps({"prompt": "the", "tokens": tokens}).encode()
+    sock.sendall(request_head(len(body), "/v1/generate") + body)
+
+
 def test_sigterm_during_a_slow_generation_ends_by_its_deadline(tiny_bundle, tmp_path):
-    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), "--timeout", "3", gated=True,
-                     env={"TEST_GENERATE_DELAY": "0.05"})  # 2,000 tokens: 100 s
-    try:
-        s.wait_ready()
-        with raw_connection(s) as sock:
-            body = json.dumps({"prompt": "the", "tokens": 2000}).encode()
-            sock.sendall(request_head(len(body), "/v1/generate") + body)
-            s.wait_metric("keraslm_requests_in_progress", 1)
-            started = time.monotonic()
-            s.proc.send_signal(signal.SIGTERM)
-            status, answer = read_answer(sock)
-            assert (status, answer["error"]["code"]) == (504, "timeout")
-            assert s.proc.wait(timeout=WAIT) == 0
-            assert time.monotonic() - started < 3 + 2  # its deadline, not 100 s
-    finally:
-        stop(s)
+    with slow_generation(tmp_path, tiny_bundle, "--timeout", "3") as s, raw_connection(s) as sock:
+        send_generate(sock, 2000)  # 100 s of steps
+        s.wait_metric("keraslm_requests_in_progress", 1)
+        started = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        status, answer = read_answer(sock)
+        assert (status, answer["error"]["code"]) == (504, "timeout")
+        assert s.proc.wait(timeout=WAIT) == 0
+        assert time.monotonic() - started < 3 + 2  # its deadline, not 100 s
 
 
 def test_a_long_generation_takes_turns_with_scoring(tiny_bundle, tmp_path):
-    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), gated=True,
-                     env={"TEST_GENERATE_DELAY": "0.05"})  # 400 tokens: 20 s of model thread
-    try:
-        s.wait_ready()
-        with raw_connection(s) as sock:
-            body = json.dumps({"prompt": "the", "tokens": 400}).encode()
-            sock.sendall(request_head(len(body), "/v1/generate") + body)
-            s.wait_metric("keraslm_requests_in_progress", 1)
-            time.sleep(0.5)  # well into it
-            started = time.monotonic()
-            assert s.score(["the game began ."])[0]["num_tokens"] == 5
-            assert time.monotonic() - started < 3  # a step's wait, not the generation's 20 s
-            status, answer = read_answer(sock)
-            assert status == 200 and len(answer["tokens"]) == 400
-    finally:
-        stop(s)
+    with slow_generation(tmp_path, tiny_bundle) as s, raw_connection(s) as sock:
+        send_generate(sock, 400)  # 20 s of the model thread
+        s.wait_metric("keraslm_requests_in_progress", 1)
+        time.sleep(0.5)  # well into it
+        started = time.monotonic()
+        assert s.score(["the game began ."])[0]["num_tokens"] == 5
+        assert time.monotonic() - started < 3  # a step's wait, not the generation's 20 s
+        status, answer = read_answer(sock)
+        assert status == 200 and len(answer["tokens"]) == 400
 
 
 def test_the_generation_steps_really_are_slowed(tiny_bundle, tmp_path):
-    """The test above means something only if TEST_GENERATE_DELAY slows generation."""
-    s = start_server(tmp_path, "--model", str(tiny_bundle.bundle), gated=True,
-                     env={"TEST_GENERATE_DELAY": "0.05"})
-    try:
-        s.wait_ready()
+    """The tests above mean something only if TEST_GENERATE_DELAY slows generation."""
+    with slow_generation(tmp_path, tiny_bundle) as s:
         started = time.monotonic()
         answer = s.post("/v1/generate", json={"prompt": "the", "tokens": 20})
         assert answer.status_code == 200 and time.monotonic() - started > 20 * 0.05
-    finally:
-        stop(s)

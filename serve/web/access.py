@@ -43,21 +43,6 @@ ACCESS_RESPONSES = {status: {"model": ErrorResponse, "description": text} for st
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
-class AccessError(ServiceError):
-    """A ServiceError that may carry a `WWW-Authenticate` challenge."""
-
-    def __init__(self, status: int, code: str, message: str, *, close: bool,
-                 challenge: str | None = None) -> None:
-        super().__init__(status, code, message, close=close)
-        self.challenge = challenge
-
-    def headers(self) -> dict[str, str]:
-        headers = super().headers()
-        if self.challenge is not None:
-            headers["WWW-Authenticate"] = self.challenge
-        return headers
-
-
 class Access:
     """The access rules of one app, from its Settings."""
 
@@ -77,7 +62,7 @@ class Access:
         if scope["path"] in PROBE_PATHS:
             return None
         headers = scope["headers"]
-        close = _announces_body(headers)
+        close = announces_body(headers)
         refusal = self._check_host(headers, close)
         if refusal is None and self.keys_required and scope["path"] not in self.open_paths:
             refusal = self._check_key(headers, close)
@@ -99,14 +84,14 @@ class Access:
         values = [v for k, v in headers if k == b"host"]
         if len(values) != 1:
             count = f"{len(values)} Host headers" if values else "no Host header"
-            return AccessError(400, "bad_host", f"the request has {count}; it needs one "
-                               f"(allowed_hosts)", close=close)
+            return ServiceError(400, "bad_host", f"the request has {count}; it needs one "
+                                f"(allowed_hosts)", close=close)
         header = values[0].decode("latin-1")
         if not self.hosts.allows(header):
             host = request_host(header)
             named = "a malformed Host" if host is None else f"the host {host[:100]}"
-            return AccessError(421, "host_not_allowed", f"this service does not answer for "
-                               f"{named} (allowed_hosts)", close=close)
+            return ServiceError(421, "host_not_allowed", f"this service does not answer for "
+                                f"{named} (allowed_hosts)", close=close)
         return None
 
     def _check_key(self, headers: list, close: bool) -> ServiceError | None:
@@ -283,13 +268,15 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _announces_body(headers: list) -> bool:
+def announces_body(headers: list) -> bool:
+    """Whether a request's headers (ASGI's [(name, value)]) announce a body."""
     for k, v in headers:
         if k == b"transfer-encoding" or (k == b"content-length" and v.strip() not in (b"0", b"")):
             return True
     return False
 
 
-def _unauthorized(code: str, message: str, close: bool, error: str | None = None) -> AccessError:
+def _unauthorized(code: str, message: str, close: bool, error: str | None = None) -> ServiceError:
     challenge = REALM + (f', error="{error}"' if error else "")
-    return AccessError(401, code, message, close=close, challenge=challenge)
+    return ServiceError(401, code, message, close=close,
+                        extra_headers={"WWW-Authenticate": challenge})

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from serve.web.access import announces_body
 from serve.web.admission import Arrival
 from serve.web.schemas import ServiceError
 from serve.web.service import RequestContext, Service
@@ -62,7 +63,7 @@ class Edge:
                 await self.answer(refusal, scope, receive, send_and_see)
             elif path in ADMITTED_PATHS and scope["method"] == "POST":
                 await self._admitted(scope, receive, send_and_see)
-            elif _has_body(scope):  # a 404 or 405 to come: still, the body has a deadline
+            elif announces_body(scope["headers"]):  # a 404 or 405 to come: still, the body has a deadline
                 deadline = asyncio.get_running_loop().time() + self.service.settings.timeout
                 await self._read_then(scope, receive, send_and_see, deadline=deadline)
             else:
@@ -180,11 +181,6 @@ async def _watch_disconnect(receive: Receive, context: RequestContext | None) ->
         pass
     if context is not None:
         context.disconnected.set()
-
-
-def _has_body(scope: dict) -> bool:
-    headers = dict(scope["headers"])
-    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
 
 
 def _content_length(scope: dict) -> int | None:

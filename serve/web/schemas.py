@@ -69,10 +69,11 @@ class ServiceError(Exception):
 
     def __init__(self, status: int, code: str, message: str, *, limit: str | None = None,
                  max: float | None = None, retry_after: int | None = None,
-                 close: bool = False) -> None:
+                 close: bool = False, extra_headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.limit, self.max, self.retry_after, self.close = limit, max, retry_after, close
+        self.extra_headers = dict(extra_headers or {})  # e.g. WWW-Authenticate
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -82,6 +83,7 @@ class ServiceError(Exception):
 
     def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+        headers.update(self.extra_headers)
         if self.close:  # the rest of the request is not read: the connection cannot be reused
             headers["Connection"] = "close"
         return headers
