@@ -48,7 +48,8 @@ def best_ms(fn, repeats: int) -> float:
 def profile(ids: np.ndarray, vocab_size: int, fused_lstm: bool, repeats: int) -> dict[str, float]:
     from keraslm.backend import tf
     from keraslm.batching import BPTTBatches
-    from keraslm.losses import decoder_nll_sum
+    from keraslm.losses import full_softmax_nll_sum
+    from keraslm.model import full_decoder_weights
     from keraslm.model import build_model, preset_config
     from keraslm.training.devices import make_strategy
     from keraslm.training.step import Trainer, make_optimizer, noise_keys
@@ -63,7 +64,7 @@ def profile(ids: np.ndarray, vocab_size: int, fused_lstm: bool, repeats: int) ->
     keys = noise_keys(0, 0, 0, BATCH)
     zeros = [tf.zeros((BATCH, config.nhid)) for _ in config.state_names()]
     x = [tf.constant(inputs), tf.constant(keys), *zeros]
-    kernel, bias, transposed = trainer.decoder
+    kernel, bias, transposed = full_decoder_weights(trainer.decoder)
     feature_vars = [v for v in model.trainable_variables if v is not bias]
     hidden = tf.random.normal((BATCH, BPTT, config.emsize))
     upstream = tf.random.normal((BATCH, BPTT, config.emsize))
@@ -81,7 +82,7 @@ def profile(ids: np.ndarray, vocab_size: int, fused_lstm: bool, repeats: int) ->
     def decoder_fwd_bwd():
         with tf.GradientTape() as tape:
             tape.watch(hidden)
-            loss = decoder_nll_sum(hidden, kernel, bias, t, transposed_kernel=transposed)
+            loss = full_softmax_nll_sum(hidden, kernel, bias, t, transposed_kernel=transposed)
         return tape.gradient(loss, [hidden, kernel, bias])
 
     def forward_backward():

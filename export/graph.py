@@ -34,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from keraslm.backend import keras, tf
 import tf2onnx
 from keraslm import contract
-from keraslm.model import LMConfig, split_decoder
+from keraslm.adaptive import AdaptiveSoftmax
+from keraslm.model import LMConfig, full_decoder_weights, split_decoder
 
 
 def input_names(config: LMConfig) -> list[str]:
@@ -56,26 +57,47 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
     doc); without it the bias is its own add, which int8 quantization wants: its per-tensor
     weight scale would otherwise have to span the bias too.
     """
-    features, kernel, bias, transposed = split_decoder(model)
+    features, decoder = split_decoder(model)
     states = contract.state_names(config.nlayers)
     signature = [
         tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TOKENS),
         tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TARGETS),
         *(tf.TensorSpec([None, config.nhid], tf.float32, name=n) for n in states),
     ]
+    decode = (_adaptive_decoder(decoder) if isinstance(decoder, AdaptiveSoftmax)
+              else _full_decoder(decoder, fold_bias))
 
     @tf.function(input_signature=signature)
     def score(tokens, targets, *state):
         no_dropout_keys = tf.zeros(tf.shape(tokens)[:1], tf.int32)
         hidden, *new_state = features([tokens, no_dropout_keys, *state], training=False)
         batch, steps = tf.shape(targets)[0], tf.shape(targets)[1]
+        flat_hidden = tf.reshape(hidden, [-1, hidden.shape[-1]])
         flat_targets = tf.reshape(targets, [-1])
+        picked, next_logprobs = decode(flat_hidden, flat_targets, batch, steps)
+        outputs = {contract.OUTPUT_LOGPROBS: tf.reshape(picked, [batch, steps])}
+        for name, value in zip(states, new_state):
+            outputs[contract.state_output(name)] = value
+        outputs[contract.OUTPUT_NEXT_LOGPROBS] = next_logprobs
+        # the decoder's input, returned for the continuous cache
+        outputs[contract.OUTPUT_HIDDEN] = tf.identity(hidden)
+        return outputs
+
+    return score
+
+
+def _full_decoder(decoder: keras.layers.Layer, fold_bias: bool):
+    """`(flat hidden [B*T, H], flat targets [B*T], B, T) -> (log p(target) [B*T], 0 at padding;
+    the last position's log-distribution [B, V])` for a full softmax."""
+    kernel, bias, transposed = full_decoder_weights(decoder)
+
+    def decode(flat_hidden, flat_targets, batch, steps):
         # The decoder runs only where it is read: at every target, and at each row's last
         # position (next_logprobs). Padding then costs the LSTM, not the [vocab]-wide decoder.
         is_target = flat_targets >= 0
         is_last = tf.range(batch * steps) % steps == steps - 1
         decoded = tf.where(is_target | is_last)[:, 0]  # flat positions, in order
-        inputs = tf.gather(tf.reshape(hidden, [-1, hidden.shape[-1]]), decoded)  # [N, H]
+        inputs = tf.gather(flat_hidden, decoded)  # [N, H]
         weight = tf.transpose(kernel) if transposed else kernel  # [H, V]
         if fold_bias:
             inputs = tf.concat([inputs, tf.ones_like(inputs[:, :1])], axis=-1)
@@ -91,18 +113,27 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
         picked = tf.gather_nd(logprobs, pairs)
         picked = tf.where(wanted >= 0, picked, tf.zeros_like(picked))
         scattered = tf.scatter_nd(decoded[:, None], picked, tf.cast([batch * steps], tf.int64))
-        outputs = {contract.OUTPUT_LOGPROBS: tf.reshape(scattered, [batch, steps])}
-        for name, value in zip(states, new_state):
-            outputs[contract.state_output(name)] = value
         # each row's last position among the decoded ones: a [B, V] slice of what is computed
         order = tf.cumsum(tf.cast(is_target | is_last, tf.int32)) - 1
-        outputs[contract.OUTPUT_NEXT_LOGPROBS] = tf.gather(
-            logprobs, tf.gather(order, tf.range(1, batch + 1) * steps - 1))
-        # the decoder's input, returned for the continuous cache
-        outputs[contract.OUTPUT_HIDDEN] = tf.identity(hidden)
-        return outputs
+        last = tf.gather(logprobs, tf.gather(order, tf.range(1, batch + 1) * steps - 1))
+        return scattered, last
 
-    return score
+    return decode
+
+
+def _adaptive_decoder(decoder: AdaptiveSoftmax):
+    """The same as `_full_decoder` for an adaptive softmax: the targets' log-probabilities from
+    the head and, per tail, only the rows whose target is in it; the whole distribution only
+    for each row's last position."""
+    def decode(flat_hidden, flat_targets, batch, steps):
+        targeted = tf.where(flat_targets >= 0)[:, 0]  # padding is never gathered
+        picked = decoder.target_log_probs(tf.gather(flat_hidden, targeted),
+                                          tf.gather(flat_targets, targeted))
+        scattered = tf.scatter_nd(targeted[:, None], picked, tf.cast([batch * steps], tf.int64))
+        last = tf.gather(flat_hidden, tf.range(1, batch + 1) * steps - 1)  # [B, H]
+        return scattered, decoder.log_probs(last)
+
+    return decode
 
 
 def convert(model: keras.Model, config: LMConfig, opset: int, *,

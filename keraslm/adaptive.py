@@ -14,8 +14,10 @@ plus one logit per tail cluster; tail cluster i (from 1) first projects the hidd
 and every row of `log_probs` sums to 1. `nll_sum`, the training loss, runs each tail only on the
 rows whose target falls in it. As PyTorch's by default, no layer here has a bias.
 
-This module is the building block of issue 24's `--softmax adaptive`; the model, training, export
-and scoring do not use it yet.
+Tying: given the model's embedding, the head's word rows *are* the embedding's rows of the head
+words (the most frequent ones, which carry most of the probability mass); the cluster logits and
+the tails keep weights of their own, since their shapes are not the embedding's. Untied, the head
+owns all its weights, as PyTorch's layer does.
 """
 
 from __future__ import annotations
@@ -25,84 +27,112 @@ from itertools import pairwise
 
 from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET
+from keraslm.config import check_cutoffs, default_cutoffs, tail_widths
 
-FIRST_CUTOFFS = (2_000, 10_000, 50_000, 250_000)  # candidates for default_cutoffs
-
-
-def default_cutoffs(vocab_size: int) -> tuple[int, ...]:
-    """The cutoffs used when none are given: those of FIRST_CUTOFFS up to half the vocabulary,
-    so the words past the last cutoff are at least as many (33,278 words: 2,000 and 10,000, the
-    PyTorch baseline's; 10,002: 2,000, as that baseline's too; 267,735: 2,000, 10,000 and
-    50,000; under 4,000: none, a plain softmax). Provisional: issue 24 asks for the defaults
-    that keep the 3-epoch perplexity within 5 % of the full softmax's."""
-    return tuple(c for c in FIRST_CUTOFFS if 2 * c <= vocab_size)
-
-
-def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, hidden_size: int,
-                  div_value: float) -> tuple[int, ...]:
-    """`cutoffs` as a tuple, or ValueError: increasing, each in [1, vocab_size), and every tail
-    projection at least one unit wide."""
-    cutoffs = tuple(int(c) for c in cutoffs)
-    if any(b <= a for a, b in pairwise(cutoffs)) or (
-            cutoffs and not 0 < cutoffs[0] <= cutoffs[-1] < vocab_size):
-        raise ValueError(f"cutoffs must increase within (0, {vocab_size}), got {list(cutoffs)}")
-    if div_value <= 0:
-        raise ValueError(f"div_value must be positive, got {div_value}")
-    if cutoffs and hidden_size // div_value ** len(cutoffs) < 1:
-        raise ValueError(f"the last tail of {len(cutoffs)} would project {hidden_size} units to "
-                         f"none (div_value {div_value:g}); use fewer cutoffs or a smaller "
-                         f"div_value")
-    return cutoffs
+__all__ = ["AdaptiveSoftmax", "check_cutoffs", "default_cutoffs"]
 
 
 @keras.saving.register_keras_serializable("keraslm")
 class AdaptiveSoftmax(keras.layers.Layer):
     """The head and tail weights over a vocabulary of `vocab_size` words (see the module doc).
 
-    `call(hidden)` is `log_probs(hidden)`: [..., H] -> [..., vocab_size]."""
+    `call(hidden)` is `log_probs(hidden)`: [..., H] -> [..., vocab_size], float32 whatever the
+    compute dtype. With `embedding` (a Keras Embedding of width H) the head's word rows are tied
+    to its first `cutoffs[0]` rows."""
 
     def __init__(self, vocab_size: int, cutoffs: Sequence[int], div_value: float = 4.0,
+                 embedding: keras.layers.Embedding | None = None, seed: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         self.vocab_size, self.div_value = int(vocab_size), float(div_value)
         self.cutoffs = tuple(int(c) for c in cutoffs)
+        self.embedding = embedding
+        self.seed = seed
+
+    def _glorot(self, offset: int) -> keras.initializers.Initializer:
+        return keras.initializers.GlorotUniform(None if self.seed is None else self.seed + offset)
 
     def build(self, input_shape):
         hidden = int(input_shape[-1])
         self.cutoffs = check_cutoffs(self.cutoffs, self.vocab_size, hidden, self.div_value)
         bounds = (*self.cutoffs, self.vocab_size)
-        self.head = self.add_weight(name="head", shape=(hidden, bounds[0] + len(self.cutoffs)),
-                                    initializer="glorot_uniform")
+        clusters = len(self.cutoffs)
+        if self.embedding is None:
+            self.head = self.add_weight(name="head", shape=(hidden, bounds[0] + clusters),
+                                        initializer=self._glorot(0))
+        elif clusters:
+            self.clusters = self.add_weight(name="clusters", shape=(hidden, clusters),
+                                            initializer=self._glorot(0))
         self.projections, self.outputs = [], []
-        for i, (start, end) in enumerate(pairwise(bounds), 1):
-            width = int(hidden // self.div_value ** i)
+        widths = tail_widths(hidden, self.cutoffs, self.div_value)
+        for i, ((start, end), width) in enumerate(zip(pairwise(bounds), widths), 1):
             self.projections.append(self.add_weight(
-                name=f"tail{i}_projection", shape=(hidden, width), initializer="glorot_uniform"))
+                name=f"tail{i}_projection", shape=(hidden, width), initializer=self._glorot(2 * i - 1)))
             self.outputs.append(self.add_weight(
-                name=f"tail{i}_output", shape=(width, end - start), initializer="glorot_uniform"))
+                name=f"tail{i}_output", shape=(width, end - start), initializer=self._glorot(2 * i)))
 
     @property
     def shortlist(self) -> int:
         """Words the head scores itself (the rest of its logits are the clusters')."""
         return self.cutoffs[0] if self.cutoffs else self.vocab_size
 
-    def _tail_log_probs(self, i: int, hidden: tf.Tensor) -> tf.Tensor:
-        projected = tf.matmul(hidden, self.projections[i])
-        return tf.nn.log_softmax(tf.matmul(projected, self.outputs[i]))
+    def head_weight(self) -> tf.Tensor:
+        """The head's [H, shortlist + clusters] matrix (tied: the embedding's head rows, then
+        the cluster columns)."""
+        if self.embedding is None:
+            return self.head
+        words = tf.transpose(self.embedding.embeddings[:self.shortlist])
+        return tf.concat([words, self.clusters], axis=1) if self.cutoffs else words
+
+    def _head_logits(self, flat: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.matmul(flat, tf.cast(self.head_weight(), flat.dtype)), "float32")
+
+    def _tail_logits(self, i: int, flat: tf.Tensor) -> tf.Tensor:
+        projected = tf.matmul(flat, tf.cast(self.projections[i], flat.dtype))
+        return tf.cast(tf.matmul(projected, tf.cast(self.outputs[i], flat.dtype)), "float32")
+
+    def _clusters_of(self, targets: tf.Tensor) -> tf.Tensor:
+        """0 for a head word, i for a word of tail i (a sum of comparisons, not searchsorted,
+        which ONNX has no op for)."""
+        cluster = tf.zeros_like(targets)
+        for cutoff in self.cutoffs:
+            cluster += tf.cast(targets >= cutoff, targets.dtype)
+        return cluster
 
     def log_probs(self, hidden: tf.Tensor) -> tf.Tensor:
         """The full log-distribution over the vocabulary, [..., H] -> [..., vocab_size]."""
         flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
-        head = tf.nn.log_softmax(tf.matmul(flat, self.head))
+        head = tf.nn.log_softmax(self._head_logits(flat))
         parts = [head[:, :self.shortlist]]
         for i in range(len(self.cutoffs)):
             cluster = head[:, self.shortlist + i:self.shortlist + i + 1]
-            parts.append(cluster + self._tail_log_probs(i, flat))
+            parts.append(cluster + tf.nn.log_softmax(self._tail_logits(i, flat)))
         out = tf.concat(parts, axis=1)
         return tf.reshape(out, tf.concat([tf.shape(hidden)[:-1], [self.vocab_size]], axis=0))
 
     def call(self, hidden):
         return self.log_probs(hidden)
+
+    def target_log_probs(self, hidden: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        """log p(target) of each row, [N, H] and [N] (every target a word) -> [N]: the head's
+        log-softmax on every row, each tail's only on the rows whose target is in it.
+
+        Indices are (row, word) pairs, never a flat row * width + word, so no int32 product can
+        wrap however many rows one call holds."""
+        targets = tf.cast(targets, tf.int32)
+        head = tf.nn.log_softmax(self._head_logits(hidden))
+        cluster = self._clusters_of(targets)
+        column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
+        rows = tf.range(tf.shape(targets)[0])
+        picked = tf.gather_nd(head, tf.stack([rows, column], axis=1))
+        bounds = (*self.cutoffs, self.vocab_size)
+        for i, start in enumerate(bounds[:-1]):
+            inside = tf.cast(tf.where(cluster == i + 1)[:, 0], tf.int32)
+            tail = tf.nn.log_softmax(self._tail_logits(i, tf.gather(hidden, inside)))
+            words = tf.gather(targets, inside) - start
+            within = tf.gather_nd(tail, tf.stack([tf.range(tf.shape(inside)[0]), words], axis=1))
+            picked = tf.tensor_scatter_nd_add(picked, inside[:, None], within)
+        return picked
 
     def nll_sum(self, hidden: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
         """Sum over the non-padding targets of -log p(target): the head on every row, each tail
@@ -111,18 +141,17 @@ class AdaptiveSoftmax(keras.layers.Layer):
         targets = tf.reshape(targets, [-1])
         rows = tf.where(targets != PAD_TARGET)[:, 0]
         flat, targets = tf.gather(flat, rows), tf.gather(targets, rows)
-        head = tf.nn.log_softmax(tf.matmul(flat, self.head))
-        # a head word is its own head column; a tail word reads its cluster's column
-        bounds = (*self.cutoffs, self.vocab_size)
-        cluster = tf.searchsorted(tf.constant(self.cutoffs or (self.vocab_size,), targets.dtype),
-                                  targets, side="right")  # 0: the head, i: tail i
+        cluster = self._clusters_of(targets)
+        # a head word is its own head column; a tail word is its cluster's column
         column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
-        nll = -tf.reduce_sum(tf.gather(head, column[:, None], batch_dims=1))
+        nll = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=column, logits=self._head_logits(flat)))
+        bounds = (*self.cutoffs, self.vocab_size)
         for i, start in enumerate(bounds[:-1]):
             inside = tf.where(cluster == i + 1)[:, 0]
-            words = tf.gather(targets, inside) - start
-            tail = self._tail_log_probs(i, tf.gather(flat, inside))
-            nll -= tf.reduce_sum(tf.gather(tail, words[:, None], batch_dims=1))
+            nll += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.gather(targets, inside) - start,
+                logits=self._tail_logits(i, tf.gather(flat, inside))))
         return nll
 
     def get_config(self):

@@ -16,7 +16,9 @@ The command line (`keraslm.train`) is generated from these fields; `config.json`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from keraslm.errors import UserError
@@ -33,6 +35,50 @@ def option(default: Any, help: str, *, resume: str = SAVED, choices: tuple | Non
 
 # ---- the model --------------------------------------------------------------------------------
 
+SOFTMAXES = ("full", "adaptive")
+FIRST_CUTOFFS = (2_000, 10_000, 50_000, 250_000)  # candidates for default_cutoffs
+DEFAULT_DIV_VALUE = 4.0
+
+
+def default_cutoffs(vocab_size: int) -> tuple[int, ...]:
+    """The adaptive softmax's cutoffs when none are given: those of FIRST_CUTOFFS up to half the
+    vocabulary, so the words past the last cutoff are at least as many (33,278 words: 2,000 and
+    10,000; 10,002: 2,000; 267,735: 2,000, 10,000 and 50,000; under 4,000: none, which is a
+    plain softmax over the head)."""
+    return tuple(c for c in FIRST_CUTOFFS if 2 * c <= vocab_size)
+
+
+def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, hidden_size: int,
+                  div_value: float) -> tuple[int, ...]:
+    """`cutoffs` as a tuple, or UserError: increasing, each in [1, vocab_size), and every tail
+    projection at least one unit wide."""
+    cutoffs = tuple(int(c) for c in cutoffs)
+    if any(b <= a for a, b in pairwise(cutoffs)) or (
+            cutoffs and not 0 < cutoffs[0] <= cutoffs[-1] < vocab_size):
+        raise UserError(f"--cutoffs must increase within (0, {vocab_size}) (the vocabulary's "
+                        f"size), got {','.join(map(str, cutoffs))}")
+    if div_value <= 0:
+        raise UserError(f"--div-value must be positive, got {div_value:g}")
+    if cutoffs and hidden_size // div_value ** len(cutoffs) < 1:
+        raise UserError(f"the last tail of {len(cutoffs)} would project {hidden_size} units to "
+                        f"none (--div-value {div_value:g}); use fewer cutoffs or a smaller "
+                        f"--div-value")
+    return cutoffs
+
+
+def tail_widths(hidden_size: int, cutoffs: Sequence[int], div_value: float) -> list[int]:
+    """Units of each tail cluster's projection: hidden_size // div_value**i for tail i (from 1)."""
+    return [int(hidden_size // div_value ** i) for i in range(1, len(cutoffs) + 1)]
+
+
+def parse_cutoffs(text: str) -> tuple[int, ...]:
+    """'2000,10000' -> (2000, 10000); UserError for anything else."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--cutoffs must be comma-separated integers, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class LMConfig:
     """Shape of an LSTM language model (what the run, the export and the bundle record)."""
@@ -47,8 +93,21 @@ class LMConfig:
     # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
     # reproduces that exactly (see keraslm.training.step); on for the GluonNLP presets.
     two_biases: bool = False
+    # The output layer: a full softmax over the vocabulary, or the adaptive softmax (Grave et
+    # al. 2017; keraslm.adaptive) cut at `cutoffs` with tails projected by `div_value`.
+    softmax: str = "full"
+    cutoffs: tuple[int, ...] = ()
+    div_value: float = DEFAULT_DIV_VALUE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
+        if self.softmax not in SOFTMAXES:
+            raise UserError(f"--softmax must be one of {', '.join(SOFTMAXES)}, got "
+                            f"{self.softmax!r}")
+        if self.softmax == "full" and self.cutoffs:
+            raise UserError("--cutoffs apply only to --softmax adaptive")
+        if self.softmax == "adaptive":
+            check_cutoffs(self.cutoffs, self.vocab_size, self.nhid, self.div_value)
         if self.vocab_size < 2:
             raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if min(self.emsize, self.nhid, self.nlayers) < 1:
@@ -62,7 +121,8 @@ class LMConfig:
             )
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON keeps them (cutoffs a list)."""
+        return {**dataclasses.asdict(self), "cutoffs": list(self.cutoffs)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LMConfig:
@@ -81,7 +141,15 @@ class LMConfig:
         """Trainable parameters (tied weights counted once)."""
         v, e, h = self.vocab_size, self.emsize, self.nhid
         lstm = sum(4 * h * ((e if i == 0 else h) + h + 1) for i in range(self.nlayers))
-        decoder = v + (0 if self.tied else v * h)
+        if self.softmax == "full":
+            decoder = v + (0 if self.tied else v * h)
+        else:
+            shortlist = self.cutoffs[0] if self.cutoffs else v
+            clusters = len(self.cutoffs)
+            decoder = h * (clusters + (0 if self.tied else shortlist))
+            sizes = [end - start for start, end in pairwise((*self.cutoffs, v))]
+            decoder += sum(w * (h + size) for w, size in
+                           zip(tail_widths(h, self.cutoffs, self.div_value), sizes))
         return v * e + lstm + decoder
 
 
@@ -146,15 +214,35 @@ class ModelOptions:
     dropout: float | None = option(None, "dropout rate")
     tied: bool | None = option(None, "tie the input and output embeddings")
     two_biases: bool | None = option(None, "MXNet's twin LSTM biases (on for the presets)")
+    softmax: str = option("full", "output layer: the full softmax, or the adaptive softmax for "
+                                  "large vocabularies (Grave et al. 2017)",
+                          choices=SOFTMAXES)
+    cutoffs: str | None = option(None, "adaptive softmax: where the frequency-ordered vocabulary "
+                                       "is cut into head and tail clusters (default: 2000,10000,"
+                                       "50000,250000 up to half the vocabulary)",
+                                 metavar="C1,C2,...")
+    div_value: float = option(DEFAULT_DIV_VALUE, "adaptive softmax: tail cluster i projects the "
+                                                 "hidden state to nhid / div_value**i units")
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of "
                                          f"{', '.join(PRESETS)}")
+        _require(self.softmax in SOFTMAXES, f"--softmax must be one of {', '.join(SOFTMAXES)}")
+        if self.cutoffs is not None:
+            parse_cutoffs(self.cutoffs)
 
     def resolve(self, vocab_size: int) -> LMConfig:
         """The model for a vocabulary of `vocab_size` tokens."""
+        _require(self.softmax == "adaptive" or (self.cutoffs is None and
+                                                self.div_value == DEFAULT_DIV_VALUE),
+                 "--cutoffs and --div-value apply only to --softmax adaptive")
+        output = {"softmax", "cutoffs", "div_value"}
         sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name != "preset"}
+                 if f.name != "preset" and f.name not in output}
+        if self.softmax == "adaptive":
+            cutoffs = (default_cutoffs(vocab_size) if self.cutoffs is None
+                       else parse_cutoffs(self.cutoffs))
+            sizes.update(softmax="adaptive", cutoffs=cutoffs, div_value=self.div_value)
         return preset_config(self.preset, vocab_size, **sizes)
 
 

@@ -32,7 +32,7 @@ class Evaluator:
                  fused_decoder: bool = True):
         self.model = model
         self.fused_decoder = fused_decoder
-        self.features, *self.decoder = split_decoder(model)
+        self.features, self.decoder = split_decoder(model)
         self.nhid = model.get_layer("lstm0").units
         self.num_states = len(model.inputs) - 2
         self._step = tf.function(self._step_impl, jit_compile=jit_compile)
@@ -43,9 +43,7 @@ class Evaluator:
             logits, *new_state = self.model([inputs, keys, *state], training=False)
             return masked_nll_sum(logits, targets), tuple(new_state)
         hidden, *new_state = self.features([inputs, keys, *state], training=False)
-        kernel, bias, transposed = self.decoder
-        nll_sum = decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
-        return nll_sum, tuple(new_state)
+        return decoder_nll_sum(self.decoder, hidden, targets), tuple(new_state)
 
     def __call__(self, batches) -> tuple[float, int]:
         """(sum of NLL, number of targets) over `batches`, an iterable of (inputs, targets)."""

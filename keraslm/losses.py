@@ -1,4 +1,5 @@
-"""The output layer and its cross-entropy fused into one op with a hand-written gradient.
+"""The output layer's loss: the full softmax and its cross-entropy fused into one op with a
+hand-written gradient, or the adaptive softmax's own (`decoder_nll_sum` picks).
 
 At vocabulary 33,278 the decoder is ~90 % of the FLOPs of `standard_lstm_lm_200`, and TensorFlow's
 `SparseSoftmaxCrossEntropyWithLogits` kernel is slow on CPU (about as slow as one of the three big
@@ -12,8 +13,10 @@ log-sum-exp, the loss, the logits' gradient and the weight gradients stay float3
 
 from __future__ import annotations
 
-from keraslm.backend import tf
+from keraslm.adaptive import AdaptiveSoftmax
+from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET
+from keraslm.model import full_decoder_weights
 
 
 @tf.function(jit_compile=True)
@@ -31,8 +34,19 @@ def _logits_gradient(logits, lse, targets, weights, upstream):
     return grad, tf.reduce_sum(grad, axis=0)
 
 
-def decoder_nll_sum(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, targets: tf.Tensor,
-                    *, transposed_kernel: bool) -> tf.Tensor:
+def decoder_nll_sum(decoder: keras.layers.Layer, hidden: tf.Tensor,
+                    targets: tf.Tensor) -> tf.Tensor:
+    """Sum over non-padding targets of -log p(target) under the model's output layer `decoder`
+    (see `keraslm.model.split_decoder`): the fused full softmax, or the adaptive softmax's loss,
+    which runs each tail only on its targets."""
+    if isinstance(decoder, AdaptiveSoftmax):
+        return decoder.nll_sum(hidden, targets)
+    kernel, bias, transposed = full_decoder_weights(decoder)
+    return full_softmax_nll_sum(hidden, kernel, bias, targets, transposed_kernel=transposed)
+
+
+def full_softmax_nll_sum(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
+                         targets: tf.Tensor, *, transposed_kernel: bool) -> tf.Tensor:
     """Sum over non-padding targets of -log softmax(hidden @ W + bias)[target].
 
     `hidden` is [..., H] and `targets` [...] (PAD_TARGET = padding). `kernel` is [V, H] when

@@ -7,12 +7,14 @@ per replica, evaluate at any batch size, and export the same graph.
 
 from __future__ import annotations
 
+from keraslm.adaptive import AdaptiveSoftmax
 from keraslm.backend import keras, tf
 from keraslm.config import PRESETS, LMConfig, preset_config
 from keraslm.precision import keras_policy
 
-__all__ = ["PRESETS", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput", "build_model",
-           "lstm_biases", "preset_config", "split_decoder"]
+__all__ = ["PRESETS", "AdaptiveSoftmax", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput",
+           "build_model", "full_decoder_weights", "lstm_biases", "preset_config",
+           "split_decoder"]
 
 
 def _fmix32(h: tf.Tensor) -> tf.Tensor:
@@ -152,6 +154,8 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
     the LSTM kernels Glorot-uniform (MXNet's Xavier), every bias at zero (Keras' differing
     defaults, orthogonal recurrent kernels and unit forget bias, are overridden). Dropout is
     element-wise on the embedding and between layers, and shared over time on the last output.
+    The output layer is a full softmax (tied: the embedding's transpose plus a bias) or, for
+    `config.softmax == "adaptive"`, an `AdaptiveSoftmax` whose outputs are log-probabilities.
     """
     def glorot(offset: int):
         return keras.initializers.GlorotUniform(seed=None if seed is None else seed + offset)
@@ -188,7 +192,12 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
                          name=f"lstm{layer}_dropout", dtype=policy)(x, keys)
         new_states += [h, c] if precision == "fp32" else [keras.ops.cast(s, "float32")
                                                           for s in (h, c)]
-    if config.tied:
+    if config.softmax == "adaptive":  # log-probabilities, which are logits too
+        logits = AdaptiveSoftmax(config.vocab_size, config.cutoffs, config.div_value,
+                                 embedding=embedding if config.tied else None,
+                                 seed=None if seed is None else seed + 100,
+                                 name="decoder", dtype=policy)(x)
+    elif config.tied:
         logits = TiedOutput(embedding, name="decoder", dtype=policy)(x)
     else:
         logits = keras.layers.Dense(
@@ -205,15 +214,22 @@ def lstm_biases(model: keras.Model) -> list[keras.Variable]:
     return [layer.cell.bias for layer in layers]
 
 
-def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.Variable, keras.Variable, bool]:
-    """The model up to the decoder's input, and the decoder's (kernel, bias, transposed).
+def split_decoder(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer]:
+    """The model up to the decoder's input, and the decoder layer (TiedOutput, Dense or
+    AdaptiveSoftmax).
 
     Training applies the decoder fused with its loss (see `keraslm.losses`), so it needs the
-    features and the decoder weights apart; both share the model's variables.
+    features and the decoder apart; both share the model's variables.
     """
     decoder = model.get_layer("decoder")
     features = keras.Model(model.inputs, [decoder.input, *model.outputs[1:]], name="features")
-    if isinstance(decoder, TiedOutput):
-        return features, decoder.embedding.embeddings, decoder.bias, True
-    return features, decoder.kernel, decoder.bias, False
+    return features, decoder
 
+
+def full_decoder_weights(decoder: keras.layers.Layer
+                         ) -> tuple[keras.Variable, keras.Variable, bool]:
+    """A full-softmax decoder's (kernel, bias, transposed): the kernel is [V, H] when
+    `transposed` (tied to the embedding) and [H, V] otherwise."""
+    if isinstance(decoder, TiedOutput):
+        return decoder.embedding.embeddings, decoder.bias, True
+    return decoder.kernel, decoder.bias, False

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from keraslm.adaptive import AdaptiveSoftmax, check_cutoffs, default_cutoffs
 from keraslm.batching import PAD_TARGET
+from keraslm.errors import UserError
 
 VOCAB, HIDDEN, CUTOFFS, DIV = 50, 16, (10, 30), 2.0
 
@@ -137,7 +138,7 @@ def test_default_cutoffs(vocab, cutoffs):
 @pytest.mark.parametrize("cutoffs, div, message", [
     ((10, 10), 2.0, "must increase"), ((30, 10), 2.0, "must increase"),
     ((0, 10), 2.0, "must increase"), ((10, VOCAB), 2.0, "must increase"),
-    ((10, 20, 30, 40, 45), 2.0, "to none"), ((10,), 0.0, "div_value must be positive")])
+    ((10, 20, 30, 40, 45), 2.0, "to none"), ((10,), 0.0, "div-value must be positive")])
 def test_bad_cutoffs_are_refused(cutoffs, div, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         check_cutoffs(cutoffs, VOCAB, HIDDEN, div)

@@ -96,6 +96,8 @@ def _other_values(name: str, default, hint, runs: Path) -> list:
     no default, every other choice, every other preset)."""
     if name == "preset":
         return [p for p in PRESETS if p != default]
+    if name == "cutoffs":
+        return ["2000,10000"]
     if name == "resume":  # a real run to continue
         run = RunDir(runs / "saved").create()
         run.write_config({"train": TrainConfig().to_dict()})

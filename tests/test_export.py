@@ -33,6 +33,10 @@ CONFIGS = {
     "tied-2layers": LMConfig(VOCAB_SIZE, emsize=16, nhid=16, nlayers=2, tied=True),
     "untied-1layer": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=1, tied=False),
     "untied-2layers": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=2, tied=False),
+    "adaptive-tied-2layers": LMConfig(VOCAB_SIZE, emsize=16, nhid=16, nlayers=2, tied=True,
+                                      softmax="adaptive", cutoffs=(20, 60), div_value=2.0),
+    "adaptive-untied-1layer": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=1, tied=False,
+                                       softmax="adaptive", cutoffs=(30,)),
 }
 CHUNK = 12  # time steps per call; every stream is scored in two chunks
 
@@ -145,9 +149,7 @@ def test_hidden_output_is_the_last_lstm_layer_that_the_decoder_reads(exported, t
         want, keras_state = keras_hidden(model, tokens, keras_state)
         assert hidden.shape == (3, CHUNK, config.nhid) and hidden.dtype == np.float32
         np.testing.assert_allclose(hidden, want, rtol=0, atol=1e-5)
-        _, kernel, bias, transposed = split_decoder(model)
-        weight = np.asarray(kernel).T if transposed else np.asarray(kernel)
-        decoded = tf.nn.log_softmax(hidden @ weight + np.asarray(bias)).numpy()
+        decoded = tf.nn.log_softmax(split_decoder(model)[1](hidden)).numpy()
         picked = np.take_along_axis(decoded, targets[..., None], axis=-1)[..., 0]
         np.testing.assert_allclose(picked, logprobs, rtol=0, atol=1e-4)
 
@@ -177,11 +179,16 @@ def test_target_logprobs_are_read_by_row_and_word_never_by_a_flat_index(exported
     end, silently. Only the graph's structure can show this without materialising such a call;
     the log-probabilities themselves are the parity tests'."""
     nodes = onnx.load(exported["bundle"] / "model.onnx").graph.node
-    softmax, = (node.output[0] for node in nodes if node.op_type == "LogSoftmax")
-    readers = {node.op_type for node in nodes if softmax in node.input}
-    assert "GatherND" in readers  # the targets, by (row, word)
-    assert readers <= {"GatherND", "Gather"}  # and next_logprobs, whole rows
-    assert not readers & {"Reshape", "Flatten"}  # never flattened for a flat index
+    softmaxes = [node.output[0] for node in nodes if node.op_type == "LogSoftmax"]
+    readers = [{node.op_type for node in nodes if softmax in node.input}
+               for softmax in softmaxes]
+    if exported["config"].softmax == "full":
+        assert len(readers) == 1
+        assert readers[0] <= {"GatherND", "Gather"}  # and next_logprobs, whole rows
+    else:  # the head's and each tail's on the targets, and once more for next_logprobs
+        assert len(readers) == 2 * (1 + len(exported["config"].cutoffs))
+    assert sum("GatherND" in r for r in readers) >= 1 + len(exported["config"].cutoffs)
+    assert not set().union(*readers) & {"Reshape", "Flatten"}  # never flattened
 
 
 def test_the_decoder_runs_only_at_targets_and_last_positions(exported, text, tmp_path):
@@ -204,11 +211,15 @@ def test_the_decoder_runs_only_at_targets_and_last_positions(exported, text, tmp
     def dims(shapes: list[dict]) -> list[list[int]]:  # [{"float": [16, 17]}, ...]
         return [next(iter(shape.values())) for shape in shapes]
 
+    # the full softmax's [*, vocab] matmul, or the adaptive softmax's head
+    cutoffs = config.cutoffs
+    width = cutoffs[0] + len(cutoffs) if config.softmax == "adaptive" else VOCAB_SIZE
     decoder_inputs = [dims(event["args"]["input_type_shape"])[0] for event in trace
                       if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
                       and event["args"].get("op_name") in ("MatMul", "Gemm", "FusedMatMul")
-                      and dims(event["args"]["output_type_shape"])[0][-1:] == [VOCAB_SIZE]]
-    assert decoder_inputs and all(shape[0] == 16 for shape in decoder_inputs)
+                      and dims(event["args"]["output_type_shape"])[0][-1:] == [width]]
+    rows = {16} if config.softmax == "full" else {13, 3}  # targets and last positions apart
+    assert decoder_inputs and {shape[0] for shape in decoder_inputs} == rows
 
 
 def test_two_halves_score_like_the_whole(exported, text):

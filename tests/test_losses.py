@@ -9,7 +9,7 @@ import pytest
 from keraslm.backend import tf
 from keraslm.batching import PAD_TARGET
 from keraslm.evaluation import masked_nll_sum
-from keraslm.losses import decoder_nll_sum
+from keraslm.losses import full_softmax_nll_sum
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -28,7 +28,8 @@ def test_fused_loss_and_gradients_equal_autodiff_through_the_logits(tied):
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([hidden, kernel, bias])
-        fused = upstream * decoder_nll_sum(hidden, kernel, bias, targets, transposed_kernel=tied)
+        fused = upstream * full_softmax_nll_sum(hidden, kernel, bias, targets,
+                                                transposed_kernel=tied)
         logits = tf.matmul(hidden, kernel, transpose_b=tied) + bias
         plain = upstream * masked_nll_sum(logits, targets)
     np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-5)

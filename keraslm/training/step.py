@@ -152,12 +152,10 @@ class Trainer:
     # ---- steps ---------------------------------------------------------------------------
     def _forward_backward_impl(self, inputs, targets, keys, state, num_targets):
         variables = self.model.trainable_variables
-        kernel, bias, transposed = self.decoder
         with tf.GradientTape() as tape:
             if self.fused_decoder:
                 hidden, *new_state = self.features([inputs, keys, *state], training=True)
-                nll_sum = decoder_nll_sum(hidden, kernel, bias, targets,
-                                          transposed_kernel=transposed)
+                nll_sum = decoder_nll_sum(self.decoder, hidden, targets)
             else:
                 logits, *new_state = self.model([inputs, keys, *state], training=True)
                 nll_sum = masked_nll_sum(logits, targets)
