@@ -7,8 +7,11 @@ matmuls). Here the matmuls stay on oneDNN, and the element-wise work on the [tok
 logits (log-sum-exp forward; softmax minus one-hot, masked and scaled, plus the bias gradient,
 backward) is compiled by XLA into single passes over memory.
 
-Under bf16 mixed precision (`hidden` in bfloat16) the three matmuls run in bfloat16 while the
-log-sum-exp, the loss, the logits' gradient and the weight gradients stay float32.
+Under bf16 mixed precision (a bfloat16 decoder) the three matmuls run in bfloat16 and the
+[tokens, vocab] logits are never materialised in float32: the XLA passes read the matmul's
+bfloat16 output, add the float32 bias and compute the log-sum-exp, the loss and the bias gradient
+in float32, and write the logits' gradient in bfloat16 for the two gradient matmuls. The weight
+gradients handed to the optimizer are float32.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from keraslm.model import full_decoder_weights
 
 
 @tf.function(jit_compile=True)
-def _log_sum_exp_and_nll(logits, targets, weights):
+def _log_sum_exp_and_nll(raw_logits, bias, targets, weights):
+    logits = tf.cast(raw_logits, tf.float32) + bias
     top = tf.reduce_max(logits, axis=1, keepdims=True)
     lse = tf.math.log(tf.reduce_sum(tf.exp(logits - top), axis=1, keepdims=True)) + top
     picked = tf.gather(logits, targets[:, None], batch_dims=1)
@@ -28,17 +32,21 @@ def _log_sum_exp_and_nll(logits, targets, weights):
 
 
 @tf.function(jit_compile=True)
-def _logits_gradient(logits, lse, targets, weights, upstream):
+def _logits_gradient(raw_logits, bias, lse, targets, weights, upstream):
+    """The logits' gradient in the matmul's dtype, and the bias gradient (float32)."""
+    logits = tf.cast(raw_logits, tf.float32) + bias
     scale = (weights * upstream)[:, None]
     grad = (tf.exp(logits - lse) - tf.one_hot(targets, tf.shape(logits)[1])) * scale
-    return grad, tf.reduce_sum(grad, axis=0)
+    return tf.cast(grad, raw_logits.dtype), tf.reduce_sum(grad, axis=0)
 
 
 def decoder_nll_sum(decoder: keras.layers.Layer, hidden: tf.Tensor,
                     targets: tf.Tensor) -> tf.Tensor:
     """Sum over non-padding targets of -log p(target) under the model's output layer `decoder`
     (see `keraslm.model.split_decoder`): the fused full softmax, or the adaptive softmax's loss,
-    which runs each tail only on its targets."""
+    which runs each tail only on its targets. The decoder computes in its own dtype (bfloat16
+    under bf16 mixed precision) whatever the dtype of `hidden`."""
+    hidden = tf.cast(hidden, decoder.compute_dtype)
     if isinstance(decoder, AdaptiveSoftmax):
         return decoder.nll_sum(hidden, targets)
     kernel, bias, transposed = full_decoder_weights(decoder)
@@ -66,13 +74,11 @@ def _fused(hidden, kernel, bias, targets, weights, transposed_kernel: bool):
     def forward(hidden, kernel, bias):
         compute = hidden.dtype  # float32, or bfloat16 under mixed precision
         kernel_c = tf.cast(kernel, compute)
-        logits = tf.matmul(hidden, kernel_c, transpose_b=transposed_kernel)
-        logits = tf.nn.bias_add(tf.cast(logits, tf.float32), bias)
-        lse, nll_sum = _log_sum_exp_and_nll(logits, targets, weights)
+        raw_logits = tf.matmul(hidden, kernel_c, transpose_b=transposed_kernel)  # no bias
+        lse, nll_sum = _log_sum_exp_and_nll(raw_logits, bias, targets, weights)
 
         def backward(upstream):
-            grad, bias_grad = _logits_gradient(logits, lse, targets, weights, upstream)
-            grad = tf.cast(grad, compute)
+            grad, bias_grad = _logits_gradient(raw_logits, bias, lse, targets, weights, upstream)
             hidden_grad = tf.matmul(grad, kernel_c, transpose_b=not transposed_kernel)
             if transposed_kernel:
                 kernel_grad = tf.matmul(grad, hidden, transpose_a=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from keraslm.adaptive import AdaptiveSoftmax
 from keraslm.backend import keras, tf
 from keraslm.config import PRESETS, LMConfig, preset_config
-from keraslm.precision import keras_policy
+from keraslm.precision import FEATURES_POLICY, keras_policy
 
 __all__ = ["PRESETS", "AdaptiveSoftmax", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput",
            "build_model", "full_decoder_weights", "lstm_biases", "preset_config",
@@ -147,8 +147,9 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
 
     `fused` runs the LSTMs with TensorFlow's fused kernel (`FusedLSTM`, same weights and
     numbers); export builds the plain Keras LSTM (`fused=False`), which tf2onnx converts.
-    `precision="bf16"` computes in bfloat16 with float32 weights (see `keraslm.precision`);
-    the logits and the returned state are float32 in both precisions.
+    `precision="bf16"` computes the output layer in bfloat16 (see `keraslm.precision`); the
+    layers before it, the weights, the logits and the returned state are float32 in both
+    precisions.
 
     As GluonNLP's `StandardRNN`: the embedding (and so a tied decoder) starts Uniform(-0.1, 0.1),
     the LSTM kernels Glorot-uniform (MXNet's Xavier), every bias at zero (Keras' differing
@@ -164,14 +165,14 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
     keys = keras.Input(shape=(), dtype="int32", name="noise_keys")
     states = [keras.Input(shape=(config.nhid,), name=name) for name in config.state_names()]
 
-    policy = keras_policy(precision)
+    policy = keras_policy(precision)  # the output layer's
     embedding = keras.layers.Embedding(
-        config.vocab_size, config.emsize, name="embedding", dtype=policy,
+        config.vocab_size, config.emsize, name="embedding", dtype=FEATURES_POLICY,
         embeddings_initializer=keras.initializers.RandomUniform(
             -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE, seed=None if seed is None else seed),
     )
     x = KeyedDropout(config.dropout, salt=0, name="embedding_dropout",
-                     dtype=policy)(embedding(tokens), keys)
+                     dtype=FEATURES_POLICY)(embedding(tokens), keys)
     new_states = []
     for layer in range(config.nlayers):
         lstm = (FusedLSTM if fused else keras.layers.LSTM)(
@@ -184,14 +185,13 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
             unit_forget_bias=False,
             use_cudnn=False,
             name=f"lstm{layer}",
-            dtype=policy,
+            dtype=FEATURES_POLICY,
         )
         x, h, c = lstm(x, initial_state=states[2 * layer : 2 * layer + 2])
         last = layer == config.nlayers - 1
         x = KeyedDropout(config.dropout, salt=layer + 1, shared_over_time=last,
-                         name=f"lstm{layer}_dropout", dtype=policy)(x, keys)
-        new_states += [h, c] if precision == "fp32" else [keras.ops.cast(s, "float32")
-                                                          for s in (h, c)]
+                         name=f"lstm{layer}_dropout", dtype=FEATURES_POLICY)(x, keys)
+        new_states += [h, c]
     if config.softmax == "adaptive":  # log-probabilities, which are logits too
         logits = AdaptiveSoftmax(config.vocab_size, config.cutoffs, config.div_value,
                                  embedding=embedding if config.tied else None,

@@ -1,9 +1,12 @@
 """Compute precision of training: fp32, or bf16 mixed precision where the hardware has bf16.
 
-`bf16` is mixed precision: the embedding, LSTMs and decoder matmuls compute in bfloat16 while the
-weights stay float32 (the optimizer updates float32 master weights), and the softmax's
-log-sum-exp, the loss, the gradients handed to the optimizer and the clipping norm are float32.
-The carried LSTM state is float32 between batches. Exports are float32 whatever the precision.
+`bf16` runs the output layer's matmuls in bfloat16, the bulk of the FLOPs at a large vocabulary
+([tokens, H] x [H, vocab] and its two gradient products), and keeps in float32 what has no fast
+bf16 kernel or gains nothing from one: the embedding, dropout and the LSTMs (TensorFlow's fused
+`BlockLSTM` kernel has no bf16 version, and Keras' generic LSTM is slower in bf16 than the fused
+kernel in float32). The weights stay float32 (the optimizer updates float32 master weights); the
+softmax's log-sum-exp, the loss, the gradients handed to the optimizer, the clipping norm and the
+carried LSTM state are float32. Exports are float32 whatever the precision.
 
 bf16 pays only on hardware that computes it natively: CPUs with AVX512-BF16 or AMX, or GPUs of
 compute capability 8.0 and later. Elsewhere TensorFlow emulates it, slower than fp32, so training
@@ -19,14 +22,16 @@ from pathlib import Path
 from keraslm.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
-KERAS_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+KERAS_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # the output layer's
+FEATURES_POLICY = "float32"  # the embedding, dropout and LSTMs, in every precision
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # Linux /proc/cpuinfo names
 GPU_BF16_CAPABILITY = (8, 0)
 ALLOW_EMULATED = "KERASLM_ALLOW_EMULATED_BF16"
 
 
 def keras_policy(precision: str) -> str:
-    """The Keras dtype policy of the model's layers for `precision`."""
+    """The Keras dtype policy of the model's output layer for `precision` (the layers before it
+    use `FEATURES_POLICY`)."""
     if precision not in KERAS_POLICIES:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return KERAS_POLICIES[precision]

@@ -15,6 +15,8 @@ from helpers_runs import wikitext_slices
 
 from keraslm import precision
 from keraslm import train as train_cli
+from keraslm.backend import tf
+from keraslm.losses import full_softmax_nll_sum
 from keraslm.model import LMConfig, build_model
 from keraslm.training.devices import make_strategy
 from keraslm.training.step import Trainer, make_optimizer, noise_keys
@@ -64,7 +66,7 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_weights_state_and_loss(monkeypatch
     _, _, fp32_losses, fp32_norms = _losses(config, data, "fp32")
     model, state, losses, norms = _losses(config, data, "bf16")
 
-    assert model.get_layer("lstm0").compute_dtype == "bfloat16"
+    assert model.get_layer("decoder").compute_dtype == "bfloat16"
     assert {v.dtype for v in model.trainable_variables} == {"float32"}
     assert {s.dtype for s in state} == {np.dtype(np.float32)}
     assert np.all(np.isfinite(losses))
@@ -98,6 +100,82 @@ def test_a_bf16_run_records_its_precision_and_exports_fp32(tmp_path, monkeypatch
                                                         onnx.TensorProto.INT64,
                                                         onnx.TensorProto.INT32}
     assert all(i.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 for i in graph.input)
+
+
+def _traced_ops(mode: str, softmax: str = "full"):
+    """The ops of one traced training forward+backward (the trainer's tape) under `mode`."""
+    config = LMConfig(vocab_size=200, emsize=32, nhid=32, nlayers=2, dropout=0.2, softmax=softmax,
+                      cutoffs=(50,) if softmax == "adaptive" else ())
+    strategy = make_strategy()
+    with strategy.scope():
+        model = build_model(config, seed=3, precision=mode)
+        trainer = Trainer(model, make_optimizer("sgd", 1.0), strategy)
+    data = np.random.default_rng(0).integers(0, 200, (8, 11)).astype(np.int32)
+    state = tuple(tf.zeros((8, 32)) for _ in config.state_names())
+    graph = trainer._forward_backward.get_concrete_function(
+        tf.constant(data[:, :10]), tf.constant(data[:, 1:]), tf.constant(noise_keys(0, 0, 0, 8)),
+        state, tf.constant(80.0)).graph
+    return model, graph.get_operations()
+
+
+def _outputs(ops, dtype, shape):
+    return [op for op in ops for out in op.outputs
+            if out.dtype == dtype and out.shape.as_list() == list(shape)]
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_bf16_keeps_the_fused_lstm_kernel_in_fp32(softmax, monkeypatch):
+    # BlockLSTM has no bf16 kernel: under bf16 the LSTMs must still run it, in float32
+    monkeypatch.setenv(precision.ALLOW_EMULATED, "1")
+    model, ops = _traced_ops("bf16", softmax)
+    assert model.get_layer("lstm0").compute_dtype == "float32"
+    assert model.get_layer("embedding").compute_dtype == "float32"
+    assert model.get_layer("decoder").compute_dtype == "bfloat16"
+    blocks = [op for op in ops if op.type == "BlockLSTM"]
+    assert len(blocks) == 2 and all(op.get_attr("T") == tf.float32 for op in blocks)
+    assert not [op for op in ops if op.type == "While"]  # Keras' generic LSTM loops
+
+
+def test_bf16_runs_the_decoder_matmuls_in_bf16_without_float32_logits(monkeypatch):
+    monkeypatch.setenv(precision.ALLOW_EMULATED, "1")
+    tokens, vocab = 80, 200
+    _, fp32_ops = _traced_ops("fp32")
+    _, ops = _traced_ops("bf16")
+    bf16_matmuls = [op for op in ops if op.type == "MatMul" and op.get_attr("T") == tf.bfloat16]
+    shapes = sorted(tuple(op.outputs[0].shape.as_list()) for op in bf16_matmuls)
+    assert shapes == [(tokens, 32), (tokens, vocab), (vocab, 32)]  # forward, d hidden, d kernel
+    # the [tokens, vocab] logits exist in float32 only inside the XLA passes, never in between
+    assert _outputs(fp32_ops, tf.float32, (tokens, vocab))
+    assert not _outputs(ops, tf.float32, (tokens, vocab))
+    assert _outputs(ops, tf.bfloat16, (tokens, vocab))
+
+
+def test_the_bf16_fused_softmax_matches_fp32_in_value_and_gradients():
+    rng = np.random.default_rng(1)
+    vocab, width = 300, 24
+    embedding = tf.constant(rng.uniform(-0.1, 0.1, (vocab, width)), tf.float32)
+    bias = tf.constant(rng.normal(0, 0.5, vocab), tf.float32)
+    hidden = tf.constant(rng.normal(0, 1, (6, 7, width)), tf.float32)
+    targets = rng.integers(0, vocab, (6, 7)).astype(np.int32)
+    targets[0, :3] = -1  # padding
+    results = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        h = tf.cast(hidden, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch([h, embedding, bias])
+            loss = full_softmax_nll_sum(h, embedding, bias, tf.constant(targets),
+                                        transposed_kernel=True)
+        grads = tape.gradient(loss, [h, embedding, bias])
+        results[dtype] = loss, grads
+    loss32, (h32, k32, b32) = results[tf.float32]
+    loss16, (h16, k16, b16) = results[tf.bfloat16]
+    assert loss16.dtype == tf.float32 and h16.dtype == tf.bfloat16
+    assert k16.dtype == tf.float32 and b16.dtype == tf.float32
+    assert float(loss16) != float(loss32)  # it did compute in bf16
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-3)
+    for fast, exact in ((h16, h32), (k16, k32), (b16, b32)):
+        fast, exact = np.asarray(tf.cast(fast, tf.float32)), np.asarray(exact)
+        assert np.linalg.norm(fast - exact) < 2e-2 * np.linalg.norm(exact)
 
 
 @pytest.mark.parametrize("bad", ["fp16", "float32"])
