@@ -32,6 +32,18 @@ from keraslm.config import check_cutoffs, default_cutoffs, tail_widths
 __all__ = ["AdaptiveSoftmax", "check_cutoffs", "default_cutoffs"]
 
 
+@tf.function(jit_compile=True)
+def _masked_cross_entropy_sum(logits: tf.Tensor, labels: tf.Tensor,
+                              weights: tf.Tensor) -> tf.Tensor:
+    """sum(weights * -log softmax(logits)[labels]), with its gradient, compiled by XLA into a
+    pass or two over the logits (TensorFlow's own sparse cross-entropy kernel is slower on CPU
+    than the head's matmul). The head's shape is fixed by the batch; the tails', which vary with
+    the targets, are not compiled."""
+    lse = tf.reduce_logsumexp(logits, axis=1)
+    picked = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    return tf.reduce_sum(weights * (lse - picked))
+
+
 @keras.saving.register_keras_serializable("keraslm")
 class AdaptiveSoftmax(keras.layers.Layer):
     """The head and tail weights over a vocabulary of `vocab_size` words (see the module doc).
@@ -139,13 +151,13 @@ class AdaptiveSoftmax(keras.layers.Layer):
         only on the rows whose target falls in it. `hidden` [..., H], `targets` [...]."""
         flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
         targets = tf.reshape(targets, [-1])
-        rows = tf.where(targets != PAD_TARGET)[:, 0]
-        flat, targets = tf.gather(flat, rows), tf.gather(targets, rows)
+        is_target = targets != PAD_TARGET
+        targets = tf.where(is_target, targets, tf.zeros_like(targets))  # padding: a head word
         cluster = self._clusters_of(targets)
         # a head word is its own head column; a tail word is its cluster's column
         column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
-        nll = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=column, logits=self._head_logits(flat)))
+        nll = _masked_cross_entropy_sum(self._head_logits(flat), column,
+                                        tf.cast(is_target, tf.float32))
         bounds = (*self.cutoffs, self.vocab_size)
         for i, start in enumerate(bounds[:-1]):
             inside = tf.where(cluster == i + 1)[:, 0]

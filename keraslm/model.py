@@ -11,6 +11,7 @@ from keraslm.adaptive import AdaptiveSoftmax
 from keraslm.backend import keras, tf
 from keraslm.config import PRESETS, LMConfig, preset_config
 from keraslm.precision import FEATURES_POLICY, keras_policy
+from keraslm.recurrence import block_lstm
 
 __all__ = ["PRESETS", "AdaptiveSoftmax", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput",
            "build_model", "full_decoder_weights", "lstm_biases", "preset_config",
@@ -25,6 +26,19 @@ def _fmix32(h: tf.Tensor) -> tf.Tensor:
     h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
     h = tf.bitwise.bitwise_and(h * 0xC2B2AE35, mask)
     return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+
+
+@tf.function(jit_compile=True)
+def _keep_mask(keys: tf.Tensor, time: tf.Tensor, width: tf.Tensor, salt: int,
+               rate: float) -> tf.Tensor:
+    """Which units dropout keeps (1.0) or drops (0.0), [batch, time, width], from each row's key
+    hashed with the (time, unit) position. XLA fuses the hash's dozen integer ops into one
+    pass, instead of a [batch, time, width] int64 tensor per op."""
+    position = tf.cast(tf.range(time)[:, None] * width + tf.range(width)[None, :], tf.int64)
+    row = _fmix32(tf.cast(keys, tf.int64) % (1 << 32) ^ (salt * 0x9E3779B9 % (1 << 32)))
+    bits = _fmix32(tf.bitwise.bitwise_xor(row[:, None, None], position[None]) % (1 << 32))
+    uniform = tf.cast(bits, tf.float32) * (1.0 / 4294967296.0)
+    return tf.cast(uniform >= rate, tf.float32)
 
 
 @keras.saving.register_keras_serializable("keraslm")
@@ -49,13 +63,8 @@ class KeyedDropout(keras.layers.Layer):
             return x
         shape = tf.shape(x)
         time = 1 if self.shared_over_time else shape[1]
-        width = shape[2]
-        position = tf.cast(tf.range(time)[:, None] * width + tf.range(width)[None, :], tf.int64)
-        row = _fmix32(tf.cast(keys, tf.int64) % (1 << 32) ^ (self.salt * 0x9E3779B9 % (1 << 32)))
-        bits = _fmix32(tf.bitwise.bitwise_xor(row[:, None, None], position[None]) % (1 << 32))
-        uniform = tf.cast(bits, tf.float32) * (1.0 / 4294967296.0)
-        keep = tf.cast(uniform >= self.rate, x.dtype)  # [batch, time or 1, width]
-        return x * keep / (1.0 - self.rate)
+        keep = _keep_mask(keys, time, shape[2], self.salt, self.rate)  # [batch, time or 1, width]
+        return x * tf.cast(keep, x.dtype) / (1.0 - self.rate)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "salt": self.salt,
@@ -86,8 +95,9 @@ class FusedLSTM(keras.layers.LSTM):
     """Keras' LSTM run by TensorFlow's fused `BlockLSTM` kernel: same weights, same numbers.
 
     The generic Keras LSTM (no cuDNN) runs a `while_loop` of small ops per time step; the fused
-    kernel computes every step's gates, cell and output in one op, forward and backward (measured
-    1.9x faster on the 2-layer LSTM of standard_lstm_lm_200). The weights are the parent's
+    kernel computes every step's gates, cell and output in one op (measured 1.9x faster on the
+    2-layer LSTM of standard_lstm_lm_200), and `keraslm.recurrence` backpropagates through it
+    with whole-sequence matmuls. The weights are the parent's
     (kernel, recurrent_kernel and bias in Keras' i, f, c, o gate order, handed to the kernel in
     its i, c, f, o order), so a weights file loads into either class, and export rebuilds the
     plain LSTM, which tf2onnx turns into a native ONNX LSTM. Where the kernel does not apply
@@ -117,14 +127,9 @@ class FusedLSTM(keras.layers.LSTM):
         h0, c0 = (tf.cast(s, x.dtype) for s in initial_state)
         cell = self.cell
         weights = tf.concat([cell.kernel, cell.recurrent_kernel], axis=0)
-        no_peephole = tf.zeros((self.units,), x.dtype)
-        outputs = tf.raw_ops.BlockLSTM(
-            seq_len_max=tf.cast(tf.shape(x)[0], tf.int64), x=x, cs_prev=c0, h_prev=h0,
-            w=_icfo(tf.cast(weights, x.dtype)), wci=no_peephole, wcf=no_peephole,
-            wco=no_peephole, b=_icfo(tf.cast(cell.bias, x.dtype)), forget_bias=0.0,
-            cell_clip=-1.0, use_peephole=False)
-        cells, hidden = outputs[1], outputs[6]  # [time, batch, units]
-        return [tf.transpose(hidden, (1, 0, 2)), hidden[-1], cells[-1]]
+        hidden, last_cell = block_lstm(x, h0, c0, _icfo(tf.cast(weights, x.dtype)),
+                                       _icfo(tf.cast(cell.bias, x.dtype)))  # [time, batch, units]
+        return [tf.transpose(hidden, (1, 0, 2)), hidden[-1], last_cell]
 
 
 # Keras' weights files address a model's layers by class name: under LSTM's name, a file saved
