@@ -158,7 +158,7 @@ def convert(model: keras.Model, config: LMConfig, opset: int, *,
     set_io_contract(proto, config)
     check_native_lstm(proto, config.nlayers)
     if config.tied and share_tied:
-        share_tied_embedding(proto, embedding_matrix(model))
+        share_tied_embedding(proto, embedding_matrix(model), tied_words(config))
     return proto
 
 
@@ -198,44 +198,72 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield attr.t
 
 
-def share_tied_embedding(proto: onnx.ModelProto, embedding: np.ndarray) -> None:
-    """Replace tf2onnx's folded copies of embedding.T by a Transpose of the embedding initializer.
+def share_tied_embedding(proto: onnx.ModelProto, embedding: np.ndarray,
+                         words: int | None = None) -> None:
+    """Replace tf2onnx's folded copies of the tied embedding by nodes that read the embedding
+    initializer, so that its weights are stored once.
 
-    A copy is embedding.T itself, or embedding.T with the folded decoder bias as one more row:
-    the bias then becomes a [vocab] initializer of its own, stacked back under the Transpose.
-    The embedding matrix is stored once; onnxruntime folds these constant nodes when it loads,
-    so the decoder still multiplies by a constant.
+    A copy holds embedding[:words].T (`words`: every word for the full softmax, the head's
+    shortlist for the adaptive softmax), possibly with columns of its own to its right (the
+    adaptive head's cluster logits) and one row below (the full softmax's folded bias). It
+    becomes Transpose (of a Slice, for the shortlist) of the embedding, its own columns and row
+    concatenated back as small initializers. onnxruntime folds these constant nodes when it
+    loads, so the decoder still multiplies by a constant.
     """
     graph = proto.graph
-    original = _initializers_equal_to(graph, embedding)
-    copies = {t.name: t for t in graph.initializer if _extends(t, embedding.T)}
+    rows = embedding.shape[1]
+    words = len(embedding) if words is None else words
+    top = embedding[:words].T
+    copies = {t.name: t for t in graph.initializer if _extends(t, top)}
     if not copies:
         return
+    original = _initializers_equal_to(graph, embedding)
     if not original:
         raise RuntimeError("tied export: the embedding initializer is missing from the graph")
-    transposed = f"{original[0]}__transposed"
-    new_nodes = [helper.make_node("Transpose", [original[0]], [transposed],
-                                  name="tied_decoder_weight", perm=[1, 0])]
-    rows = embedding.shape[1]
     kept = [t for t in graph.initializer if t.name not in copies]
+    source, new_nodes = original[0], []
+    if words < len(embedding):  # the first `words` rows
+        bounds = [f"{source}__{part}" for part in ("start", "words", "axis")]
+        kept += [numpy_helper.from_array(np.array([value], np.int64), name)
+                 for name, value in zip(bounds, (0, words, 0))]
+        new_nodes.append(helper.make_node("Slice", [source, *bounds], [f"{source}__head"],
+                                          name=f"{source}__head"))
+        source = f"{source}__head"
+    transposed = f"{source}__transposed"
+    new_nodes.append(helper.make_node("Transpose", [source], [transposed],
+                                      name="tied_decoder_weight", perm=[1, 0]))
     renamed = {}
     for name, tensor in copies.items():
-        if tensor.dims[0] == rows:
-            renamed[name] = transposed
-            continue
-        bias, row, axis = f"{name}__bias", f"{name}__bias_row", f"{name}__axis0"
-        renamed[name] = f"{name}__tied"
-        kept += [numpy_helper.from_array(numpy_helper.to_array(tensor)[rows], bias),
-                 numpy_helper.from_array(np.array([0], np.int64), axis)]
-        new_nodes += [helper.make_node("Unsqueeze", [bias, axis], [row], name=row),
-                      helper.make_node("Concat", [transposed, row], [renamed[name]],
-                                       name=renamed[name], axis=0)]
+        array, value = numpy_helper.to_array(tensor), transposed
+        if array.shape[1] > words:  # columns of its own, right of the embedding's
+            columns = f"{name}__columns"
+            kept.append(numpy_helper.from_array(array[:rows, words:], columns))
+            new_nodes.append(helper.make_node("Concat", [value, columns], [f"{name}__wide"],
+                                              name=f"{name}__wide", axis=1))
+            value = f"{name}__wide"
+        if array.shape[0] > rows:  # the folded bias, one row below
+            bias, row, axis = f"{name}__bias", f"{name}__bias_row", f"{name}__axis0"
+            kept += [numpy_helper.from_array(array[rows], bias),
+                     numpy_helper.from_array(np.array([0], np.int64), axis)]
+            new_nodes += [helper.make_node("Unsqueeze", [bias, axis], [row], name=row),
+                          helper.make_node("Concat", [value, row], [f"{name}__tied"],
+                                           name=f"{name}__tied", axis=0)]
+            value = f"{name}__tied"
+        renamed[name] = value
     for node in graph.node:
         node.input[:] = [renamed.get(name, name) for name in node.input]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for node in reversed(new_nodes):
         graph.node.insert(0, node)
+
+
+def tied_words(config: LMConfig) -> int:
+    """How many of the embedding's rows the tied output layer reads: every word's for the full
+    softmax, the head's shortlist (the first cutoff) for the adaptive softmax."""
+    if config.softmax == "adaptive" and config.cutoffs:
+        return config.cutoffs[0]
+    return config.vocab_size
 
 
 def _initializers_equal_to(graph: onnx.GraphProto, value: np.ndarray) -> list[str]:
@@ -246,11 +274,13 @@ def _initializers_equal_to(graph: onnx.GraphProto, value: np.ndarray) -> list[st
 
 
 def _extends(tensor: TensorProto, top: np.ndarray) -> bool:
-    """Whether `tensor` is `top`, or `top` with one more row (the folded bias) below it."""
+    """Whether `tensor` is `top`, possibly with columns to its right and one more row (the
+    folded bias) below it."""
     dims = tuple(tensor.dims)
-    if len(dims) != 2 or dims[1] != top.shape[1] or not top.shape[0] <= dims[0] <= top.shape[0] + 1:
+    if (len(dims) != 2 or not top.shape[0] <= dims[0] <= top.shape[0] + 1
+            or dims[1] < top.shape[1]):
         return False
-    return np.array_equal(numpy_helper.to_array(tensor)[:top.shape[0]], top)
+    return np.array_equal(numpy_helper.to_array(tensor)[:top.shape[0], :top.shape[1]], top)
 
 
 def set_io_contract(proto: onnx.ModelProto, config: LMConfig) -> None:

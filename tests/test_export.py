@@ -19,6 +19,8 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 from helpers_runs import WIKITEXT_VALID, make_run, wikitext_tokens
+from onnx import shape_inference
+from onnx.utils import Extractor
 
 from export import graph
 from export.to_onnx import DEFAULT_OPSET, export_run, main
@@ -135,6 +137,17 @@ def test_logprobs_match_keras_with_state_carried_across_chunks(exported, text, b
     assert abs(onnx_ppl / keras_ppl - 1) <= 1e-4
 
 
+def test_next_logprobs_is_a_normalised_distribution(exported, text):
+    """Each row of `next_logprobs` sums to 1 (the adaptive softmax's head and tails together),
+    in float64 to leave float32's own rounding out of it."""
+    config, sess = exported["config"], exported["session"]
+    stream = columns(text[1], 5, CHUNK)
+    _, _, last = onnx_call(sess, config, stream[:, :-1], stream[:, 1:], zero_state(config, 5))
+    assert last.shape == (5, config.vocab_size)
+    total = np.exp(last.astype(np.float64)).sum(axis=1)
+    np.testing.assert_allclose(total, 1.0, rtol=0, atol=1e-5)
+
+
 def test_hidden_output_is_the_last_lstm_layer_that_the_decoder_reads(exported, text):
     """`hidden` equals Keras' last-layer output over two chunks (state carried), and decoding it
     with the model's own output layer gives the graph's log-probabilities."""
@@ -189,6 +202,69 @@ def test_target_logprobs_are_read_by_row_and_word_never_by_a_flat_index(exported
         assert len(readers) == 2 * (1 + len(exported["config"].cutoffs))
     assert sum("GatherND" in r for r in readers) >= 1 + len(exported["config"].cutoffs)
     assert not set().union(*readers) & {"Reshape", "Flatten"}  # never flattened
+
+
+INDEXING_OPS = {"Gather", "GatherND", "GatherElements", "ScatterND", "ScatterElements"}
+BIG_VOCAB = 100_000
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_indices_are_safe_past_2_31_logits_without_materialising_them(softmax):
+    """Every index the graph reads or writes with (Gather, GatherND, ScatterND...) is computed
+    from the tokens, the targets and shapes alone: the subgraph that computes them holds no
+    matmul, softmax or LSTM. So it runs on its own at a size whose logits would pass 2**31
+    (60,000 targets x a 100,000-word softmax; the adaptive head's 50,001 columns and its tail's
+    50,000 words on 60,000 and ~48,000 rows), and there every integer it computes stays within
+    2 x max(vocabulary, positions) of 0 (tf2onnx adds a Gather's size to each index, for
+    negative ones): no row * width + word, whose int32 product would wrap and whose int64 one
+    would leave that range. The indices themselves are never negative."""
+    extra = ({"softmax": "adaptive", "cutoffs": (BIG_VOCAB // 2,), "div_value": 2.0}
+             if softmax == "adaptive" else {})
+    config = LMConfig(BIG_VOCAB, emsize=4, nhid=4, nlayers=1, tied=True, **extra)
+    proto = shape_inference.infer_shapes(graph.convert(
+        load_model(config), config, DEFAULT_OPSET))
+    indices = sorted({n.input[1] for n in proto.graph.node if n.op_type in INDEXING_OPS})
+    sub = Extractor(proto).extract_model(graph.input_names(config), indices)
+    assert not {n.op_type for n in sub.graph.node} & {"MatMul", "Gemm", "LogSoftmax",
+                                                     "Softmax", "LSTM"}
+    integer = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+    sub.graph.output.extend(v for v in proto.graph.value_info
+                            if v.type.tensor_type.elem_type in integer
+                            and v.name in {o for n in sub.graph.node for o in n.output}
+                            and v.name not in indices)
+
+    steps, rng = 60_000, np.random.default_rng(0)
+    head = config.cutoffs[0] if config.cutoffs else BIG_VOCAB  # words the head scores
+    targets = rng.integers(0, BIG_VOCAB, steps)
+    if config.cutoffs:  # 80 % in the tail, 20 % in the head
+        targets = np.where(rng.random(steps) < 0.8, rng.integers(head, BIG_VOCAB, steps),
+                           rng.integers(0, head, steps))
+        # head rows x its columns (words and a cluster), tail rows x its words
+        assert steps * (head + 1) > 2**31 and (targets >= head).sum() * (BIG_VOCAB - head) > 2**31
+    else:
+        assert steps * BIG_VOCAB > 2**31
+    targets[rng.random(steps) < 0.01] = -1  # padding
+    feed = {"tokens": rng.integers(0, BIG_VOCAB, (1, steps)).astype(np.int32),
+            "targets": targets[None].astype(np.int32),
+            **{name: np.zeros((1, config.nhid), np.float32) for name in config.state_names()}}
+    sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sub.graph.input}
+    values = dict(zip([o.name for o in sess.get_outputs()],
+                      sess.run(None, {k: v for k, v in feed.items() if k in wanted})))
+    assert set(indices) <= set(values) and len(values) > 2 * len(indices)
+    for name, value in values.items():
+        assert value.dtype.kind == "i", name
+        if value.size:
+            assert np.abs(value).max() <= 2 * max(BIG_VOCAB, steps), name
+    for name in indices:
+        assert values[name].min() >= 0, name  # never read from the end
+
+
+def load_model(config: LMConfig):
+    """A Keras model of `config` as export loads one (the plain LSTM, not the fused kernel)."""
+    from keraslm.model import build_model
+
+    return build_model(config, seed=0, fused=False)
 
 
 def test_the_decoder_runs_only_at_targets_and_last_positions(exported, text, tmp_path):
@@ -271,15 +347,25 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert info["quantization"] is None and info["external_data"] == []
 
 
-def test_tied_embedding_is_stored_once(tmp_path):
-    config = LMConfig(5000, emsize=16, nhid=16, nlayers=1, tied=True)
-    vocab = Vocab(["<unk>", "<eos>", *(f"w{i}" for i in range(4998))])
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_tied_embedding_is_stored_once(tmp_path, softmax):
+    """tf2onnx folds the tied decoder's weight (the embedding transposed; for the adaptive
+    softmax, its first cutoffs[0] rows transposed beside the cluster columns) into a copy of
+    its own; export reads it from the embedding instead, so the file is ~4 bytes a parameter."""
+    extra = ({"softmax": "adaptive", "cutoffs": (1000, 3000), "div_value": 2.0}
+             if softmax == "adaptive" else {})
+    config = LMConfig(8000, emsize=16, nhid=16, nlayers=1, tied=True, **extra)
+    vocab = Vocab(["<unk>", "<eos>", *(f"w{i}" for i in range(7998))])
     bundle = export_run(make_run(tmp_path / "run", config, vocab), tmp_path / "bundle")
     size = (bundle / "model.onnx").stat().st_size
     assert abs(size / (4 * config.num_parameters()) - 1) < 0.03
-    big = [t for t in onnx.load(bundle / "model.onnx").graph.initializer
-           if 5000 in t.dims]
-    assert len(big) == 2  # the [V, E] embedding and the decoder's own [V] bias
+    initializers = onnx.load(bundle / "model.onnx").graph.initializer
+    big = [t for t in initializers if 8000 in t.dims]
+    if softmax == "full":
+        assert len(big) == 2  # the [V, E] embedding and the decoder's own [V] bias
+    else:
+        assert len(big) == 1  # the embedding; no [E, 1000 + 2] head of its own
+        assert not [t for t in initializers if 1000 in t.dims or 1002 in t.dims]
 
 
 def test_external_data_path_gives_the_same_model(exported, text, tmp_path):
@@ -296,10 +382,12 @@ def test_external_data_path_gives_the_same_model(exported, text, tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_quantize_int8_reports_its_effect(text, tmp_path, capsys, external):
+@pytest.mark.parametrize(("name", "external"), [("tied-2layers", False),
+                                                 ("tied-2layers", True),
+                                                 ("adaptive-tied-2layers", False)])
+def test_quantize_int8_reports_its_effect(text, tmp_path, capsys, name, external):
     vocab, ids = text
-    config = CONFIGS["tied-2layers"]
+    config = CONFIGS[name]
     run = make_run(tmp_path / "run", config, vocab, seed=2, valid_path=WIKITEXT_VALID)
     flags = ["--quantize", "int8"] + (["--external-data"] if external else [])
     assert main([str(run.path), "--out", str(tmp_path / "bundle"), *flags]) == 0
