@@ -107,6 +107,23 @@ def tiny_bundle(tmp_path_factory):
     return build_bundle(tmp_path_factory.mktemp("serve"))
 
 
+@pytest.fixture(scope="session")
+def adaptive_bundle(tmp_path_factory):
+    """The tiny bundle's model with the adaptive softmax as its output layer
+    (helpers_runs.ADAPTIVE: a head of 20 words and two tail clusters), tied, random weights."""
+    from helpers_runs import ADAPTIVE, build_bundle
+
+    return build_bundle(tmp_path_factory.mktemp("serve"), "adaptive", **ADAPTIVE)
+
+
+@pytest.fixture(params=["full", "adaptive"])
+def each_bundle(request):
+    """The tiny bundle of each softmax (`tiny_bundle`, `adaptive_bundle`): what serving must do
+    the same way whichever output layer a bundle has."""
+    return request.getfixturevalue({"full": "tiny_bundle",
+                                    "adaptive": "adaptive_bundle"}[request.param])
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path) -> Path:
     """A private copy of the tiny bundle, free to damage."""

@@ -88,16 +88,22 @@ class TinyBundle(NamedTuple):
     bundle: Path
 
 
+# The adaptive tiny bundle's output layer: a head of 20 words and 2 clusters, tails of 60 and
+# 122 words projected to 8 and 4 units.
+ADAPTIVE = {"softmax": "adaptive", "cutoffs": [20, 80], "div_value": 2.0}
+
+
 def make_bundle(root: Path, name: str = "tiny", *, seed: int = 0, words: int = 3000,
-                vocab: int = 200, size: int = 16, nlayers: int = 2) -> TinyBundle:
+                vocab: int = 200, size: int = 16, nlayers: int = 2, **output) -> TinyBundle:
     """A run with random weights under root/runs/<name>, exported to root/bundles/<name>: an
     LSTM of `nlayers` x `size` over the `vocab` most frequent of the first `words` WikiText-2
-    valid tokens (plus <unk> and <eos>). The defaults make the tiny bundle: 2x16, 202 tokens."""
+    valid tokens (plus <unk> and <eos>), tied; `output` the output layer's LMConfig fields
+    (e.g. ADAPTIVE). The defaults make the tiny bundle: 2x16, 202 tokens, a full softmax."""
     from export.to_onnx import export_run  # TensorFlow
 
     built = Vocab.build(wikitext_tokens(words), max_size=vocab)
     config = LMConfig(vocab_size=len(built), emsize=size, nhid=size, nlayers=nlayers,
-                      dropout=0.0)
+                      dropout=0.0, **output)
     run = make_run(root / "runs" / name, config, built, seed=seed)
     return TinyBundle(run.path, Path(export_run(run, root / "bundles" / name)))
 

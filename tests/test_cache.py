@@ -225,11 +225,12 @@ def test_lambda_zero_scores_exactly_like_the_plain_scorer(scorer, excerpt):
             == [s.log_likelihood for s in zero.score(texts)])
 
 
-def test_score_file_equals_the_token_by_token_reference(scorer, excerpt):
+def test_score_file_equals_the_token_by_token_reference(each_bundle, excerpt):
     """Batch 1: one unchunked pass of the graph, then the definition token by token, equals
     score_file's chunked, carried cache (bptt 5: chunks mixed 51 at a time; bptt 1000: a
-    chunk cut into pieces)."""
-    cached = with_cache(scorer, SETTINGS)
+    chunk cut into pieces). Either softmax: the cache reads `hidden`, whatever decodes it."""
+    cached = Scorer(each_bundle.bundle, device="cpu", threads=1, batch_size=3, bptt=5,
+                    cache=SETTINGS)
     ids = cached.vocab.encode(TextPipeline().iter_tokens(excerpt))[:700]
     path = excerpt.parent / "short.tokens"
     path.write_text(" ".join(cached.vocab.decode(ids)) + "\n", encoding="utf-8")

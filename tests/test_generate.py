@@ -147,14 +147,15 @@ def keras_greedy_path(run: Path, context: list[int], steps: int, banned: list[in
 
 
 @pytest.mark.parametrize("allow_unk", [False, True])
-def test_greedy_generation_is_the_keras_models_argmax_path(tiny_bundle, bundle,
-                                                           allow_unk):
+def test_greedy_generation_is_the_keras_models_argmax_path(each_bundle, allow_unk):
+    """Either softmax: generation reads `next_logprobs`, whatever computed it."""
+    bundle = load_bundle(each_bundle.bundle)
     prompt = "the game began in"
     samples = gen.generate(bundle, prompt, tokens=25, temperature=0.0, num_samples=2,
                            allow_unk=allow_unk)
     context = bundle.vocab.encode(["<eos>", *gen.prompt_tokens(bundle.pipeline, prompt)])
     banned = [] if allow_unk else [bundle.vocab.unk_id]
-    expected = keras_greedy_path(tiny_bundle.run, context.tolist(), 25, banned)
+    expected = keras_greedy_path(each_bundle.run, context.tolist(), 25, banned)
     assert samples[0].ids == samples[1].ids == expected
     assert samples[0].tokens == bundle.vocab.decode(expected)
 

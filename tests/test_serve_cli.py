@@ -102,7 +102,8 @@ def test_summary_reads_like_kenlm_query(capsys, bundle, corpus):
     assert fields["Perplexity including <unk>"] == f"{expected.perplexity:.2f}"
 
 
-def test_per_line_scores_every_line_on_its_own(capsys, bundle, corpus, tmp_path):
+def test_per_line_scores_every_line_on_its_own(capsys, each_bundle, corpus, tmp_path):
+    bundle = str(each_bundle.bundle)  # either softmax: the script never asks which
     out_path = tmp_path / "lines.jsonl"
     code, out, _ = run_cli(capsys, corpus, "--model", bundle, "--per-line", out_path, "--json")
     assert code == 0 and json.loads(out)["num_tokens"] > 0
