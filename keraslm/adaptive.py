@@ -14,10 +14,12 @@ plus one logit per tail cluster; tail cluster i (from 1) first projects the hidd
 and every row of `log_probs` sums to 1. `nll_sum`, the training loss, runs each tail only on the
 rows whose target falls in it. As PyTorch's by default, no layer here has a bias.
 
-Tying: given the model's embedding, the head's word rows *are* the embedding's rows of the head
-words (the most frequent ones, which carry most of the probability mass); the cluster logits and
-the tails keep weights of their own, since their shapes are not the embedding's. Untied, the head
-owns all its weights, as PyTorch's layer does.
+Tying: given the model's embedding E, the head's word rows *are* the embedding's rows of the
+head words, and tail i's output matrix is its words' embedding rows projected to the tail's
+width, (E[start:end] @ Q_i)^T with Q_i [H, width] learned: every word's output vector comes from
+its input embedding, as with a tied full softmax, at the tail's reduced rank. Only the cluster
+logits and the projections are weights of their own. Untied, the head and tails own all their
+weights, as PyTorch's layer does.
 """
 
 from __future__ import annotations
@@ -80,8 +82,14 @@ class AdaptiveSoftmax(keras.layers.Layer):
         for i, ((start, end), width) in enumerate(zip(pairwise(bounds), widths), 1):
             self.projections.append(self.add_weight(
                 name=f"tail{i}_projection", shape=(hidden, width), initializer=self._glorot(2 * i - 1)))
-            self.outputs.append(self.add_weight(
-                name=f"tail{i}_output", shape=(width, end - start), initializer=self._glorot(2 * i)))
+            if self.embedding is None:
+                self.outputs.append(self.add_weight(name=f"tail{i}_output",
+                                                    shape=(width, end - start),
+                                                    initializer=self._glorot(2 * i)))
+            else:  # the tail's words' embedding rows, projected to the tail's width
+                self.outputs.append(self.add_weight(name=f"tail{i}_embedding_projection",
+                                                    shape=(hidden, width),
+                                                    initializer=self._glorot(2 * i)))
 
     @property
     def shortlist(self) -> int:
@@ -99,9 +107,18 @@ class AdaptiveSoftmax(keras.layers.Layer):
     def _head_logits(self, flat: tf.Tensor) -> tf.Tensor:
         return tf.cast(tf.matmul(flat, tf.cast(self.head_weight(), flat.dtype)), "float32")
 
+    def tail_weight(self, i: int) -> tf.Tensor:
+        """Tail i's [width, size] output matrix (tied: its words' embedding rows projected,
+        (E[start:end] @ Q_i)^T)."""
+        if self.embedding is None:
+            return self.outputs[i]
+        bounds = (*self.cutoffs, self.vocab_size)
+        rows = self.embedding.embeddings[bounds[i]:bounds[i + 1]]
+        return tf.transpose(tf.matmul(rows, self.outputs[i]))
+
     def _tail_logits(self, i: int, flat: tf.Tensor) -> tf.Tensor:
         projected = tf.matmul(flat, tf.cast(self.projections[i], flat.dtype))
-        return tf.cast(tf.matmul(projected, tf.cast(self.outputs[i], flat.dtype)), "float32")
+        return tf.cast(tf.matmul(projected, tf.cast(self.tail_weight(i), flat.dtype)), "float32")
 
     def _clusters_of(self, targets: tf.Tensor) -> tf.Tensor:
         """0 for a head word, i for a word of tail i (a sum of comparisons, not searchsorted,

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keraslm.adaptive import AdaptiveSoftmax, check_cutoffs, default_cutoffs
+from keraslm.backend import keras
 from keraslm.batching import PAD_TARGET
 from keraslm.errors import UserError
 
@@ -142,3 +143,36 @@ def test_default_cutoffs(vocab, cutoffs):
 def test_bad_cutoffs_are_refused(cutoffs, div, message):
     with pytest.raises(UserError, match=message):
         check_cutoffs(cutoffs, VOCAB, HIDDEN, div)
+
+
+def test_tied_layer_reads_its_output_vectors_from_the_embedding():
+    """Tied: the head's word columns are the embedding's first rows, and tail i's output matrix
+    is its words' embedding rows through the tail's own projection Q_i."""
+    embedding = keras.layers.Embedding(VOCAB, HIDDEN)
+    embedding.build((None,))
+    tied = AdaptiveSoftmax(VOCAB, CUTOFFS, DIV, embedding=embedding)
+    tied.build((None, HIDDEN))
+    rng = np.random.default_rng(9)
+    for weight in [*tied.weights, embedding.embeddings]:
+        weight.assign(rng.normal(0, 0.5, weight.shape).astype(np.float32))
+    table = embedding.embeddings.numpy()
+    head = np.concatenate([table[:CUTOFFS[0]].T, tied.clusters.numpy()], axis=1)
+    hidden = rng.normal(size=(6, HIDDEN)).astype(np.float32)
+    head_lp = log_softmax(hidden @ head)
+    bounds = (0, *CUTOFFS, VOCAB)
+    want = [head_lp[:, :CUTOFFS[0]]]
+    for i in range(len(CUTOFFS)):
+        output = (table[bounds[i + 1]:bounds[i + 2]] @ tied.outputs[i].numpy()).T
+        tail = log_softmax(hidden @ tied.projections[i].numpy() @ output)
+        want.append(head_lp[:, CUTOFFS[0] + i:CUTOFFS[0] + i + 1] + tail)
+    got = tied.log_probs(tf.constant(hidden)).numpy()
+    np.testing.assert_allclose(got, np.concatenate(want, axis=1), atol=1e-4)
+    np.testing.assert_allclose(np.exp(got).sum(axis=1), 1.0, atol=1e-5)
+    targets = tf.constant(rng.integers(0, VOCAB, 6), tf.int32)
+    picked = np.take_along_axis(got, targets.numpy()[:, None], axis=1)[:, 0]
+    assert tied.nll_sum(tf.constant(hidden), targets).numpy() == pytest.approx(-picked.sum(),
+                                                                             rel=1e-5)
+    assert embedding.embeddings.shape == (VOCAB, HIDDEN)  # no copy of the table in the layer
+    assert {w.name for w in tied.weights} == {"embeddings", "clusters", "tail1_projection",
+                                             "tail1_embedding_projection", "tail2_projection",
+                                             "tail2_embedding_projection"}
