@@ -48,15 +48,16 @@ def pick_run(spec: str | None, work: Path, data_root: Path):
     return untrained_run(work / "run", data_root), "untrained"
 
 
-def untrained_run(path: Path, data_root: Path):
-    """A run folder holding an untrained standard_lstm_lm_200 over the WikiText-2 vocabulary."""
+def untrained_run(path: Path, data_root: Path, **model_options):
+    """A run folder holding an untrained standard_lstm_lm_200 over the WikiText-2 vocabulary
+    (`model_options`: LMConfig fields to override, e.g. softmax, cutoffs, div_value)."""
     from keraslm.data import build_vocab
     from keraslm.model import build_model, preset_config
     from keraslm.rundir import RunDir
     from keraslm.text import WIKITEXT
 
     vocab = build_vocab(data_root / "wikitext-2" / "wiki.train.tokens", WIKITEXT)
-    config = preset_config(PRESET, len(vocab))
+    config = preset_config(PRESET, len(vocab), **model_options)
     run = RunDir(path).create()
     run.write_config({"model": config.to_dict(), "pipeline": WIKITEXT.to_dict()})
     vocab.save(run.vocab_path)

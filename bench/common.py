@@ -1,10 +1,20 @@
-"""What the benchmarks share: the machine's measured matmul peak and the model's FLOPs."""
+"""What the benchmarks share: the machine's measured matmul peak, the model's FLOPs, and the
+peak memory of a benchmark's child process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
+
+from keraslm.config import tail_widths
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, str]:
@@ -35,6 +45,58 @@ def flops_per_token(model: dict) -> float:
     h, v, e = model["nhid"], model["vocab_size"], model["emsize"]
     lstm = sum(4 * h * ((e if layer == 0 else h) + h) for layer in range(model["nlayers"]))
     return 2.0 * (lstm + h * v)
+
+
+def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: float,
+                              tail_shares: Sequence[float]) -> float:
+    """Multiply-adds x 2 of one token through the LSTMs and an adaptive softmax (softmax not
+    counted): the head (the first cutoff's words plus one logit per tail) for every token, and
+    tail i (its projection to nhid // div_value**i units, then its words) for the share
+    `tail_shares[i]` of the targets that fall in it, as a loss that runs each tail only on its
+    targets' rows does (keraslm's and PyTorch's)."""
+    h, v = model["nhid"], model["vocab_size"]
+    lstm = flops_per_token({**model, "vocab_size": 0}) / 2
+    head = h * ((cutoffs[0] if cutoffs else v) + len(cutoffs))
+    tails = sum(share * (width * h + width * (end - start)) for share, width, (start, end) in zip(
+        tail_shares, tail_widths(h, cutoffs, div_value), pairwise((*cutoffs, v)), strict=True))
+    return 2.0 * (lstm + head + tails)
+
+
+def tail_shares(targets: np.ndarray, cutoffs: Sequence[int]) -> list[float]:
+    """The share of `targets` (ids in frequency order) in each tail cluster, past cutoffs[0]."""
+    targets = np.asarray(targets).ravel()
+    bounds = (*cutoffs, np.iinfo(np.int64).max)
+    return [float(np.mean((targets >= a) & (targets < b))) if targets.size else 0.0
+            for a, b in pairwise(bounds)]
+
+
+# Runs a command, then writes the peak RSS of its process tree (KiB on Linux, bytes on macOS) to
+# argv[1]. A child forked from a big benchmark process would report that process's RSS as its
+# own peak (ru_maxrss keeps the high-water mark across exec), so this small interpreter forks it.
+_PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+             ".ru_maxrss)); sys.exit(code)")
+
+
+def run_measured(command: Sequence[str], timeout: float | None = None, **kwargs
+                 ) -> tuple[subprocess.CompletedProcess, float | None]:
+    """Run `command` in a process of its own (text output captured): its result and its peak
+    RSS in MB (ru_maxrss of the child, None if it did not finish)."""
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+        rss = Path(tmp) / "peak_rss"
+        done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(rss), *map(str, command)],
+                              capture_output=True, text=True, timeout=timeout, check=False,
+                              **kwargs)
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = int(rss.read_text()) * scale / 2**20 if rss.is_file() else None
+    return done, peak
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a benchmark child run from a checkout (this repository importable)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def _timed(fn) -> float:

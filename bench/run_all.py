@@ -1,6 +1,6 @@
 """Every benchmark figure in one command, each against the machine's measured fp32 matmul peak.
 
-    python bench/run_all.py [--quick] [--run RUN] [--server] [--json OUT.json]
+    python bench/run_all.py [--quick] [--run RUN] [--server] [--torch-python PY] [--json OUT.json]
 
 Run it from the repository root on an otherwise idle machine. Sections, in the order they run:
   scoring   tokens/s of the ONNX scorer (onnxruntime) vs keraslm's Evaluator (Keras/TensorFlow)
@@ -11,6 +11,8 @@ Run it from the repository root on an otherwise idle machine. Sections, in the o
   training  tokens/s of the keraslm trainer step vs the PyTorch word_language_model baseline,
             batch 20, bptt 35 (bench/bench_train.py; PyTorch in its own process)
   server    only with --server: bench/bench_server.py's load test, printed as it prints it
+The adaptive softmax's figures (training beside PyTorch's, at three vocabulary sizes, and
+scoring beside the full softmax) have their own command: bench/bench_adaptive.py.
 
 The model is standard_lstm_lm_200 over the WikiText-2 vocabulary: `--run`, else the newest run
 under runs/ if it is that model, else an untrained one (speed does not depend on the weights; its
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from bench import bench_score, bench_train
-from bench.common import flops_per_token, matmul_peak
+from bench.common import child_env, flops_per_token, matmul_peak, run_measured
 
 FULL = {"peak_repeats": 10, "score_tokens": 20_000, "int8_tokens": 0, "train_batches": 50,
         "train_warmup": 3}
@@ -50,27 +51,14 @@ def progress(message: str) -> None:
     print(f"[run_all {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# Runs a command and writes the peak RSS of its process tree (KiB on Linux, bytes on macOS) to
-# argv[1]. A child forked from this big process would report this process's RSS as its own peak
-# (ru_maxrss keeps the high-water mark across exec), so a small interpreter forks the scorer.
-_PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
-             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
-             ".ru_maxrss)); sys.exit(code)")
-
-
-def scorer_process(bundle: Path, text: Path, work: Path) -> dict:
+def scorer_process(bundle: Path, text: Path) -> dict:
     """`serve/score.py TEXT --json` in a process of its own: its report and its peak RSS (MB)."""
-    rss = work / "peak_rss"
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, str(rss), sys.executable,
-         str(ROOT / "serve" / "score.py"), str(text), "--model", str(bundle), "--json"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False)
+    done, peak = run_measured([sys.executable, str(ROOT / "serve" / "score.py"), str(text),
+                               "--model", str(bundle), "--json"], cwd=ROOT, env=child_env())
     if done.returncode != 0:
         raise SystemExit(f"serve/score.py failed: {done.stderr.strip()}")
     report = json.loads(done.stdout)
-    scale = 1 if sys.platform == "darwin" else 1024
-    report["peak_rss_mb"] = int(rss.read_text()) * scale / 2**20
+    report["peak_rss_mb"] = peak
     return report
 
 
@@ -100,7 +88,7 @@ def run_int8(run, bundle: Path, data_root: Path, settings: dict, work: Path
         tps, ppl = bench_score.bench_onnx(path, text, 20, 35)
         speed.append({"model": label, "tokens_per_s": tps, "perplexity": ppl})
         progress(f"memory: serve/score.py with the {label} bundle in a child process")
-        report = scorer_process(path, text, work)
+        report = scorer_process(path, text)
         memory.append({"model": label, "peak_rss_mb": report["peak_rss_mb"],
                        "tokens": report["num_tokens"],
                        "tokens_per_s": report["tokens_per_second"],
@@ -108,7 +96,8 @@ def run_int8(run, bundle: Path, data_root: Path, settings: dict, work: Path
     return speed, memory
 
 
-def run_training(data_root: Path, settings: dict, torch: bool) -> list[dict]:
+def run_training(data_root: Path, settings: dict, torch: bool,
+                 torch_python: str = sys.executable) -> list[dict]:
     batches, warmup = settings["train_batches"], settings["train_warmup"]
     progress("training: reading WikiText-2 train")
     ids, vocab_size = bench_train.wikitext_ids(str(data_root), (batches + warmup + 1) * 20 * 35
@@ -116,7 +105,8 @@ def run_training(data_root: Path, settings: dict, torch: bool) -> list[dict]:
     rows = []
     if torch:
         progress("training: PyTorch baseline (own process)")
-        baseline = bench_train.bench_torch(ids, vocab_size, batches, warmup)
+        baseline = bench_train.bench_torch(ids, vocab_size, batches, warmup,
+                                           python=torch_python)
         if baseline:
             rows.append({"implementation": f"PyTorch {baseline['torch']} word_language_model",
                          "tokens_per_s": baseline["tokens_per_s"]})
@@ -195,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default=None, help="run to benchmark (default: see module doc)")
     p.add_argument("--server", action="store_true", help="also run bench/bench_server.py")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--torch-python", default=sys.executable,
+                   help="a Python with torch installed, for the baseline (default: this one)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     p.add_argument("--data-root", type=Path,
                    default=Path(os.environ.get("KERASLM_DATA", "~/.keraslm/datasets")))
@@ -220,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = settings["int8_tokens"]
         results["int8_text"] = (f"WikiText-2 valid, first {tokens:,}+ tokens" if tokens else
                                 "all of WikiText-2 valid")
-        results["training"] = run_training(data_root, settings, not args.no_torch)
+        results["training"] = run_training(data_root, settings, not args.no_torch,
+                                           args.torch_python)
         progress("matmul peak again")
         peak = max(peak, matmul_peak(repeats=settings["peak_repeats"]))
     results["peak_gflops"], results["peak_source"] = peak

@@ -1,0 +1,30 @@
+"""bench/common.py's pure helpers: the FLOPs an adaptive softmax costs a token, and the share of
+targets each of its tails sees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.common import adaptive_flops_per_token, flops_per_token, tail_shares
+
+MODEL = {"nhid": 200, "emsize": 200, "nlayers": 2, "vocab_size": 33_278}
+LSTM = 4 * 200 * 400 * 2  # multiply-adds of two 200-unit LSTM layers on a 200-wide input
+
+
+def test_tail_shares_count_each_cluster_by_its_bounds():
+    targets = np.array([[0, 1_999, 2_000], [9_999, 10_000, 33_277]])
+    assert tail_shares(targets, (2_000, 10_000)) == pytest.approx([2 / 6, 2 / 6])
+    assert tail_shares(targets, ()) == []
+
+
+def test_adaptive_flops_count_the_head_always_and_each_tail_by_its_share():
+    # head: 2,000 words + 2 cluster logits; tail 1: 200 -> 50 units -> 8,000 words;
+    # tail 2: 200 -> 12 units -> 23,278 words.
+    head, tail1, tail2 = 200 * 2_002, 50 * 200 + 50 * 8_000, 12 * 200 + 12 * 23_278
+    got = adaptive_flops_per_token(MODEL, (2_000, 10_000), 4.0, (0.5, 0.25))
+    assert got == pytest.approx(2 * (LSTM + head + 0.5 * tail1 + 0.25 * tail2))
+
+
+def test_adaptive_flops_without_cutoffs_are_the_full_softmax():
+    assert adaptive_flops_per_token(MODEL, (), 4.0, ()) == flops_per_token(MODEL)
