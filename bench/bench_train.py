@@ -16,7 +16,8 @@ that child) is its own. `--torch-python` names a Python that has torch, if this 
 
 Prints per implementation: tokens/s; training FLOPs/token (3x the forward multiply-adds x 2 of
 the LSTMs and the decoder: for an adaptive softmax the head for every token and each tail for the
-share of the timed targets that fall in it), the achieved GFLOP/s and that as a fraction of the
+share of the timed targets that fall in it; keraslm's tied tails also make their output matrices,
+E[a:b] @ Q_i, once a step), the achieved GFLOP/s and that as a fraction of the
 machine's measured fp32 matmul peak (measured before and after, the higher kept); the speed vs
 PyTorch's full softmax, and for adaptive rows vs PyTorch's adaptive softmax; peak RSS; and the
 hours one epoch of WikiText-103's training split (103,227,021 tokens) would take at that speed.
@@ -231,8 +232,10 @@ def run(args: argparse.Namespace) -> dict:
     timed = ids[: columns * BATCH].reshape(BATCH, columns)[
         :, 1 + args.warmup * BPTT: 1 + (args.warmup + args.batches) * BPTT]
     shares = tail_shares(timed, cutoffs)
-    flops = {"full": 3 * flops_per_token(model),
-             "adaptive": 3 * adaptive_flops_per_token(model, cutoffs, args.div_value, shares)}
+    flops = {"full": 3 * flops_per_token(model),  # tied or not: the same matmul
+             "adaptive": 3 * adaptive_flops_per_token(model, cutoffs, args.div_value, shares),
+             "adaptive tied": 3 * adaptive_flops_per_token(model, cutoffs, args.div_value,
+                                                           shares, BATCH * BPTT)}
     corpus = (f"{args.corpus}/wiki.train.tokens" if args.corpus else "WikiText-2 train")
     results = {"corpus": corpus, "vocab_size": vocab_size, "max_vocab": args.max_vocab,
                "cutoffs": list(cutoffs), "div_value": args.div_value, "tail_shares": shares,
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     peak = matmul_peak()
 
     def add(implementation: str, kind: str, softmax: str, precision: str, outcome: dict | None,
-            batches: int) -> None:
+            batches: int, cost: str) -> None:
         if outcome is None or "skipped" in outcome:
             reason = "did not run" if outcome is None else outcome["skipped"]
             results["skipped"].append(f"{implementation}: {reason}")
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace) -> dict:
                                 "softmax": softmax, "precision": precision,
                                 "tokens_per_s": outcome["tokens_per_s"],
                                 "peak_rss_mb": outcome.get("peak_rss_mb"), "batches": batches,
-                                "train_flops_per_token": flops[softmax]})
+                                "flops": cost, "train_flops_per_token": flops[cost]})
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         ids_path = Path(tmp) / "ids.npy"
@@ -261,20 +264,21 @@ def run(args: argparse.Namespace) -> dict:
             out = bench_torch(ids, vocab_size, full_batches, args.warmup,
                               python=args.torch_python)
             add(f"PyTorch {out['torch'] if out else ''} full softmax", "torch", "full", "fp32",
-                out, full_batches)
+                out, full_batches, "full")
         if not args.no_torch and "adaptive" in wanted and cutoffs:
             out = bench_torch(ids, vocab_size, args.batches, args.warmup,
                               python=args.torch_python, cutoffs=cutoffs,
                               div_value=args.div_value)
             add(f"PyTorch {out['torch'] if out else ''} adaptive softmax", "torch", "adaptive",
-                "fp32", out, args.batches)
+                "fp32", out, args.batches, "adaptive")
         for name in args.variants.split(","):
             softmax = VARIANTS[name].get("softmax", "full")
             batches = full_batches if softmax == "full" else args.batches
             out = run_keraslm(name, ids_path, vocab_size, batches, args.warmup, cutoffs,
                               args.div_value)
             add(f"keraslm {name}", "keraslm", softmax,
-                VARIANTS[name].get("precision", "fp32"), out, batches)
+                VARIANTS[name].get("precision", "fp32"), out, batches,
+                "full" if softmax == "full" else "adaptive tied")
     results["peak_gflops"], results["peak_source"] = max(peak, matmul_peak())
     return results
 
@@ -304,8 +308,9 @@ def report(results: dict) -> None:
     print(f"adaptive softmax: cutoffs {cutoffs}, div_value {results['div_value']:g} (keraslm and "
           f"PyTorch alike); tail shares of the timed targets {shares or '-'} %")
     flops = results["train_flops_per_token"]
-    print(f"training FLOPs/token (3x forward): full softmax {flops['full'] / 1e6:.1f} M, adaptive "
-          f"{flops['adaptive'] / 1e6:.1f} M; fp32 matmul peak {peak:.1f} GFLOP/s "
+    print(f"training FLOPs/token (3x forward): full softmax {flops['full'] / 1e6:.1f} M; adaptive "
+          f"{flops['adaptive'] / 1e6:.1f} M untied (PyTorch's), {flops['adaptive tied'] / 1e6:.1f}"
+          f" M tied (keraslm's: + E[a:b] @ Q_i once a step); fp32 matmul peak {peak:.1f} GFLOP/s "
           f"({results['peak_source']})")
     print(f"{'implementation':<34}{'softmax':>9}{'tokens/s':>10}{'MFLOP/tok':>10}{'GFLOP/s':>8}"
           f"{'of peak':>8}{'vs PT full':>11}{'vs PT adapt':>12}{'peak MB':>8}{'h/WT103':>8}")
@@ -320,10 +325,11 @@ def report(results: dict) -> None:
               f"{gflops:>8.1f}{gflops / peak:>8.1%}{vs.get('full', '-'):>11}"
               f"{vs.get('adaptive', '-'):>12}{rss:>8}"
               f"{WIKITEXT_103_TRAIN_TOKENS / tps / 3600:>8.1f}")
-    for softmax in sorted({row["softmax"] for row in results["rows"]}):
-        ceiling = peak * 1e9 / flops[softmax]  # every training FLOP at the matmul peak
-        print(f"{'ceiling: all FLOPs at the matmul peak':<34}{softmax:>9}{ceiling:>10,.0f}"
-              f"{flops[softmax] / 1e6:>10.1f}{peak:>8.1f}{1:>8.1%}")
+    for cost in sorted({row["flops"] for row in results["rows"]}):
+        ceiling = peak * 1e9 / flops[cost]  # every training FLOP at the matmul peak
+        label = cost.replace("adaptive tied", "ad. tied")
+        print(f"{'ceiling: all FLOPs at the matmul peak':<34}{label:>9}{ceiling:>10,.0f}"
+              f"{flops[cost] / 1e6:>10.1f}{peak:>8.1f}{1:>8.1%}")
     for line in results["skipped"]:
         print(f"not run: {line}")
     print(f"h/WT103: hours of one epoch of WikiText-103 train "

@@ -48,18 +48,23 @@ def flops_per_token(model: dict) -> float:
 
 
 def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: float,
-                              tail_shares: Sequence[float]) -> float:
+                              tail_shares: Sequence[float], tied_step_tokens: int = 0) -> float:
     """Multiply-adds x 2 of one token through the LSTMs and an adaptive softmax (softmax not
     counted): the head (the first cutoff's words plus one logit per tail) for every token, and
     tail i (its projection to nhid // div_value**i units, then its words) for the share
     `tail_shares[i]` of the targets that fall in it, as a loss that runs each tail only on its
-    targets' rows does (keraslm's and PyTorch's)."""
+    targets' rows does (keraslm's and PyTorch's). With `tied_step_tokens`, the tails' output
+    matrices are keraslm's tied ones, the words' embedding rows times a projection (E[a:b] @ Q_i),
+    made once a step of that many tokens."""
     h, v = model["nhid"], model["vocab_size"]
     lstm = flops_per_token({**model, "vocab_size": 0}) / 2
     head = h * ((cutoffs[0] if cutoffs else v) + len(cutoffs))
-    tails = sum(share * (width * h + width * (end - start)) for share, width, (start, end) in zip(
-        tail_shares, tail_widths(h, cutoffs, div_value), pairwise((*cutoffs, v)), strict=True))
-    return 2.0 * (lstm + head + tails)
+    tails = tied = 0.0
+    for share, width, (start, end) in zip(tail_shares, tail_widths(h, cutoffs, div_value),
+                                          pairwise((*cutoffs, v)), strict=True):
+        tails += share * (width * h + width * (end - start))
+        tied += (end - start) * h * width / tied_step_tokens if tied_step_tokens else 0.0
+    return 2.0 * (lstm + head + tails + tied)
 
 
 def tail_shares(targets: np.ndarray, cutoffs: Sequence[int]) -> list[float]:

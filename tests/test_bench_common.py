@@ -28,3 +28,9 @@ def test_adaptive_flops_count_the_head_always_and_each_tail_by_its_share():
 
 def test_adaptive_flops_without_cutoffs_are_the_full_softmax():
     assert adaptive_flops_per_token(MODEL, (), 4.0, ()) == flops_per_token(MODEL)
+
+
+def test_tied_tails_add_their_output_matrices_once_a_step():
+    untied = adaptive_flops_per_token(MODEL, (2_000, 10_000), 4.0, (0.5, 0.25))
+    tied = adaptive_flops_per_token(MODEL, (2_000, 10_000), 4.0, (0.5, 0.25), tied_step_tokens=700)
+    assert tied - untied == pytest.approx(2 * (8_000 * 200 * 50 + 23_278 * 200 * 12) / 700)
