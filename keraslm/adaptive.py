@@ -96,29 +96,28 @@ class AdaptiveSoftmax(keras.layers.Layer):
         """Words the head scores itself (the rest of its logits are the clusters')."""
         return self.cutoffs[0] if self.cutoffs else self.vocab_size
 
-    def head_weight(self) -> tf.Tensor:
-        """The head's [H, shortlist + clusters] matrix (tied: the embedding's head rows, then
-        the cluster columns)."""
+    def output_weights(self) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """The head's [H, shortlist + clusters] matrix and each tail's [width, size] output.
+
+        Tied, they come from one split of the embedding (the head's rows, then each tail's),
+        so the embedding's gradient is one concatenation, not a full-size tensor per slice:
+        the head is its rows transposed beside the cluster columns, tail i (E[a:b] @ Q_i)^T."""
         if self.embedding is None:
-            return self.head
-        words = tf.transpose(self.embedding.embeddings[:self.shortlist])
-        return tf.concat([words, self.clusters], axis=1) if self.cutoffs else words
+            return self.head, list(self.outputs)
+        bounds = (0, *self.cutoffs, self.vocab_size)
+        rows = tf.split(self.embedding.embeddings, [b - a for a, b in pairwise(bounds)])
+        head = tf.transpose(rows[0])
+        if self.cutoffs:
+            head = tf.concat([head, self.clusters], axis=1)
+        tails = [tf.transpose(tf.matmul(r, q)) for r, q in zip(rows[1:], self.outputs)]
+        return head, tails
 
-    def _head_logits(self, flat: tf.Tensor) -> tf.Tensor:
-        return tf.cast(tf.matmul(flat, tf.cast(self.head_weight(), flat.dtype)), "float32")
+    def _head_logits(self, flat: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.matmul(flat, tf.cast(head, flat.dtype)), "float32")
 
-    def tail_weight(self, i: int) -> tf.Tensor:
-        """Tail i's [width, size] output matrix (tied: its words' embedding rows projected,
-        (E[start:end] @ Q_i)^T)."""
-        if self.embedding is None:
-            return self.outputs[i]
-        bounds = (*self.cutoffs, self.vocab_size)
-        rows = self.embedding.embeddings[bounds[i]:bounds[i + 1]]
-        return tf.transpose(tf.matmul(rows, self.outputs[i]))
-
-    def _tail_logits(self, i: int, flat: tf.Tensor) -> tf.Tensor:
+    def _tail_logits(self, i: int, flat: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
         projected = tf.matmul(flat, tf.cast(self.projections[i], flat.dtype))
-        return tf.cast(tf.matmul(projected, tf.cast(self.tail_weight(i), flat.dtype)), "float32")
+        return tf.cast(tf.matmul(projected, tf.cast(output, flat.dtype)), "float32")
 
     def _clusters_of(self, targets: tf.Tensor) -> tf.Tensor:
         """0 for a head word, i for a word of tail i (a sum of comparisons, not searchsorted,
@@ -131,11 +130,12 @@ class AdaptiveSoftmax(keras.layers.Layer):
     def log_probs(self, hidden: tf.Tensor) -> tf.Tensor:
         """The full log-distribution over the vocabulary, [..., H] -> [..., vocab_size]."""
         flat = tf.reshape(hidden, [-1, hidden.shape[-1]])
-        head = tf.nn.log_softmax(self._head_logits(flat))
+        head_weight, tails = self.output_weights()
+        head = tf.nn.log_softmax(self._head_logits(flat, head_weight))
         parts = [head[:, :self.shortlist]]
-        for i in range(len(self.cutoffs)):
+        for i, output in enumerate(tails):
             cluster = head[:, self.shortlist + i:self.shortlist + i + 1]
-            parts.append(cluster + tf.nn.log_softmax(self._tail_logits(i, flat)))
+            parts.append(cluster + tf.nn.log_softmax(self._tail_logits(i, flat, output)))
         out = tf.concat(parts, axis=1)
         return tf.reshape(out, tf.concat([tf.shape(hidden)[:-1], [self.vocab_size]], axis=0))
 
@@ -149,7 +149,8 @@ class AdaptiveSoftmax(keras.layers.Layer):
         Indices are (row, word) pairs, never a flat row * width + word, so no int32 product can
         wrap however many rows one call holds."""
         targets = tf.cast(targets, tf.int32)
-        head = tf.nn.log_softmax(self._head_logits(hidden))
+        head_weight, tails = self.output_weights()
+        head = tf.nn.log_softmax(self._head_logits(hidden, head_weight))
         cluster = self._clusters_of(targets)
         column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
         rows = tf.range(tf.shape(targets)[0])
@@ -157,7 +158,7 @@ class AdaptiveSoftmax(keras.layers.Layer):
         bounds = (*self.cutoffs, self.vocab_size)
         for i, start in enumerate(bounds[:-1]):
             inside = tf.cast(tf.where(cluster == i + 1)[:, 0], tf.int32)
-            tail = tf.nn.log_softmax(self._tail_logits(i, tf.gather(hidden, inside)))
+            tail = tf.nn.log_softmax(self._tail_logits(i, tf.gather(hidden, inside), tails[i]))
             words = tf.gather(targets, inside) - start
             within = tf.gather_nd(tail, tf.stack([tf.range(tf.shape(inside)[0]), words], axis=1))
             picked = tf.tensor_scatter_nd_add(picked, inside[:, None], within)
@@ -173,14 +174,15 @@ class AdaptiveSoftmax(keras.layers.Layer):
         cluster = self._clusters_of(targets)
         # a head word is its own head column; a tail word is its cluster's column
         column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
-        nll = _masked_cross_entropy_sum(self._head_logits(flat), column,
+        head_weight, tails = self.output_weights()
+        nll = _masked_cross_entropy_sum(self._head_logits(flat, head_weight), column,
                                         tf.cast(is_target, tf.float32))
         bounds = (*self.cutoffs, self.vocab_size)
         for i, start in enumerate(bounds[:-1]):
             inside = tf.where(cluster == i + 1)[:, 0]
             nll += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.gather(targets, inside) - start,
-                logits=self._tail_logits(i, tf.gather(flat, inside))))
+                logits=self._tail_logits(i, tf.gather(flat, inside), tails[i])))
         return nll
 
     def get_config(self):
