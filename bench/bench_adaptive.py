@@ -42,8 +42,9 @@ from bench.synthetic_corpus import WIKITEXT_103_VOCAB
 
 FULL = {"batches": 50, "warmup": 3, "large_batches": 20, "large_full_batches": 5,
         "score_tokens": 0, "score_repeats": 3}
-QUICK = {"batches": 3, "warmup": 1, "large_batches": 2, "large_full_batches": 1,
+QUICK = {"batches": 3, "warmup": 2, "large_batches": 2, "large_full_batches": 1,
          "score_tokens": 5_000, "score_repeats": 1}
+# keraslm's second training step still compiles: never fewer than two warm-up steps.
 # (section, what is compared, goal): training rows are keraslm adaptive / PyTorch adaptive.
 GOALS = (("wikitext-2", "training, keraslm adaptive / PyTorch adaptive", 1.2),
          ("scoring", "scoring at batch 20, adaptive bundle / full bundle", 2.5),
