@@ -16,8 +16,9 @@ rows whose target falls in it. As PyTorch's by default, no layer here has a bias
 
 Tying: given the model's embedding E, the head's word rows *are* the embedding's rows of the
 head words, and tail i's output matrix is its words' embedding rows projected to the tail's
-width, (E[start:end] @ Q_i)^T with Q_i [H, width] learned: every word's output vector comes from
-its input embedding, as with a tied full softmax, at the tail's reduced rank. Only the cluster
+width, (E[start:end] @ Q_i)^T with Q_i [H, width] learned (with `div_value` 1, a tail as wide
+as the hidden state, E[start:end]^T itself): every word's output vector comes from its input
+embedding, as with a tied full softmax, at the tail's rank. Only the cluster
 logits and the projections are weights of their own. Untied, the head and tails own all their
 weights, as PyTorch's layer does.
 """
@@ -86,6 +87,8 @@ class AdaptiveSoftmax(keras.layers.Layer):
                 self.outputs.append(self.add_weight(name=f"tail{i}_output",
                                                     shape=(width, end - start),
                                                     initializer=self._glorot(2 * i)))
+            elif width == hidden:  # the tail's words' embedding rows themselves
+                self.outputs.append(None)
             else:  # the tail's words' embedding rows, projected to the tail's width
                 self.outputs.append(self.add_weight(name=f"tail{i}_embedding_projection",
                                                     shape=(hidden, width),
@@ -109,7 +112,8 @@ class AdaptiveSoftmax(keras.layers.Layer):
         head = tf.transpose(rows[0])
         if self.cutoffs:
             head = tf.concat([head, self.clusters], axis=1)
-        tails = [tf.transpose(tf.matmul(r, q)) for r, q in zip(rows[1:], self.outputs)]
+        tails = [tf.transpose(r if q is None else tf.matmul(r, q))
+                 for r, q in zip(rows[1:], self.outputs)]
         return head, tails
 
     def _head_logits(self, flat: tf.Tensor, head: tf.Tensor) -> tf.Tensor:

@@ -149,7 +149,8 @@ class LMConfig:
             decoder = h * (clusters + (0 if self.tied else shortlist))
             sizes = [end - start for start, end in pairwise((*self.cutoffs, v))]
             # tail i: its projection [H, w], and its output [w, size] (tied: Q_i [H, w])
-            decoder += sum(w * (h + (h if self.tied else size)) for w, size in
+            decoder += sum(w * (h + (size if not self.tied else 0 if w == h else h))
+                           for w, size in
                            zip(tail_widths(h, self.cutoffs, self.div_value), sizes))
         return v * e + lstm + decoder
 
