@@ -24,6 +24,7 @@ from __future__ import annotations  # noqa: I001  (keraslm.backend must precede 
 
 import contextlib
 from collections.abc import Iterator
+from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -159,6 +160,11 @@ def convert(model: keras.Model, config: LMConfig, opset: int, *,
     check_native_lstm(proto, config.nlayers)
     if config.tied and share_tied:
         share_tied_embedding(proto, embedding_matrix(model), tied_words(config))
+        if config.softmax == "adaptive" and config.cutoffs:
+            bounds = (*config.cutoffs, config.vocab_size)
+            share_tied_tails(proto, embedding_matrix(model), bounds,
+                             [q.numpy() for q in model.get_layer("decoder").outputs])
+            share_embedding_rows(proto, embedding_matrix(model), (0, *bounds))
     return proto
 
 
@@ -254,6 +260,79 @@ def share_tied_embedding(proto: onnx.ModelProto, embedding: np.ndarray,
         node.input[:] = [renamed.get(name, name) for name in node.input]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    for node in reversed(new_nodes):
+        graph.node.insert(0, node)
+
+
+def share_tied_tails(proto: onnx.ModelProto, embedding: np.ndarray, bounds: tuple[int, ...],
+                     projections: list[np.ndarray]) -> None:
+    """Compute a tied adaptive softmax's tail output matrices from the embedding in the graph.
+
+    Tied, tail i's output matrix is (E[start:end] @ Q_i)^T, its words' embedding rows projected
+    (keraslm.adaptive); tf2onnx folds each into a constant as big as an untied tail's. Each
+    becomes Transpose(MatMul(Slice(E), Q_i)) with Q_i [H, width] the only new initializer, which
+    onnxruntime folds back into a constant when it loads. `bounds` are the cutoffs and the
+    vocabulary size; `projections` the Q_i in tail order.
+    """
+    graph = proto.graph
+    original = _initializers_equal_to(graph, embedding)
+    if not original:
+        raise RuntimeError("tied export: the embedding initializer is missing from the graph")
+    renamed, new_nodes, added = {}, [], []
+    for i, ((start, end), projection) in enumerate(zip(pairwise(bounds), projections), 1):
+        folded = (embedding[start:end] @ projection).T
+        copies = [t.name for t in graph.initializer if tuple(t.dims) == folded.shape
+                  and np.allclose(numpy_helper.to_array(t), folded, rtol=1e-4, atol=1e-6)]
+        if not copies:
+            continue
+        tail = f"tied_tail{i}"
+        names = [f"{tail}__{part}" for part in ("start", "end", "axis", "projection")]
+        added += [*(numpy_helper.from_array(np.array([value], np.int64), name)
+                    for name, value in zip(names, (start, end, 0))),
+                  numpy_helper.from_array(projection.astype(np.float32), names[3])]
+        new_nodes += [
+            helper.make_node("Slice", [original[0], *names[:3]], [f"{tail}__rows"],
+                             name=f"{tail}__rows"),
+            helper.make_node("MatMul", [f"{tail}__rows", names[3]], [f"{tail}__projected"],
+                             name=f"{tail}__projected"),
+            helper.make_node("Transpose", [f"{tail}__projected"], [f"{tail}__weight"],
+                             name=f"{tail}__weight", perm=[1, 0])]
+        renamed.update(dict.fromkeys(copies, f"{tail}__weight"))
+    _replace_initializers(graph, renamed, new_nodes, added)
+
+
+def share_embedding_rows(proto: onnx.ModelProto, embedding: np.ndarray,
+                         bounds: tuple[int, ...]) -> None:
+    """Replace folded copies of the embedding's row blocks E[a:b], for consecutive a, b of
+    `bounds` (the tied adaptive softmax splits it so; tf2onnx's large-model path folds the
+    pieces), by Slices of the embedding initializer."""
+    graph = proto.graph
+    original = _initializers_equal_to(graph, embedding)
+    if not original:
+        raise RuntimeError("tied export: the embedding initializer is missing from the graph")
+    renamed, new_nodes, added = {}, [], []
+    for start, end in pairwise(bounds):
+        copies = _initializers_equal_to(graph, embedding[start:end])
+        if not copies or (start, end) == (0, len(embedding)):
+            continue
+        rows = f"tied_rows_{start}_{end}"
+        names = [f"{rows}__{part}" for part in ("start", "end", "axis")]
+        added += [numpy_helper.from_array(np.array([value], np.int64), name)
+                  for name, value in zip(names, (start, end, 0))]
+        new_nodes.append(helper.make_node("Slice", [original[0], *names], [rows], name=rows))
+        renamed.update(dict.fromkeys(copies, rows))
+    _replace_initializers(graph, renamed, new_nodes, added)
+
+
+def _replace_initializers(graph: onnx.GraphProto, renamed: dict[str, str],
+                          new_nodes: list[onnx.NodeProto], added: list[TensorProto]) -> None:
+    """Drop the initializers `renamed` maps, read their replacements instead, and put
+    `new_nodes` (which compute those) and the initializers they need first in the graph."""
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    kept = [t for t in graph.initializer if t.name not in renamed]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *added])
     for node in reversed(new_nodes):
         graph.node.insert(0, node)
 
