@@ -77,10 +77,17 @@ def _model_section(config: dict, info: dict) -> str:
     rows = [("preset", _preset(config)), ("LSTM layers", m.nlayers), ("embedding size", m.emsize),
             ("hidden size", m.nhid), ("vocabulary", m.vocab_size), ("tied embedding", m.tied),
             ("two biases (MXNet)", m.two_biases), ("dropout (training)", m.dropout),
-            ("parameters", f"{m.num_parameters():,}")]
+            ("output layer", _output_layer(m)), ("parameters", f"{m.num_parameters():,}")]
     quantized = info.get("quantization")
     rows.append(("weights", "int8 (dynamic quantization)" if quantized else "float32"))
     return "## Model\n\n" + _table(("", "value"), rows)
+
+
+def _output_layer(m: LMConfig) -> str:
+    if m.softmax != "adaptive":
+        return "full softmax"
+    cutoffs = ", ".join(f"{c:,}" for c in m.cutoffs) or "none"
+    return f"adaptive softmax: cutoffs {cutoffs}; div_value {m.div_value:g}"
 
 
 def _data_section(config: dict, info: dict) -> str:

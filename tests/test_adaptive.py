@@ -129,6 +129,22 @@ def test_parameter_count_is_pytorchs():
     assert hidden * vocab == 6_655_600  # the full softmax's decoder, for scale
 
 
+@pytest.mark.parametrize(("softmax", "tied", "count"), [
+    ("full", True, 7_330_478), ("full", False, 13_986_078),
+    ("adaptive", True, 7_322_400), ("adaptive", False, 8_389_336)])
+def test_num_parameters_counts_the_keras_models_weights(softmax, tied, count):
+    """What the training log and the model card report (LMConfig.num_parameters) is the built
+    model's count_params, tied weights once: standard_lstm_lm_200 at WikiText-2's 33,278 words,
+    the adaptive softmax at its default cutoffs (2,000 and 10,000; the README's figures)."""
+    from keraslm.config import preset_config
+    from keraslm.model import build_model
+
+    output = ({"softmax": "adaptive", "cutoffs": default_cutoffs(33_278)}
+              if softmax == "adaptive" else {})
+    config = preset_config("standard_lstm_lm_200", 33_278, tied=tied, **output)
+    assert config.num_parameters() == build_model(config).count_params() == count
+
+
 @pytest.mark.parametrize("vocab, cutoffs", [
     (33_278, (2_000, 10_000)), (10_002, (2_000,)), (267_735, (2_000, 10_000, 50_000)),
     (4_000, (2_000,)), (3_999, ()), (500, ())])

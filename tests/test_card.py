@@ -43,6 +43,7 @@ def test_the_card_holds_the_runs_numbers(tmp_path):
 
     assert card.startswith("# tiny\n")
     assert f"| parameters | {config.num_parameters():,} |" in card
+    assert "| output layer | full softmax |" in card
     assert "| preset | standard_lstm_lm_200 |" in card and "| hidden size | 12 |" in card
     assert f"| train | `test.txt` | `{sha1_of(corpus)}` | 12,345 | 0 |" in card
     assert f"| test | `test.txt` | `{sha1_of(corpus)}` | 2,000 | 37 |" in card
