@@ -52,8 +52,8 @@ def built(tmp_path_factory) -> dict:
     shutil.copytree(ROOT, tree, ignore=_ignore)
     out.mkdir()
     sdist = subprocess.run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-         "print(b.build_sdist(sys.argv[1]))", str(out)],
+        [sys.executable, "-c", ("import sys; from setuptools import build_meta as b; "
+                                "print(b.build_sdist(sys.argv[1]))"), str(out)],
         cwd=tree, capture_output=True, text=True, timeout=120, check=False)
     assert sdist.returncode == 0, f"building the sdist failed:\n{sdist.stderr[-4000:]}"
     sdist_path = out / sdist.stdout.strip().splitlines()[-1]

@@ -67,13 +67,19 @@ def _train_steps(replicas: int, config: LMConfig, data: np.ndarray, steps: int, 
             trainer.state_to_numpy(state))
 
 
-# clip 0.13 lies inside the range of this setup's gradient norms: some steps are clipped, some not
-@pytest.mark.parametrize(("dropout", "clip", "two_biases"),
-                         [(0.0, 0.0, False), (0.3, 0.0, True), (0.0, 0.13, False),
-                          (0.3, 0.13, True)])
-def test_two_replicas_give_the_same_losses_norms_and_weights_as_one(dropout, clip, two_biases):
+ADAPTIVE = {"softmax": "adaptive", "cutoffs": (10, 30), "div_value": 2.0}
+
+
+# clip 0.13 (0.4 with the adaptive softmax) lies inside the range of this setup's gradient
+# norms: some steps are clipped, some not
+@pytest.mark.parametrize(("dropout", "clip", "two_biases", "output"),
+                         [(0.0, 0.0, False, {}), (0.3, 0.0, True, {}), (0.0, 0.13, False, {}),
+                          (0.3, 0.13, True, {}), (0.3, 0.4, True, ADAPTIVE)],
+                         ids=["plain", "dropout-two-biases", "clip", "all", "all-adaptive"])
+def test_two_replicas_give_the_same_losses_norms_and_weights_as_one(dropout, clip, two_biases,
+                                                                     output):
     config = LMConfig(vocab_size=60, emsize=12, nhid=12, nlayers=2, dropout=dropout,
-                      two_biases=two_biases)
+                      two_biases=two_biases, **output)
     data = np.random.default_rng(0).integers(0, 60, (8, 8 * 7 + 1)).astype(np.int32)
     one_losses, one_norms, one_weights, one_state = _train_steps(1, config, data, 8, 7, clip)
     two_losses, two_norms, two_weights, two_state = _train_steps(2, config, data, 8, 7, clip)
