@@ -163,7 +163,8 @@ def convert(model: keras.Model, config: LMConfig, opset: int, *,
         if config.softmax == "adaptive" and config.cutoffs:
             bounds = (*config.cutoffs, config.vocab_size)
             share_tied_tails(proto, embedding_matrix(model), bounds,
-                             [q.numpy() for q in model.get_layer("decoder").outputs])
+                             [None if q is None else q.numpy()
+                              for q in model.get_layer("decoder").outputs])
             share_embedding_rows(proto, embedding_matrix(model), (0, *bounds))
     return proto
 
@@ -265,12 +266,13 @@ def share_tied_embedding(proto: onnx.ModelProto, embedding: np.ndarray,
 
 
 def share_tied_tails(proto: onnx.ModelProto, embedding: np.ndarray, bounds: tuple[int, ...],
-                     projections: list[np.ndarray]) -> None:
+                     projections: list[np.ndarray | None]) -> None:
     """Compute a tied adaptive softmax's tail output matrices from the embedding in the graph.
 
     Tied, tail i's output matrix is (E[start:end] @ Q_i)^T, its words' embedding rows projected
-    (keraslm.adaptive); tf2onnx folds each into a constant as big as an untied tail's. Each
-    becomes Transpose(MatMul(Slice(E), Q_i)) with Q_i [H, width] the only new initializer, which
+    (keraslm.adaptive; E[start:end]^T itself when Q_i is None, a tail as wide as the hidden
+    state); tf2onnx folds each into a constant as big as an untied tail's. Each becomes
+    Transpose(MatMul(Slice(E), Q_i)) with Q_i [H, width] the only new initializer, which
     onnxruntime folds back into a constant when it loads. `bounds` are the cutoffs and the
     vocabulary size; `projections` the Q_i in tail order.
     """
@@ -280,23 +282,26 @@ def share_tied_tails(proto: onnx.ModelProto, embedding: np.ndarray, bounds: tupl
         raise RuntimeError("tied export: the embedding initializer is missing from the graph")
     renamed, new_nodes, added = {}, [], []
     for i, ((start, end), projection) in enumerate(zip(pairwise(bounds), projections), 1):
-        folded = (embedding[start:end] @ projection).T
+        rows = embedding[start:end]
+        folded = (rows if projection is None else rows @ projection).T
         copies = [t.name for t in graph.initializer if tuple(t.dims) == folded.shape
                   and np.allclose(numpy_helper.to_array(t), folded, rtol=1e-4, atol=1e-6)]
         if not copies:
             continue
         tail = f"tied_tail{i}"
         names = [f"{tail}__{part}" for part in ("start", "end", "axis", "projection")]
-        added += [*(numpy_helper.from_array(np.array([value], np.int64), name)
-                    for name, value in zip(names, (start, end, 0))),
-                  numpy_helper.from_array(projection.astype(np.float32), names[3])]
-        new_nodes += [
-            helper.make_node("Slice", [original[0], *names[:3]], [f"{tail}__rows"],
-                             name=f"{tail}__rows"),
-            helper.make_node("MatMul", [f"{tail}__rows", names[3]], [f"{tail}__projected"],
-                             name=f"{tail}__projected"),
-            helper.make_node("Transpose", [f"{tail}__projected"], [f"{tail}__weight"],
-                             name=f"{tail}__weight", perm=[1, 0])]
+        added += [numpy_helper.from_array(np.array([value], np.int64), name)
+                  for name, value in zip(names, (start, end, 0))]
+        new_nodes.append(helper.make_node("Slice", [original[0], *names[:3]],
+                                          [f"{tail}__rows"], name=f"{tail}__rows"))
+        projected = f"{tail}__rows"
+        if projection is not None:
+            added.append(numpy_helper.from_array(projection.astype(np.float32), names[3]))
+            projected = f"{tail}__projected"
+            new_nodes.append(helper.make_node("MatMul", [f"{tail}__rows", names[3]],
+                                              [projected], name=projected))
+        new_nodes.append(helper.make_node("Transpose", [projected], [f"{tail}__weight"],
+                                          name=f"{tail}__weight", perm=[1, 0]))
         renamed.update(dict.fromkeys(copies, f"{tail}__weight"))
     _replace_initializers(graph, renamed, new_nodes, added)
 

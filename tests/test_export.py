@@ -347,17 +347,25 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert info["quantization"] is None and info["external_data"] == []
 
 
-@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+@pytest.mark.parametrize("softmax", ["full", "adaptive", "adaptive-div-1"])
 def test_tied_embedding_is_stored_once(tmp_path, softmax):
     """tf2onnx folds the tied decoder's weights into constants of their own: the embedding
     transposed; for the adaptive softmax, its first cutoffs[0] rows transposed beside the
     cluster columns, and each tail's words' rows times its projection. Export computes them
     from the embedding instead, so the file is ~4 bytes a parameter."""
-    extra = ({"softmax": "adaptive", "cutoffs": (1000, 3000), "div_value": 2.0}
-             if softmax == "adaptive" else {})
-    config = LMConfig(8000, emsize=32, nhid=32, nlayers=1, tied=True, **extra)
+    extra = {"full": {}, "adaptive": {"cutoffs": (1000, 3000), "div_value": 2.0},
+             "adaptive-div-1": {"cutoffs": (1000, 3000), "div_value": 1.0}}[softmax]
+    config = LMConfig(8000, emsize=32, nhid=32, nlayers=1, tied=True,
+                      softmax=softmax.split("-")[0], **extra)
     vocab = Vocab(["<unk>", "<eos>", *(f"w{i}" for i in range(7998))])
-    bundle = export_run(make_run(tmp_path / "run", config, vocab), tmp_path / "bundle")
+    run = make_run(tmp_path / "run", config, vocab)
+    bundle = export_run(run, tmp_path / "bundle")
+    ids = np.random.default_rng(0).integers(0, 8000, (2, 9))
+    got, _, _ = onnx_call(session(bundle / "model.onnx"), config, ids[:, :-1], ids[:, 1:],
+                          zero_state(config, 2))
+    want, _, _ = keras_call(load_run_model(run)[0], config, ids[:, :-1], ids[:, 1:],
+                            zero_state(config, 2))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)  # and it scores the same
     size = (bundle / "model.onnx").stat().st_size
     assert abs(size / (4 * config.num_parameters()) - 1) < 0.03
     initializers = onnx.load(bundle / "model.onnx").graph.initializer
