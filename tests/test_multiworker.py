@@ -160,6 +160,28 @@ def test_two_workers_give_the_per_step_losses_of_one_process_and_write_one_run(
     assert "end of epoch 2" in cluster.output(1)  # the other worker trained alongside
 
 
+def test_two_workers_train_the_adaptive_softmax_like_one_process(corpus, tmp_path):
+    """The same with `--softmax adaptive` (tied, two tails), 6 steps: the per-step losses and
+    gradient norms of one process with two replicas."""
+    adaptive = ["--softmax", "adaptive", "--cutoffs", "30,300", "--div-value", "2",
+                "--epochs", "1", "--max-batches", "6"]
+    with Cluster(tmp_path / "mw", tiny_args(corpus, tmp_path / "mw" / "runs", "--name", "mw",
+                                            *adaptive), log_losses=True) as cluster:
+        one = tmp_path / "one.jsonl"  # trains while the workers start
+        assert train_cli.main(tiny_args(corpus, tmp_path / "runs", "--name", "one",
+                                        "--cpu-replicas", "2", "--log-losses", str(one),
+                                        *adaptive)) == 0
+        codes = cluster.wait(timeout=240)
+        assert codes == [0, 0], [cluster.output(i)[-2000:] for i in range(WORKERS)]
+    want, chief = read_losses(one), read_losses(cluster.losses_path(0))
+    assert sorted(chief) == sorted(want) and len(want) == 6
+    for step, record in want.items():
+        assert chief[step]["loss"] == pytest.approx(record["loss"], rel=1e-5), step
+        assert chief[step]["grad_norm"] == pytest.approx(record["grad_norm"], rel=1e-5), step
+    config = json.loads((tmp_path / "mw" / "runs" / "mw" / "config.json").read_text())
+    assert (config["model"]["softmax"], config["model"]["cutoffs"]) == ("adaptive", [30, 300])
+
+
 def test_a_dead_worker_stops_the_other_quickly_and_the_run_resumes(corpus, reference, tmp_path):
     runs = tmp_path / "runs"
     ckpt = runs / "f" / "checkpoint" / "latest.npz"
