@@ -44,12 +44,12 @@ def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
 
 
 def common_args(corpus, runs: Path, name: str) -> list[str]:
-    """Two epochs of 24 batches on two replicas, with dropout, clipping and two biases."""
+    """Two epochs of 12 batches on two replicas, with dropout, clipping and two biases."""
     return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
             "--test", str(corpus["test"]), "--emsize", "16", "--nhid", "16", "--batch-size", "8",
             "--bptt", "10", "--eval-batch-size", "4", "--test-batch-size", "4", "--epochs", "2",
             "--lr", "5", "--clip", "0.25", "--dropout", "0.2", "--two-biases", "--seed", "5",
-            "--cpu-replicas", "2", "--max-batches", "24", "--runs-dir", str(runs), "--name",
+            "--cpu-replicas", "2", "--max-batches", "12", "--runs-dir", str(runs), "--name",
             name, "--quiet", "--log-interval", "0"]
 
 
