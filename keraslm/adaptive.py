@@ -12,7 +12,8 @@ plus one logit per tail cluster; tail cluster i (from 1) first projects the hidd
     log p(w) = log softmax(head)[cluster(w)] + log softmax(tail)[w]   for a tail word
 
 and every row of `log_probs` sums to 1. `nll_sum`, the training loss, runs each tail only on the
-rows whose target falls in it. As PyTorch's by default, no layer here has a bias.
+rows whose target falls in it. As PyTorch's by default, no layer has a bias unless `use_bias`
+(what keraslm's models use, as their full softmax has one): one per head logit and tail word.
 
 Tying: given the model's embedding E, the head's word rows *are* the embedding's rows of the
 head words, and tail i's output matrix is its words' embedding rows projected to the tail's
@@ -57,12 +58,13 @@ class AdaptiveSoftmax(keras.layers.Layer):
 
     def __init__(self, vocab_size: int, cutoffs: Sequence[int], div_value: float = 4.0,
                  embedding: keras.layers.Embedding | None = None, seed: int | None = None,
-                 **kwargs):
+                 use_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size, self.div_value = int(vocab_size), float(div_value)
         self.cutoffs = tuple(int(c) for c in cutoffs)
         self.embedding = embedding
         self.seed = seed
+        self.use_bias = bool(use_bias)
 
     def _glorot(self, offset: int) -> keras.initializers.Initializer:
         return keras.initializers.GlorotUniform(None if self.seed is None else self.seed + offset)
@@ -93,6 +95,11 @@ class AdaptiveSoftmax(keras.layers.Layer):
                 self.outputs.append(self.add_weight(name=f"tail{i}_embedding_projection",
                                                     shape=(hidden, width),
                                                     initializer=self._glorot(2 * i)))
+        # one bias per logit, as the full softmax's decoder has (never autocast: float32)
+        sizes = [bounds[0] + clusters] + [end - start for start, end in pairwise(bounds)]
+        self.biases = [self.add_weight(name="head_bias" if i == 0 else f"tail{i}_bias",
+                                       shape=(size,), initializer="zeros", autocast=False)
+                       for i, size in enumerate(sizes)] if self.use_bias else []
 
     @property
     def shortlist(self) -> int:
@@ -117,11 +124,13 @@ class AdaptiveSoftmax(keras.layers.Layer):
         return head, tails
 
     def _head_logits(self, flat: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
-        return tf.cast(tf.matmul(flat, tf.cast(head, flat.dtype)), "float32")
+        logits = tf.cast(tf.matmul(flat, tf.cast(head, flat.dtype)), "float32")
+        return logits + self.biases[0] if self.use_bias else logits
 
     def _tail_logits(self, i: int, flat: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
         projected = tf.matmul(flat, tf.cast(self.projections[i], flat.dtype))
-        return tf.cast(tf.matmul(projected, tf.cast(output, flat.dtype)), "float32")
+        logits = tf.cast(tf.matmul(projected, tf.cast(output, flat.dtype)), "float32")
+        return logits + self.biases[i + 1] if self.use_bias else logits
 
     def _clusters_of(self, targets: tf.Tensor) -> tf.Tensor:
         """0 for a head word, i for a word of tail i (a sum of comparisons, not searchsorted,
@@ -191,4 +200,5 @@ class AdaptiveSoftmax(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,
-                "cutoffs": list(self.cutoffs), "div_value": self.div_value}
+                "cutoffs": list(self.cutoffs), "div_value": self.div_value,
+                "use_bias": self.use_bias}

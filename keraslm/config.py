@@ -146,7 +146,8 @@ class LMConfig:
         else:
             shortlist = self.cutoffs[0] if self.cutoffs else v
             clusters = len(self.cutoffs)
-            decoder = h * (clusters + (0 if self.tied else shortlist))
+            # the head's clusters (and words, untied), and a bias for every logit
+            decoder = h * (clusters + (0 if self.tied else shortlist)) + v + clusters
             sizes = [end - start for start, end in pairwise((*self.cutoffs, v))]
             # tail i: its projection [H, w], and its output [w, size] (tied: Q_i [H, w])
             decoder += sum(w * (h + (size if not self.tied else 0 if w == h else h))

@@ -200,7 +200,7 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
     if config.softmax == "adaptive":  # log-probabilities, which are logits too
         logits = AdaptiveSoftmax(config.vocab_size, config.cutoffs, config.div_value,
                                  embedding=embedding if config.tied else None,
-                                 seed=None if seed is None else seed + 100,
+                                 seed=None if seed is None else seed + 100, use_bias=True,
                                  name="decoder", dtype=policy)(x)
     elif config.tied:
         logits = TiedOutput(embedding, name="decoder", dtype=policy)(x)
