@@ -158,15 +158,25 @@ def convert(model: keras.Model, config: LMConfig, opset: int, *,
         inline_external_tensors(proto, storage.name_to_tensor_data)
     set_io_contract(proto, config)
     check_native_lstm(proto, config.nlayers)
-    if config.tied and share_tied:
-        share_tied_embedding(proto, embedding_matrix(model), tied_words(config))
-        if config.softmax == "adaptive" and config.cutoffs:
-            bounds = (*config.cutoffs, config.vocab_size)
-            share_tied_tails(proto, embedding_matrix(model), bounds,
-                             [None if q is None else q.numpy()
-                              for q in model.get_layer("decoder").outputs])
-            share_embedding_rows(proto, embedding_matrix(model), (0, *bounds))
+    if share_tied:
+        share_tied_weights(proto, model, config)
     return proto
+
+
+def share_tied_weights(proto: onnx.ModelProto, model: keras.Model, config: LMConfig) -> None:
+    """Replace every constant tf2onnx folded out of a tied embedding (the full softmax's
+    transpose; the adaptive head's rows and each tail's rows times its projection) by nodes
+    reading the one embedding initializer. Nothing to do for an untied model."""
+    if not config.tied:
+        return
+    embedding = embedding_matrix(model)
+    share_tied_embedding(proto, embedding, tied_words(config))
+    if config.softmax == "adaptive" and config.cutoffs:
+        bounds = (*config.cutoffs, config.vocab_size)
+        share_tied_tails(proto, embedding, bounds,
+                         [None if q is None else q.numpy()
+                          for q in model.get_layer("decoder").outputs])
+        share_embedding_rows(proto, embedding, (0, *bounds))
 
 
 def embedding_matrix(model: keras.Model) -> np.ndarray:

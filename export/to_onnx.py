@@ -57,7 +57,9 @@ from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
 if TYPE_CHECKING:
-    import numpy as np
+    import keras
+
+    from keraslm.config import LMConfig
 
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 13, 18
 QUANTIZE_CHOICES = ("int8",)
@@ -125,8 +127,7 @@ def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset:
         external_data = 4 * config.num_parameters() > LARGE_MODEL_BYTES
     proto = graph.convert(model, config, opset, large=external_data, share_tied=not quantize)
     if quantize:
-        tied_embedding = graph.embedding_matrix(model) if config.tied else None
-        quantization = _write_quantized(work, proto, tied_embedding, external_data,
+        quantization = _write_quantized(work, proto, model, config, external_data,
                                         run_config, vocab)
     else:
         _save_checked(proto, work / MODEL_FILE, external_data)
@@ -147,8 +148,9 @@ def _source_run(run: RunDir) -> dict:
     }
 
 
-def _write_quantized(work: Path, proto: onnx.ModelProto, tied_embedding: np.ndarray | None,
-                     external_data: bool, run_config: dict, vocab: Vocab) -> dict:
+def _write_quantized(work: Path, proto: onnx.ModelProto, model: keras.Model,
+                     config: LMConfig, external_data: bool, run_config: dict,
+                     vocab: Vocab) -> dict:
     """Quantize `proto` (tied weights not yet shared) into work/MODEL_FILE, checked, and measure
     it against the float model a plain export would ship."""
     from export import graph
@@ -158,10 +160,10 @@ def _write_quantized(work: Path, proto: onnx.ModelProto, tied_embedding: np.ndar
     _save_checked(proto, unshared, external_data)
     info = q.quantize_int8(unshared, work / MODEL_FILE, external_data=external_data)
     onnx.checker.check_model(str(work / MODEL_FILE))
-    if tied_embedding is not None:
+    if config.tied:
         fp32 = work / "fp32" / MODEL_FILE
         shared = onnx.load(unshared)  # saving with external data emptied `proto`
-        graph.share_tied_embedding(shared, tied_embedding)
+        graph.share_tied_weights(shared, model, config)
         _save_checked(shared, fp32, external_data)
     info["measured"] = q.compare(fp32, work / MODEL_FILE, *q.sample_ids(run_config, vocab))
     for folder in {unshared.parent, fp32.parent}:
