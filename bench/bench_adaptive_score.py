@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from bench.bench_score import text_prefix, untrained_run
 from bench.common import child_env, run_measured
-from keraslm.config import DEFAULT_DIV_VALUE, default_cutoffs
+from keraslm.config import TIED_DIV_VALUE, default_cutoffs
 
 
 def progress(message: str) -> None:
@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bptt", type=int, default=35)
     p.add_argument("--cutoffs", default="auto", metavar="auto|C1,C2,...",
                    help="the adaptive softmax's cutoffs (auto: keraslm's default)")
-    p.add_argument("--div-value", type=float, default=DEFAULT_DIV_VALUE)
+    p.add_argument("--div-value", type=float, default=TIED_DIV_VALUE)
     p.add_argument("--run-full", default=None, help="a trained full-softmax run to export")
     p.add_argument("--run-adaptive", default=None, help="a trained adaptive-softmax run")
     p.add_argument("--repeats", type=int, default=3, help="score each bundle this many times")

@@ -62,7 +62,7 @@ from bench.common import (
     run_measured,
     tail_shares,
 )
-from keraslm.config import DEFAULT_DIV_VALUE, default_cutoffs
+from keraslm.config import TIED_DIV_VALUE, default_cutoffs
 
 VARIANTS = {"fused": {"jit_compile": False, "fused_decoder": True, "fused_lstm": True},
             "keras-lstm": {"jit_compile": False, "fused_decoder": True, "fused_lstm": False},
@@ -95,7 +95,7 @@ def wikitext_ids(data_root: str | None, tokens: int, max_vocab: int | None = Non
 
 def bench_keraslm(ids: np.ndarray, vocab_size: int, batches: int, warmup: int,
                   fused_lstm: bool = True, precision: str = "fp32", softmax: str = "full",
-                  cutoffs: tuple[int, ...] | None = None, div_value: float = DEFAULT_DIV_VALUE,
+                  cutoffs: tuple[int, ...] | None = None, div_value: float = TIED_DIV_VALUE,
                   **options) -> float:
     """Tokens/s of keraslm's training step, in this process (TensorFlow is imported here)."""
     from keraslm.batching import BPTTBatches
@@ -164,7 +164,7 @@ def failure(stderr: str) -> str:
 
 def bench_torch(ids: np.ndarray, vocab_size: int, batches: int, warmup: int, *,
                 python: str = sys.executable, cutoffs: tuple[int, ...] = (),
-                div_value: float = DEFAULT_DIV_VALUE) -> dict | None:
+                div_value: float = TIED_DIV_VALUE) -> dict | None:
     """The PyTorch recipe's tokens/s and peak RSS (bench/torch_word_lm.py under `python`, in a
     process of its own), with PyTorch's adaptive softmax at `cutoffs` when given; None (and why,
     printed) if it could not run."""
@@ -205,8 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cutoffs", default="auto", metavar="auto|C1,C2,...",
                    help="adaptive softmax cutoffs, keraslm's and PyTorch's alike (auto: "
                         "keraslm's default for the vocabulary)")
-    p.add_argument("--div-value", type=float, default=DEFAULT_DIV_VALUE,
-                   help="adaptive softmax tail divisor, keraslm's and PyTorch's alike")
+    p.add_argument("--div-value", type=float, default=TIED_DIV_VALUE,
+                   help="adaptive softmax tail divisor, keraslm's and PyTorch's alike (default 1, "
+                        "keraslm's for its tied models)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
     p.add_argument("--torch-softmaxes", default="full,adaptive",
                    help="which PyTorch baselines to time: full, adaptive or both")

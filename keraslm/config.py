@@ -37,7 +37,15 @@ def option(default: Any, help: str, *, resume: str = SAVED, choices: tuple | Non
 
 SOFTMAXES = ("full", "adaptive")
 FIRST_CUTOFFS = (2_000, 10_000, 50_000, 250_000)  # candidates for default_cutoffs
-DEFAULT_DIV_VALUE = 4.0
+DEFAULT_DIV_VALUE = 4.0  # PyTorch's, and LMConfig's when a config does not say
+TIED_DIV_VALUE = 1.0    # the default of tied models: tails read their words' embedding rows
+
+
+def default_div_value(tied: bool) -> float:
+    """`--div-value` when none is given: 1 for a tied model (its tails score with their words'
+    embedding rows themselves, which trained to the full softmax's perplexity where narrower
+    tails did not; docs/RESULTS.md), PyTorch's 4 for an untied one."""
+    return TIED_DIV_VALUE if tied else DEFAULT_DIV_VALUE
 
 
 def default_cutoffs(vocab_size: int) -> tuple[int, ...]:
@@ -224,8 +232,9 @@ class ModelOptions:
                                        "is cut into head and tail clusters (default: 2000,10000,"
                                        "50000,250000 up to half the vocabulary)",
                                  metavar="C1,C2,...")
-    div_value: float = option(DEFAULT_DIV_VALUE, "adaptive softmax: tail cluster i projects the "
-                                                 "hidden state to nhid / div_value**i units")
+    div_value: float | None = option(None, "adaptive softmax: tail cluster i projects the hidden "
+                                           "state to nhid / div_value**i units (default: 1 tied, "
+                                           "4 untied)")
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of "
@@ -237,7 +246,7 @@ class ModelOptions:
     def resolve(self, vocab_size: int) -> LMConfig:
         """The model for a vocabulary of `vocab_size` tokens."""
         _require(self.softmax == "adaptive" or (self.cutoffs is None and
-                                                self.div_value == DEFAULT_DIV_VALUE),
+                                                self.div_value is None),
                  "--cutoffs and --div-value apply only to --softmax adaptive")
         output = {"softmax", "cutoffs", "div_value"}
         sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -245,7 +254,9 @@ class ModelOptions:
         if self.softmax == "adaptive":
             cutoffs = (default_cutoffs(vocab_size) if self.cutoffs is None
                        else parse_cutoffs(self.cutoffs))
-            sizes.update(softmax="adaptive", cutoffs=cutoffs, div_value=self.div_value)
+            tied = PRESETS[self.preset]["tied"] if self.tied is None else self.tied
+            div_value = default_div_value(tied) if self.div_value is None else self.div_value
+            sizes.update(softmax="adaptive", cutoffs=cutoffs, div_value=div_value)
         return preset_config(self.preset, vocab_size, **sizes)
 
 
