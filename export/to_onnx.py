@@ -57,8 +57,7 @@ from keraslm.text import TextPipeline
 from keraslm.vocab import Vocab
 
 if TYPE_CHECKING:
-    import keras
-
+    from keraslm.backend import keras
     from keraslm.config import LMConfig
 
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 13, 18
