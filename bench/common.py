@@ -55,7 +55,8 @@ def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: flo
     `tail_shares[i]` of the targets that fall in it, as a loss that runs each tail only on its
     targets' rows does (keraslm's and PyTorch's). With `tied_step_tokens`, the tails' output
     matrices are keraslm's tied ones, the words' embedding rows times a projection (E[a:b] @ Q_i),
-    made once a step of that many tokens."""
+    made once a step of that many tokens (none for a tail as wide as the hidden state, which
+    reads E[a:b] itself)."""
     h, v = model["nhid"], model["vocab_size"]
     lstm = flops_per_token({**model, "vocab_size": 0}) / 2
     head = h * ((cutoffs[0] if cutoffs else v) + len(cutoffs))
@@ -63,7 +64,8 @@ def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: flo
     for share, width, (start, end) in zip(tail_shares, tail_widths(h, cutoffs, div_value),
                                           pairwise((*cutoffs, v)), strict=True):
         tails += share * (width * h + width * (end - start))
-        tied += (end - start) * h * width / tied_step_tokens if tied_step_tokens else 0.0
+        if tied_step_tokens and width != h:  # a full-width tied tail reads E[a:b] itself
+            tied += (end - start) * h * width / tied_step_tokens
     return 2.0 * (lstm + head + tails + tied)
 
 

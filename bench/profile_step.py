@@ -67,18 +67,19 @@ def timed_ms(fn, repeats: int) -> tuple[float, float]:
 
 
 def parts(ids: np.ndarray, vocab_size: int, fused_lstm: bool, precision: str,
-          softmax: str) -> dict:
+          softmax: str, div_value: float | None = None) -> dict:
     """The parts of one configuration's training step, each a callable to time."""
     from keraslm.backend import tf
     from keraslm.batching import BPTTBatches
-    from keraslm.config import default_cutoffs
+    from keraslm.config import default_cutoffs, default_div_value
     from keraslm.losses import decoder_nll_sum
     from keraslm.model import build_model, full_decoder_weights, preset_config
     from keraslm.training.devices import make_strategy
     from keraslm.training.step import Trainer, make_optimizer, noise_keys
 
     strategy = make_strategy()
-    adaptive = ({"softmax": "adaptive", "cutoffs": default_cutoffs(vocab_size)}
+    adaptive = ({"softmax": "adaptive", "cutoffs": default_cutoffs(vocab_size),
+                 "div_value": default_div_value(True) if div_value is None else div_value}
                 if softmax == "adaptive" else {})
     config = preset_config("standard_lstm_lm_200", vocab_size, **adaptive)
     with strategy.scope():
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-vocab", type=int, default=None)
     p.add_argument("--softmax", choices=("full", "adaptive"), default="full")
+    p.add_argument("--div-value", type=float, default=None,
+                   help="the adaptive softmax's (default: keraslm's for a tied model, 1)")
     p.add_argument("--columns", default="fused/fp32,fused/bf16",
                    help="LSTM/precision pairs, comma-separated: keras or fused, fp32 or bf16")
     p.add_argument("--repeats", type=int, default=3, help="calls per timed round")
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = {}
     for name in args.columns.split(","):
         lstm, precision = name.split("/")
-        columns[name] = parts(ids, vocab_size, LSTMS[lstm], precision, args.softmax)
+        columns[name] = parts(ids, vocab_size, LSTMS[lstm], precision, args.softmax,
+                              args.div_value)
     wall, cpu = ({name: {} for name in columns} for _ in range(2))
     for _ in range(args.rounds):
         for part in next(iter(columns.values()))["parts"]:
@@ -177,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_flags()}")
     print(f"fp32 matmul peak {peak:.1f} GFLOP/s ({peak_source}); load average {load:.1f} "
           f"before, {os.getloadavg()[0]:.1f} after")
-    print(f"standard_lstm_lm_200, vocab {vocab_size:,}, {args.softmax} softmax, batch {BATCH}, "
+    softmax = (f"adaptive softmax (default cutoffs, div_value "
+               f"{1.0 if args.div_value is None else args.div_value:g})"
+               if args.softmax == "adaptive" else "full softmax")
+    print(f"standard_lstm_lm_200, vocab {vocab_size:,}, {softmax}, batch {BATCH}, "
           f"bptt {BPTT}; ms per call, best of {args.rounds} rounds x {args.repeats}, columns "
           f"interleaved")
     for clock, best in (("wall ms", wall), ("CPU ms", cpu)):

@@ -123,13 +123,33 @@ class AdaptiveSoftmax(keras.layers.Layer):
                  for r, q in zip(rows[1:], self.outputs)]
         return head, tails
 
-    def _head_logits(self, flat: tf.Tensor, head: tf.Tensor) -> tf.Tensor:
-        logits = tf.cast(tf.matmul(flat, tf.cast(head, flat.dtype)), "float32")
+    def _rows_first_weights(self) -> tuple[tf.Tensor, list[tf.Tensor], bool]:
+        """`output_weights` for the training step: tied, the same matrices word-major (the
+        head [shortlist + clusters, H], tail i [size, width]), which the matmuls read with
+        `transpose_b`, so no transposed copy of the embedding is made, nor of its gradient.
+        The last item says whether they are word-major."""
+        if self.embedding is None:
+            head, tails = self.output_weights()
+            return head, tails, False
+        bounds = (0, *self.cutoffs, self.vocab_size)
+        rows = tf.split(self.embedding.embeddings, [b - a for a, b in pairwise(bounds)])
+        head = rows[0]
+        if self.cutoffs:
+            head = tf.concat([head, tf.transpose(self.clusters)], axis=0)
+        tails = [r if q is None else tf.matmul(r, q) for r, q in zip(rows[1:], self.outputs)]
+        return head, tails, True
+
+    def _head_logits(self, flat: tf.Tensor, head: tf.Tensor, word_major: bool = False
+                     ) -> tf.Tensor:
+        logits = tf.matmul(flat, tf.cast(head, flat.dtype), transpose_b=word_major)
+        logits = tf.cast(logits, "float32")
         return logits + self.biases[0] if self.use_bias else logits
 
-    def _tail_logits(self, i: int, flat: tf.Tensor, output: tf.Tensor) -> tf.Tensor:
+    def _tail_logits(self, i: int, flat: tf.Tensor, output: tf.Tensor,
+                     word_major: bool = False) -> tf.Tensor:
         projected = tf.matmul(flat, tf.cast(self.projections[i], flat.dtype))
-        logits = tf.cast(tf.matmul(projected, tf.cast(output, flat.dtype)), "float32")
+        logits = tf.matmul(projected, tf.cast(output, flat.dtype), transpose_b=word_major)
+        logits = tf.cast(logits, "float32")
         return logits + self.biases[i + 1] if self.use_bias else logits
 
     def _clusters_of(self, targets: tf.Tensor) -> tf.Tensor:
@@ -187,15 +207,15 @@ class AdaptiveSoftmax(keras.layers.Layer):
         cluster = self._clusters_of(targets)
         # a head word is its own head column; a tail word is its cluster's column
         column = tf.where(cluster == 0, targets, self.shortlist + cluster - 1)
-        head_weight, tails = self.output_weights()
-        nll = _masked_cross_entropy_sum(self._head_logits(flat, head_weight), column,
-                                        tf.cast(is_target, tf.float32))
+        head_weight, tails, word_major = self._rows_first_weights()
+        nll = _masked_cross_entropy_sum(self._head_logits(flat, head_weight, word_major),
+                                        column, tf.cast(is_target, tf.float32))
         bounds = (*self.cutoffs, self.vocab_size)
         for i, start in enumerate(bounds[:-1]):
             inside = tf.where(cluster == i + 1)[:, 0]
             nll += tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.gather(targets, inside) - start,
-                logits=self._tail_logits(i, tf.gather(flat, inside), tails[i])))
+                logits=self._tail_logits(i, tf.gather(flat, inside), tails[i], word_major)))
         return nll
 
     def get_config(self):
