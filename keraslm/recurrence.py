@@ -35,13 +35,20 @@ def block_lstm(x: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, w: tf.Tensor,
         def backward(dh_out, dc_last):
             dh_out = tf.zeros_like(h) if dh_out is None else dh_out
             dc_last = tf.zeros_like(c0) if dc_last is None else dc_last
-            d_gates, dh0, dc0 = _gate_gradients(dh_out, dc_last, c0, w, i, cs, f, o, ci, co)
-            dx, dw, db = _sequence_gradients(x, h0, h, w, d_gates)
-            return dx, dh0, dc0, dw, db
+            return _backward(x, h0, c0, w, i, cs, f, o, ci, co, h, dh_out, dc_last)
 
         return (h, cs[-1]), backward
 
     return run(x, h0, c0, w, b)
+
+
+@tf.function(jit_compile=True)
+def _backward(x, h0, c0, w, i, cs, f, o, ci, co, h, dh_out, dc_last):
+    """d x, d h0, d c0, d w, d b. XLA compiles the loop's element-wise work per step into a
+    few kernels (one compilation per sequence shape: training's is fixed)."""
+    d_gates, dh0, dc0 = _gate_gradients(dh_out, dc_last, c0, w, i, cs, f, o, ci, co)
+    dx, dw, db = _sequence_gradients(x, h0, h, w, d_gates)
+    return dx, dh0, dc0, dw, db
 
 
 def _gate_gradients(dh_out, dc_last, c0, w, i, cs, f, o, ci, co):
