@@ -107,30 +107,22 @@ class AdaptiveSoftmax(keras.layers.Layer):
         return self.cutoffs[0] if self.cutoffs else self.vocab_size
 
     def output_weights(self) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """The head's [H, shortlist + clusters] matrix and each tail's [width, size] output.
-
-        Tied, they come from one split of the embedding (the head's rows, then each tail's),
-        so the embedding's gradient is one concatenation, not a full-size tensor per slice:
-        the head is its rows transposed beside the cluster columns, tail i (E[a:b] @ Q_i)^T."""
-        if self.embedding is None:
-            return self.head, list(self.outputs)
-        bounds = (0, *self.cutoffs, self.vocab_size)
-        rows = tf.split(self.embedding.embeddings, [b - a for a, b in pairwise(bounds)])
-        head = tf.transpose(rows[0])
-        if self.cutoffs:
-            head = tf.concat([head, self.clusters], axis=1)
-        tails = [tf.transpose(r if q is None else tf.matmul(r, q))
-                 for r, q in zip(rows[1:], self.outputs)]
-        return head, tails
+        """The head's [H, shortlist + clusters] matrix and each tail's [width, size] output
+        (tied: the head's embedding rows transposed beside the cluster columns, tail i
+        (E[a:b] @ Q_i)^T)."""
+        head, tails, word_major = self._rows_first_weights()
+        if not word_major:
+            return head, tails
+        return tf.transpose(head), [tf.transpose(t) for t in tails]
 
     def _rows_first_weights(self) -> tuple[tf.Tensor, list[tf.Tensor], bool]:
-        """`output_weights` for the training step: tied, the same matrices word-major (the
-        head [shortlist + clusters, H], tail i [size, width]), which the matmuls read with
-        `transpose_b`, so no transposed copy of the embedding is made, nor of its gradient.
-        The last item says whether they are word-major."""
+        """The output weights as the training step reads them: tied, word-major (the head
+        [shortlist + clusters, H], tail i [size, width]) from one split of the embedding, read
+        by the matmuls with `transpose_b`, so neither the embedding's rows nor their gradient
+        are copied transposed, and the gradient is one concatenation. The last item says
+        whether they are word-major."""
         if self.embedding is None:
-            head, tails = self.output_weights()
-            return head, tails, False
+            return self.head, list(self.outputs), False
         bounds = (0, *self.cutoffs, self.vocab_size)
         rows = tf.split(self.embedding.embeddings, [b - a for a, b in pairwise(bounds)])
         head = rows[0]
