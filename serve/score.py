@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import stat
 import sys
@@ -44,12 +43,9 @@ from keraslm.scores import CorpusScore, finite_or_none
 from keraslm.text import pipeline_for_format
 from serve.bundle import DEFAULT_BUNDLES_ROOT, resolve_bundle
 from serve.cache import CacheSettings, TuneResult
+from serve.cache_flags import add_cache_flags, cache_settings
 from serve.scorer import Scorer, TextBytes
 from serve.session import DEVICES
-
-# GluonNLP's tuned values for standard_lstm_lm_200 on WikiText-2 (cache_language_model.py);
-# tune your own with --tune-cache.
-DEFAULT_THETA, DEFAULT_LAMBDA = 0.662, 0.1279
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,15 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict",
                    help="invalid UTF-8: stop with its position (strict) or replace it (replace)")
-    cache = p.add_argument_group(
-        "continuous cache", "mix each target's probability with the words that followed the "
-        "last N positions of its stream, weighted by hidden-state similarity (Grave et al. 2017)")
-    cache.add_argument("--cache-size", metavar="N", default=None,
-                       help="turn the cache on with a window of N positions")
-    cache.add_argument("--cache-theta", metavar="THETA", default=None,
-                       help=f"similarity scale, >= 0 (default {DEFAULT_THETA})")
-    cache.add_argument("--cache-lambda", metavar="LAMBDA", default=None,
-                       help=f"the cache's weight, in [0, 1] (default {DEFAULT_LAMBDA})")
+    cache = add_cache_flags(p)
     cache.add_argument("--tune-cache", metavar="VALID_FILE", default=None,
                        help="choose THETA and LAMBDA for the window on this validation text "
                             "(same layout as the scoring; holds 4 x nhid bytes a token in "
@@ -148,38 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(filter(None, [result and summary(result),
                                        tuning and tuning_summary(tuning)])))
     return 0
-
-
-def cache_settings(args: argparse.Namespace) -> CacheSettings | None:
-    """The cache settings the flags ask for (None: off); one-line UserError for bad values."""
-    given = [flag for flag, value in (("--cache-theta", args.cache_theta),
-                                      ("--cache-lambda", args.cache_lambda),
-                                      ("--tune-cache", args.tune_cache)) if value is not None]
-    if args.cache_size is None:
-        if given:
-            raise UserError(f"{given[0]} needs --cache-size N (the cache's window)")
-        return None
-    if args.tune_cache is not None and len(given) > 1:
-        raise UserError("--tune-cache chooses theta and lambda: drop --cache-theta and "
-                        "--cache-lambda")
-    size = _parse("--cache-size", args.cache_size, int, "an integer >= 1", lambda v: v >= 1)
-    theta = _parse("--cache-theta", args.cache_theta, float, "a number >= 0",
-                   lambda v: math.isfinite(v) and v >= 0, DEFAULT_THETA)
-    lam = _parse("--cache-lambda", args.cache_lambda, float, "a number in [0, 1]",
-                 lambda v: 0 <= v <= 1, DEFAULT_LAMBDA)
-    return CacheSettings(size, theta, lam)
-
-
-def _parse(flag: str, text: str | None, kind: type, expected: str, ok, default=None):
-    if text is None:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise UserError(f"{flag}: expected {expected}, got {text!r}")
-    return value
 
 
 def _display_name(path: str) -> str:

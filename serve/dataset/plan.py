@@ -49,7 +49,8 @@ class DatasetOptions:
     (its line, or its text in a Parquet file) is recorded with an error, unread. `text_format`
     ("tokens" or "raw") overrides the bundle's text pipeline; `cache` turns the continuous cache
     on (reset for every document); `batch_size` is the rows scored together, `device`
-    onnxruntime's.
+    onnxruntime's. `chunk_bytes` is about how much input a chunk covers (`plan_chunks`): every
+    engine cuts the same chunks, and so scores exactly the same calls.
     """
 
     text_field: str = "text"
@@ -62,6 +63,7 @@ class DatasetOptions:
     text_format: str | None = None
     batch_size: int = 20
     device: str = "auto"
+    chunk_bytes: int = CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.out_format not in OUT_FORMATS:
@@ -69,7 +71,7 @@ class DatasetOptions:
                             f"{' or '.join(OUT_FORMATS)}")
         if self.errors not in ERRORS:
             raise UserError(f"errors must be {' or '.join(ERRORS)}, got {self.errors!r}")
-        for name in ("max_document_bytes", "batch_size"):
+        for name in ("max_document_bytes", "batch_size", "chunk_bytes"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, "
@@ -307,16 +309,18 @@ def _output_names(names: Sequence[str], out_format: str) -> list[str]:
 # ---- shards to chunks ----------------------------------------------------------------------------
 
 def plan_chunks(shard: Shard, options: DatasetOptions | None = None,
-                target_bytes: int = CHUNK_BYTES) -> list[Chunk]:
-    """Cut a shard into chunks of about `target_bytes` of input each (at least one chunk, empty
-    for an empty file), in document order.
+                target_bytes: int | None = None) -> list[Chunk]:
+    """Cut a shard into chunks of about `target_bytes` (default: the options' `chunk_bytes`) of
+    input each (at least one chunk, empty for an empty file), in document order.
 
     JSON Lines and text are cut at the first line start at or after each multiple of the target
     (one pass over the file, counting lines for the ids); a line longer than the target makes
     its chunk longer. Parquet is cut at row groups, small groups merged and big ones split into
-    row ranges (at most MAX_GROUP_SPLITS each), by their uncompressed size. `options` is
-    accepted for symmetry with the other steps; chunks depend on the file and target alone.
+    row ranges (at most MAX_GROUP_SPLITS each), by their uncompressed size. Chunks depend on
+    the file and the target alone.
     """
+    if target_bytes is None:
+        target_bytes = CHUNK_BYTES if options is None else options.chunk_bytes
     if not (isinstance(target_bytes, int) and target_bytes >= 1):
         raise ValueError(f"target_bytes must be a positive integer, got {target_bytes!r}")
     if shard.format == "parquet":
