@@ -139,7 +139,7 @@ def _json_object(text: str) -> tuple[dict | None, str | None]:
     except RecursionError:
         return None, "not valid JSON (nested too deeply)"
     except json.JSONDecodeError as err:
-        return None, f"not valid JSON ({err.msg} at character {err.pos})"
+        return None, f"not valid JSON ({err.msg}: character {err.pos})"
     except ValueError as err:  # e.g. an integer too long to convert
         return None, f"not valid JSON ({first_line(err)})"
     if not isinstance(value, dict):

@@ -44,15 +44,16 @@ def cores() -> int:
 
 
 def run(shards: Sequence[Shard], bundle_path: str | os.PathLike, options: DatasetOptions,
-        workers: int | None = None, *, stream: TextIO = sys.stderr,
+        workers: int | None = None, *, stream: TextIO | None = None,
         progress: bool | None = None) -> Summary:
     """Score every shard whose output does not exist yet with `workers` processes (default: one
     per core) and write their outputs; the Summary says what was written, skipped and failed.
 
-    Messages (skipped shards, failures) go to `stream`, and the progress line too when it is a
-    terminal (or `progress` says so). KeyboardInterrupt stops the run cleanly and is re-raised.
+    Messages (skipped shards, failures) go to `stream` (default: standard error), and the
+    progress line too when it is a terminal (or `progress` says so). KeyboardInterrupt stops the run cleanly and is re-raised.
     """
     started = time.perf_counter()
+    stream = sys.stderr if stream is None else stream
     summary = Summary()
     done = [shard_done(s) for s in shards]
     skipped = [s for s, d in zip(shards, done) if d]

@@ -65,10 +65,12 @@ class Summary:
                 f"error); tokens: {self.tokens:,}; {speed:,.0f} tokens/s ({self.seconds:.1f} s)")
 
 
-def report_skipped(skipped: list[Shard], stream: TextIO = sys.stderr) -> None:
-    """Say which shards a rerun skips because their output exists."""
+def report_skipped(skipped: list[Shard], stream: TextIO | None = None) -> None:
+    """Say (on `stream`, default standard error) which shards a rerun skips because their
+    output exists."""
     if not skipped:
         return
+    stream = sys.stderr if stream is None else stream
     names = ", ".join(s.output for s in skipped[:SHOWN_SKIPS])
     more = f" and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
     print(f"skipping {len(skipped)} shard(s) already written: {names}{more}", file=stream)
@@ -78,10 +80,10 @@ class Progress:
     """A progress line on `stream` when it is a terminal (or `enabled`): documents, tokens/s,
     the share of `total_bytes` of input done and the time left at this pace."""
 
-    def __init__(self, total_bytes: int, stream: TextIO = sys.stderr,
+    def __init__(self, total_bytes: int, stream: TextIO | None = None,
                  enabled: bool | None = None) -> None:
         self.total = max(1, total_bytes)
-        self.stream = stream
+        self.stream = stream = sys.stderr if stream is None else stream
         self.enabled = stream.isatty() if enabled is None else enabled
         self.started = self._drawn = time.perf_counter()
         self.done_bytes = 0.0
