@@ -5,9 +5,11 @@
 # checkout):
 #   train host  keraslm-X.whl[train,cpu]: keraslm-train a tiny model on a WikiText-2 prefix,
 #               keraslm-export it, keraslm-evaluate it
-#   serve host  keraslm-X.whl[cpu,serve]: TensorFlow must not be importable; keraslm-score,
-#               keraslm-generate and keraslm-serve (the page, POST /v1/score) on that bundle, and
-#               keraslm-serve exposed (API keys, allowed hosts, TLS, the header cap) to curl
+#   serve host  keraslm-X.whl[cpu,serve,dataset]: TensorFlow must not be importable;
+#               keraslm-score, keraslm-generate, keraslm-score-dataset (a small .jsonl, its
+#               output read back with pyarrow) and keraslm-serve (the page, POST /v1/score) on
+#               that bundle, and keraslm-serve exposed (API keys, allowed hosts, TLS, the header
+#               cap) to curl
 # Usage: .ci/wheel_check.sh, with a Python on PATH that has setuptools>=77 (the project's .venv,
 # which `pip install -e ".[test]"` sets up; .ci/run calls it that way). Offline: the build needs
 # no index, the installs only the local pip index. Data: $KERASLM_DATA, else ../shared/data.
@@ -115,9 +117,9 @@ assert math.isfinite(r["perplexity"]) and r["num_tokens"] > 0, r
 print("evaluate: perplexity %.2f over %d tokens" % (r["perplexity"], r["num_tokens"]))' evaluate.json ||
     fail "keraslm-evaluate printed no finite perplexity: $(cat evaluate.json)"
 
-# ---- serving host: [cpu,serve], no TensorFlow --------------------------------------------------
-step "install $(basename "$WHEEL")[cpu,serve] into a fresh venv"
-new_env serve "cpu,serve"
+# ---- serving host: [cpu,serve,dataset], no TensorFlow ------------------------------------------
+step "install $(basename "$WHEEL")[cpu,serve,dataset] into a fresh venv"
+new_env serve "cpu,serve,dataset"
 from_site serve
 step "the serving venv has no TensorFlow"
 if in_env serve python -c "import tensorflow" 2>/dev/null; then
@@ -136,6 +138,29 @@ in_env serve keraslm-generate --model bundle --prompt "The" --tokens 10 --seed 0
 in_env serve python -c 'import json, sys; r = json.loads(open(sys.argv[1]).readline())
 assert len(r["tokens"]) == 10, r
 print("generate:", r["text"])' generate.json || fail "keraslm-generate output: $(cat generate.json)"
+step "keraslm-score-dataset a small .jsonl"
+mkdir shards
+printf '%s\n' '{"id": "a", "text": "the cat sat ."}' '{"text": "the game began", "lang": "en"}' \
+    'not json' >shards/docs.jsonl
+in_env serve keraslm-score-dataset shards --model bundle --out scored --workers 2 \
+    >dataset.out 2>dataset.log || { tail -n 30 dataset.log >&2; fail "keraslm-score-dataset"; }
+in_env serve python - <<'PY' || fail "keraslm-score-dataset output: $(cat dataset.out dataset.log)"
+import os, pyarrow.parquet as pq
+from serve.scorer import Scorer
+assert os.listdir("scored") == ["docs.parquet"], os.listdir("scored")
+rows = pq.read_table("scored/docs.parquet").to_pylist()
+assert [r["id"] for r in rows] == ["a", "shards/docs.jsonl:2", "shards/docs.jsonl:3"], rows
+assert [r["lang"] for r in rows] == [None, "en", None], rows
+assert rows[2]["error"].startswith("not valid JSON") and rows[2]["num_tokens"] is None, rows
+for row, score in zip(rows, Scorer("bundle").score(["the cat sat .", "the game began"])):
+    assert row["error"] is None and row["num_tokens"] == score.num_tokens, (row, score)
+    assert abs(row["log_likelihood"] - score.log_likelihood) < 1e-6, (row, score)
+print("score-dataset: 3 documents, 1 error, the numbers of Scorer.score")
+PY
+in_env serve keraslm-score-dataset shards --model bundle --out scored >dataset.out 2>dataset.log ||
+    { tail -n 30 dataset.log >&2; fail "keraslm-score-dataset, run again"; }
+grep -q "skipping 1 shard(s) already written" dataset.log ||
+    fail "keraslm-score-dataset run again did not skip docs.parquet: $(cat dataset.log)"
 
 CURL=(curl --silent --show-error --noproxy '*' --max-time 30)
 
