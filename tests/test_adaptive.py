@@ -131,11 +131,11 @@ def test_parameter_count_is_pytorchs():
 
 @pytest.mark.parametrize(("softmax", "tied", "count"), [
     ("full", True, 7_330_478), ("full", False, 13_986_078),
-    ("adaptive", True, 7_350_679), ("adaptive", False, 10_504_579)])
+    ("adaptive", True, 7_355_680), ("adaptive", False, 9_062_616)])
 def test_num_parameters_counts_the_keras_models_weights(softmax, tied, count):
     """What the training log and the model card report (LMConfig.num_parameters) is the built
     model's count_params, tied weights once: standard_lstm_lm_200 at WikiText-2's 33,278 words,
-    the adaptive softmax at its default cutoff (10,000; the README's figures)."""
+    the adaptive softmax at its default cutoffs (5,000 and 15,000; the README's figures)."""
     from keraslm.config import preset_config
     from keraslm.model import build_model
 
@@ -146,9 +146,10 @@ def test_num_parameters_counts_the_keras_models_weights(softmax, tied, count):
 
 
 @pytest.mark.parametrize("vocab, cutoffs", [
-    (33_278, (10_000,)), (10_002, (2_000,)), (267_735, (10_000, 50_000)),
-    (500_000, (10_000, 50_000, 250_000)), (20_000, (10_000,)), (19_999, (2_000,)),
-    (4_000, (2_000,)), (3_999, ()), (500, ())])
+    (33_278, (5_000, 15_000)), (10_002, (5_000,)), (267_735, (5_000, 15_000, 50_000)),
+    (500_000, (5_000, 15_000, 50_000, 250_000)), (30_000, (5_000, 15_000)),
+    (29_999, (5_000,)), (10_000, (5_000,)), (9_999, (2_000,)), (4_000, (2_000,)), (3_999, ()),
+    (500, ())])
 def test_default_cutoffs(vocab, cutoffs):
     assert default_cutoffs(vocab) == cutoffs
 
