@@ -362,6 +362,10 @@ def test_cli_mistakes_are_one_line_and_status_1(capsys, bundle, tmp_path):
         assert code == 1, argv
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert out == ""
+    code, _, err = run_cli(capsys, tmp_path / "ok.jsonl", "--model", bundle, "--out",
+                           tmp_path / "x.csv" / "out")
+    assert code == 1 and err.startswith(f"error: cannot create the output folder {tmp_path}")
+    assert err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_:
         run_cli(capsys, tmp_path / "ok.jsonl", "--model", bundle, "--out", tmp_path / "out",
                 "--workers", "0")

@@ -27,7 +27,7 @@ from typing import TextIO
 import pyarrow as pa
 
 from keraslm.errors import UserError, first_line
-from serve.dataset.output import write_shard
+from serve.dataset.output import prepare_outputs, write_shard
 from serve.dataset.plan import Chunk, DatasetOptions, Shard, plan_chunks, shard_done
 from serve.dataset.progress import Progress, Summary, report_skipped
 from serve.dataset.scoring import open_scorer, score_chunk
@@ -65,6 +65,7 @@ def run(shards: Sequence[Shard], bundle_path: str | os.PathLike, options: Datase
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         threads = max(1, cores() // workers)
+        prepare_outputs(todo)
         open_scorer(bundle_path, options, threads=1)  # a bad bundle: one error, from here
         meter = Progress(sum(s.size for s in todo), stream, progress)
         try:

@@ -17,6 +17,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from keraslm.errors import UserError, first_line
 from keraslm.files import atomic_path
 from serve.dataset.documents import JSON_TEXT
-from serve.dataset.plan import DatasetOptions, Shard, open_location
+from serve.dataset.plan import DatasetOptions, Shard, is_uri, open_location
 from serve.dataset.scoring import output_schema
 
 JSONL_ROWS = 4096  # JSON Lines output is converted this many rows at a time
@@ -45,6 +46,25 @@ def write_shard(tables: Sequence[pa.Table], shard: Shard, options: DatasetOption
                 _write_jsonl(table, sink)
     except OSError as err:
         raise UserError(f"cannot write {shard.output}: {first_line(err)}") from None
+
+
+def prepare_outputs(shards: Sequence[Shard]) -> None:
+    """Create the folders the shards' outputs go to, before any scoring: a folder that cannot be
+    made is one UserError naming it now, not a failure of every shard once it is scored."""
+    for folder in dict.fromkeys(_parent(s.output) for s in shards):
+        fs, path = open_location(folder)
+        try:
+            fs.create_dir(path, recursive=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {folder}: "
+                            f"{first_line(err)}") from None
+
+
+def _parent(location: str) -> str:
+    if is_uri(location):
+        parts = urlsplit(location)
+        return urlunsplit(parts._replace(path=posixpath.dirname(parts.path)))
+    return os.path.dirname(location)
 
 
 def combine(tables: Sequence[pa.Table], options: DatasetOptions) -> pa.Table:
