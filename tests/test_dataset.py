@@ -134,6 +134,11 @@ def test_parquet_gives_scorer_score_by_row_ranges(scorer, tmp_path):
     table = score_here(scorer, tmp_path / "q.parquet", tmp_path / "out", DatasetOptions())
     assert table["id"].to_pylist() == [f"{tmp_path / 'q.parquet'}:0", f"{tmp_path / 'q.parquet'}:1"]
     assert table["error"].to_pylist() == [None, "'text' is null"]
+    pq.write_table(pa.table({"text": pa.array(["sat", "the cat", "sat"]).dictionary_encode(),
+                             "n": [1.5, 2.5, None]}), tmp_path / "r.parquet")  # a category
+    table = score_here(scorer, tmp_path / "r.parquet", tmp_path / "out", DatasetOptions())
+    assert_scores(table, scorer.score(["sat", "the cat", "sat"]))
+    assert table["n"].to_pylist() == [1.5, 2.5, None]
 
 
 def test_txt_is_one_document_per_line_blank_ones_too(scorer, tmp_path):

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keraslm.errors import UserError, first_line
@@ -243,6 +242,13 @@ def _read_rows(parquet: pq.ParquetFile, columns: list[str], start: int, stop: in
     return pa.Table.from_batches(batches, schema=schema)
 
 
+def _is_text_type(kind: pa.DataType) -> bool:
+    """Strings or bytes (decoded as UTF-8), in any of Arrow's layouts."""
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary",
+              "is_binary_view")
+    return any(getattr(pa.types, check, lambda _: False)(kind) for check in checks)
+
+
 def _column_ids(column: pa.ChunkedArray) -> list[str | None]:
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return column.to_pylist()
@@ -262,19 +268,18 @@ def _column_texts(table: pa.Table, options: DatasetOptions, count: int
     if name not in table.column_names:
         return [None] * count, [f"no {name!r} column"] * count
     column = table.column(name)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas category
+        column = column.cast(column.type.value_type)
+    if not _is_text_type(column.type):
         return [None] * count, [f"{name!r} is a {column.type} column, not text"] * count
-    sizes = pc.binary_length(column).to_pylist()
-    raw = column.cast(pa.large_binary()).to_pylist()
     texts: list[str | None] = []
     errors: list[str | None] = []
-    for value, size in zip(raw, sizes):
+    for value in column.cast(pa.large_binary()).to_pylist():
         text, error = None, None
         if value is None:
             error = f"{name!r} is null"
-        elif size > options.max_document_bytes:
-            error = _too_long(size, options)
+        elif len(value) > options.max_document_bytes:
+            error = _too_long(len(value), options)
         else:
             try:
                 text = value.decode("utf-8", options.errors)
