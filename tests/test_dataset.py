@@ -8,8 +8,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -342,6 +344,38 @@ def test_one_worker_equals_two_and_a_rerun_finishes_a_partial_run(bundle, scorer
     assert (tmp_path / "two" / "a.parquet").stat().st_mtime_ns == kept
     assert outputs(tmp_path / "two")["c.parquet"].equals(first["c.parquet"])
     assert shard_done(expand_inputs(inputs, str(tmp_path / "two"), options)[2])
+
+
+def test_ctrl_c_stops_with_whole_outputs_and_a_rerun_finishes(bundle, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text = "\n".join(WIKITEXT_VALID.read_text(encoding="utf-8").splitlines()[:1500])
+    for i in range(6):
+        (folder / f"s{i}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "serve.dataset", str(folder), "--model", str(bundle), "--out",
+            str(out), "--workers", "2", "--chunk-bytes", "20000"]
+    run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(out.glob("s*.parquet"))) and run.poll() is None:
+        assert time.monotonic() < deadline, "no output within 120 s"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr
+    assert stderr.strip().endswith("interrupted: the shards written so far are whole; run again "
+                                   "to score the rest")
+    written = sorted(os.listdir(out))
+    assert 1 <= len(written) < 6 and all(n.startswith("s") for n in written), written  # no temp
+    assert all(pq.read_table(out / n).num_rows == 1500 for n in written)
+
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"shards: {6 - len(written)} written, {len(written)} skipped")
+    assert sorted(os.listdir(out)) == [f"s{i}.parquet" for i in range(6)]
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
