@@ -167,9 +167,15 @@ def expand_inputs(inputs: Sequence[str], out_dir: str, options: DatasetOptions) 
             found.setdefault(_comparable(location), (location, name, size))
     entries = list(found.values())
     outputs = _output_names([name for _, name, _ in entries], options.out_format)
-    return [Shard(input=location, name=name, format=_format_of(name), size=size,
+    out_dir = _absolute(out_dir)
+    return [Shard(input=_absolute(location), name=name, format=_format_of(name), size=size,
                   output=_child(out_dir, out_name))
             for (location, name, size), out_name in zip(entries, outputs)]
+
+
+def _absolute(location: str) -> str:
+    """A URI as it is, a local path made absolute (workers may run elsewhere than here)."""
+    return location if is_uri(location) else os.path.abspath(location)
 
 
 def _comparable(location: str) -> str:
