@@ -115,6 +115,15 @@ class LMConfig:
     softmax: str = "full"
     cutoffs: tuple[int, ...] = ()
     div_value: float = DEFAULT_DIV_VALUE
+    # The AWD-LSTM's regularisers (Merity et al. 2018, GluonNLP's AWDRNN). `dropout_i` (on the
+    # embedding's output) and `dropout_h` (between LSTM layers) are locked, one mask per column
+    # and unit over time; None keeps the standard models' element-wise `dropout` in that place.
+    # `dropout_e` drops whole words of the input embedding, `weight_dropout` elements of the
+    # hidden-to-hidden kernels (DropConnect); both are applied by the trainer, one mask a step.
+    dropout_h: float | None = None
+    dropout_i: float | None = None
+    dropout_e: float = 0.0
+    weight_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cutoffs", tuple(int(c) for c in self.cutoffs))
@@ -129,8 +138,10 @@ class LMConfig:
             raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if min(self.emsize, self.nhid, self.nlayers) < 1:
             raise UserError("--emsize, --nhid and --nlayers must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "dropout_h", "dropout_i", "dropout_e", "weight_dropout"):
+            rate = getattr(self, name)
+            if rate is not None and not 0.0 <= rate < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {rate}")
         if self.tied and self.emsize != self.nhid:
             raise UserError(
                 f"tied embeddings need --emsize == --nhid (got {self.emsize} and {self.nhid}); "
@@ -193,6 +204,10 @@ def preset_config(name: str, vocab_size: int, **overrides) -> LMConfig:
     return LMConfig(vocab_size=vocab_size, **fields)
 
 
+# LMConfig's fields that regularise training without changing the model's shape
+REGULARISER_FIELDS = ("dropout", "dropout_h", "dropout_i", "dropout_e", "weight_dropout")
+
+
 # ---- the sections of a training run -----------------------------------------------------------
 
 def _require(ok: bool, message: str) -> None:
@@ -245,6 +260,18 @@ class ModelOptions:
     div_value: float | None = option(None, "adaptive softmax: tail cluster i projects the hidden "
                                            "state to nhid / div_value**i units (default: 1 tied, "
                                            "4 untied)")
+    dropout_h: float | None = option(None, "AWD-LSTM: locked dropout between LSTM layers, one "
+                                           "mask per column and unit over time (default: the "
+                                           "preset's; the standard presets drop element-wise at "
+                                           "--dropout)")
+    dropout_i: float | None = option(None, "AWD-LSTM: locked dropout on the input embedding's "
+                                           "output (default: the preset's)")
+    dropout_e: float | None = option(None, "AWD-LSTM: embedding dropout, whole words dropped "
+                                           "from the input embedding, one mask a step (default: "
+                                           "the preset's)")
+    weight_dropout: float | None = option(None, "AWD-LSTM: DropConnect on the LSTMs' "
+                                                "hidden-to-hidden kernels, one mask a step, never "
+                                                "at evaluation (default: the preset's)")
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of "
@@ -252,6 +279,12 @@ class ModelOptions:
         _require(self.softmax in SOFTMAXES, f"--softmax must be one of {', '.join(SOFTMAXES)}")
         if self.cutoffs is not None:
             parse_cutoffs(self.cutoffs)
+
+    def regularisers(self) -> dict[str, float]:
+        """The dropout rates given (not None), which a fine-tune applies to its source run's
+        model: the shape is the source's, how it is regularised is the new run's."""
+        return {name: getattr(self, name) for name in REGULARISER_FIELDS
+                if getattr(self, name) is not None}
 
     def resolve(self, vocab_size: int) -> LMConfig:
         """The model for a vocabulary of `vocab_size` tokens."""
@@ -284,7 +317,13 @@ class OptimConfig:
                                    "improve")
     optimizer: str = option("sgd", "optimizer", choices=("sgd", "adam"))
     momentum: float = option(0.0, "SGD momentum")
-    weight_decay: float = option(0.0, "decoupled weight decay")
+    weight_decay: float = option(0.0, "decoupled weight decay (Keras')")
+    wd: float = option(0.0, "L2 weight decay as GluonNLP's trainer applies it: wd * weight added "
+                            "to every weight's gradient after clipping")
+    alpha: float = option(0.0, "AR: alpha * mean(square(last LSTM layer's dropped output)) "
+                               "added to the loss")
+    beta: float = option(0.0, "TAR: beta * mean(square(h_t - h_{t-1})) of the last LSTM layer's "
+                              "undropped output added to the loss")
     last_batch: str = option("discard", "training batches: drop the incomplete tail (tutorial) "
                                         "or pad it", choices=("discard", "keep"))
     eval_batch_size: int = option(10, "validation batch size")
@@ -305,8 +344,8 @@ class OptimConfig:
         _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _require(self.clip >= 0, f"--clip must be 0 (off) or positive, got {self.clip}")
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        _require(self.momentum >= 0 and self.weight_decay >= 0,
-                 "--momentum and --weight-decay must not be negative")
+        _require(min(self.momentum, self.weight_decay, self.wd, self.alpha, self.beta) >= 0,
+                 "--momentum, --weight-decay, --wd, --alpha and --beta must not be negative")
         _require(self.max_batches is None or self.max_batches >= 1,
                  f"--max-batches must be at least 1, got {self.max_batches}")
         _require(self.precision in ("fp32", "bf16"),

@@ -159,7 +159,10 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
     As GluonNLP's `StandardRNN`: the embedding (and so a tied decoder) starts Uniform(-0.1, 0.1),
     the LSTM kernels Glorot-uniform (MXNet's Xavier), every bias at zero (Keras' differing
     defaults, orthogonal recurrent kernels and unit forget bias, are overridden). Dropout is
-    element-wise on the embedding and between layers, and shared over time on the last output.
+    element-wise on the embedding and between layers, and shared over time on the last output;
+    with the AWD-LSTM's `dropout_i` / `dropout_h` it is shared over time everywhere (GluonNLP's
+    AWDRNN). Embedding and weight dropout are not in this graph: the trainer applies them to the
+    weights (`keraslm.training.weight_noise`), so evaluation and export never see them.
     The output layer is a full softmax (tied: the embedding's transpose plus a bias) or, for
     `config.softmax == "adaptive"`, an `AdaptiveSoftmax` whose outputs are log-probabilities.
     """
@@ -176,7 +179,9 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
         embeddings_initializer=keras.initializers.RandomUniform(
             -EMBEDDING_INIT_RANGE, EMBEDDING_INIT_RANGE, seed=None if seed is None else seed),
     )
-    x = KeyedDropout(config.dropout, salt=0, name="embedding_dropout",
+    # the AWD-LSTM's locked dropout where its rate is given, else the standard element-wise one
+    x = KeyedDropout(_rate(config.dropout_i, config.dropout), salt=0,
+                     shared_over_time=config.dropout_i is not None, name="embedding_dropout",
                      dtype=FEATURES_POLICY)(embedding(tokens), keys)
     new_states = []
     for layer in range(config.nlayers):
@@ -194,7 +199,8 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
         )
         x, h, c = lstm(x, initial_state=states[2 * layer : 2 * layer + 2])
         last = layer == config.nlayers - 1
-        x = KeyedDropout(config.dropout, salt=layer + 1, shared_over_time=last,
+        x = KeyedDropout(config.dropout if last else _rate(config.dropout_h, config.dropout),
+                         salt=layer + 1, shared_over_time=last or config.dropout_h is not None,
                          name=f"lstm{layer}_dropout", dtype=FEATURES_POLICY)(x, keys)
         new_states += [h, c]
     if config.softmax == "adaptive":  # log-probabilities, which are logits too
@@ -211,6 +217,10 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
         if precision != "fp32":
             logits = keras.ops.cast(logits, "float32")
     return keras.Model([tokens, keys, *states], [logits, *new_states], name="lstm_lm")
+
+
+def _rate(locked: float | None, standard: float) -> float:
+    return standard if locked is None else locked
 
 
 def lstm_biases(model: keras.Model) -> list[keras.Variable]:

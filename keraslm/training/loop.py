@@ -26,6 +26,7 @@ from keraslm.files import atomic_path
 from keraslm.scores import perplexity
 from keraslm.training import checkpoint
 from keraslm.training.devices import is_multiworker
+from keraslm.training.regularisers import step_key
 from keraslm.training.setup import Setup, checkpoint_path
 from keraslm.training.signals import Stopped, StopRequest
 from keraslm.training.step import noise_keys
@@ -87,7 +88,8 @@ class EpochLoop:
             for i in range(progress.batch, self.num_batches):
                 inputs, targets = train[i]
                 keys = noise_keys(optim.seed, epoch, i, optim.batch_size)
-                result, state = trainer.train_step(inputs, targets, keys, state)
+                result, state = trainer.train_step(inputs, targets, keys, state,
+                                                   step_key(optim.seed, epoch, i))
                 if not math.isfinite(result.nll_sum):
                     raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
                                            f"batch {i + 1}; {self.last_good()}")

@@ -36,6 +36,7 @@ from keraslm.rundir import RunDir, new_run_name, resolve_run
 from keraslm.text import TextPipeline, pipeline_for_format, use_data_root
 from keraslm.training import checkpoint
 from keraslm.training.devices import is_multiworker
+from keraslm.training.regularisers import Regularisers
 from keraslm.training.step import Trainer, make_optimizer
 from keraslm.vocab import Vocab
 
@@ -88,7 +89,7 @@ def prepare(config: TrainConfig, is_chief: bool = True,
         pipeline = TextPipeline.from_dict(resumed.read_config()["pipeline"])
     elif options.finetune_from:
         source = resolve_run(options.finetune_from, options.runs_dir)
-        model_config = source.model_config()
+        model_config = dataclasses.replace(source.model_config(), **config.model.regularisers())
         vocab = source.read_vocab(model_config.vocab_size)
         source.require_best_weights("to fine-tune from")
         pipeline = pipeline_for_format(
@@ -140,7 +141,8 @@ def build(prepared: Prepared, strategy: tf.distribute.Strategy) -> Setup:
     if prepared.finetune_source is not None:
         model.load_weights(prepared.finetune_source.best_weights_path)
     trainer = Trainer(model, optimizer, strategy, clip=optim.clip,
-                      two_biases=prepared.model_config.two_biases, jit_compile=options.jit)
+                      two_biases=prepared.model_config.two_biases, jit_compile=options.jit,
+                      regularisers=Regularisers.of(prepared.model_config, optim))
     saved_state = None
     if prepared.resuming:
         progress, saved_state = checkpoint.load(checkpoint_path(prepared.run), model, optimizer)

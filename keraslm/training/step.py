@@ -20,6 +20,7 @@ from keraslm.errors import UserError
 from keraslm.evaluation import Evaluator, masked_nll_sum
 from keraslm.losses import decoder_nll_sum
 from keraslm.model import lstm_biases
+from keraslm.training.regularisers import Regularisers, WeightNoise, activation_terms
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Trainer:
 
     def __init__(self, model: keras.Model, optimizer, strategy: tf.distribute.Strategy,
                  *, clip: float = 0.25, two_biases: bool = False, jit_compile: bool = False,
-                 fused_decoder: bool = True):
+                 fused_decoder: bool = True, regularisers: Regularisers | None = None):
         self.model = model
         self.evaluate = Evaluator(model, jit_compile=jit_compile)
         # The model's parts as the evaluator split them: shared, not derived twice.
@@ -99,6 +100,13 @@ class Trainer:
         self.fused_decoder = fused_decoder
         self.num_replicas = strategy.num_replicas_in_sync
         self.copies = gradient_copies(model, two_biases)
+        self.regularisers = regularisers or Regularisers()
+        self.noise = WeightNoise(model, self.regularisers)
+        # the features with the last LSTM layer's undropped output too (for TAR)
+        last = model.get_layer(f"lstm{len(self.features.outputs) // 2 - 1}")
+        self.train_features = keras.Model(
+            model.inputs, [self.features.outputs[0], last.output[0], *self.features.outputs[1:]],
+            name="train_features")
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
@@ -150,8 +158,12 @@ class Trainer:
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, shared, axis=None).numpy()
 
     # ---- steps ---------------------------------------------------------------------------
-    def _forward_backward_impl(self, inputs, targets, keys, state, num_targets):
+    def _forward_backward_impl(self, inputs, targets, keys, state, num_targets, step_key=0,
+                               num_pairs=1.0):
         variables = self.model.trainable_variables
+        if self.regularisers.weight_noise or self.regularisers.activations:
+            return self._regularised_forward_backward(inputs, targets, keys, state, num_targets,
+                                                      step_key, num_pairs)
         with tf.GradientTape() as tape:
             if self.fused_decoder:
                 hidden, *new_state = self.features([inputs, keys, *state], training=True)
@@ -163,32 +175,79 @@ class Trainer:
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         return grads, nll_sum, tuple(new_state)
 
-    def _replica_train_step(self, inputs, targets, keys, state, num_targets):
-        grads, nll_sum, new_state = self._forward_backward(inputs, targets, keys, state, num_targets)
+    def _regularised_forward_backward(self, inputs, targets, keys, state, num_targets, step_key,
+                                      num_pairs):
+        """The forward and backward pass with the AWD-LSTM's regularisers: the features on
+        this step's dropped weights, AR and TAR added to the loss (not to the NLL returned)."""
+        variables = self.model.trainable_variables
+        features = self.train_features
+        with tf.GradientTape() as tape:
+            args = [inputs, keys, *state]
+            if self.regularisers.weight_noise:
+                values = self.noise.values(features.trainable_variables, step_key)
+                fixed = [tf.convert_to_tensor(v) for v in features.non_trainable_variables]
+                outputs, _ = features.stateless_call(values, fixed, args, training=True)
+            else:
+                outputs = features(args, training=True)
+            hidden, raw, *new_state = outputs
+            if self.fused_decoder:
+                nll_sum = decoder_nll_sum(self.decoder, hidden, targets)
+            else:
+                logits = tf.cast(self.decoder(hidden), tf.float32)
+                nll_sum = masked_nll_sum(logits, targets)
+            loss = nll_sum / num_targets + activation_terms(
+                self.regularisers, hidden, raw, targets, num_targets, num_pairs)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        return grads, nll_sum, tuple(new_state)
+
+    def _replica_train_step(self, inputs, targets, keys, state, num_targets, step_key,
+                            num_pairs):
+        grads, nll_sum, new_state = self._forward_backward(inputs, targets, keys, state,
+                                                           num_targets, step_key, num_pairs)
         ctx = tf.distribute.get_replica_context()
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads) if self.num_replicas > 1 else grads
         norm = tf.sqrt(tf.add_n([copies * tf.reduce_sum(tf.square(g))
                                  for g, copies in zip(total, self.copies)]))
         scale = tf.minimum(1.0, self.clip / tf.maximum(norm, 1e-12)) if self.clip > 0 else 1.0
         grads = [g * (scale * copies) for g, copies in zip(grads, self.copies)]
+        if self.regularisers.wd > 0:  # after clipping, as MXNet's optimizers add it
+            grads = weight_decayed(grads, self.model.trainable_variables, self.regularisers.wd,
+                                   self.num_replicas)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return nll_sum, norm, new_state
 
-    def _distributed_train_step(self, inputs, targets, keys, state, num_targets):
+    def _distributed_train_step(self, inputs, targets, keys, state, num_targets, step_key,
+                                num_pairs):
         nll_sum, norm, new_state = self.strategy.run(
-            self._replica_train_step, args=(inputs, targets, keys, state, num_targets)
-        )
+            self._replica_train_step,
+            args=(inputs, targets, keys, state, num_targets, step_key, num_pairs))
         total_nll = self.strategy.reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None)
         norm = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, norm, axis=None)  # same on every replica
         return total_nll, norm, new_state
 
-    def train_step(self, inputs: np.ndarray, targets: np.ndarray, keys: np.ndarray, state):
-        """One SGD step on a global batch; returns the result and the carried state."""
-        num_targets = int(np.count_nonzero(targets != PAD_TARGET))
+    def train_step(self, inputs: np.ndarray, targets: np.ndarray, keys: np.ndarray, state,
+                   step_key: int = 0):
+        """One SGD step on a global batch; returns the result and the carried state.
+
+        `keys` are the columns' dropout keys (`noise_keys`), `step_key` the step's weight-mask
+        key (`regularisers.step_key`), the same for every replica."""
+        has_target = targets != PAD_TARGET
+        num_targets = int(np.count_nonzero(has_target))
         if num_targets == 0:
             return StepResult(0.0, 0, 0.0), state
+        num_pairs = int(np.count_nonzero(has_target[:, 1:] & has_target[:, :-1]))
         nll, norm, new_state = self._train_step(
             self.distribute(inputs), self.distribute(targets), self.distribute(keys), state,
-            tf.constant(float(num_targets)),
+            tf.constant(float(num_targets)), tf.constant(step_key, tf.int32),
+            tf.constant(float(num_pairs)),
         )
         return StepResult(float(nll), num_targets, float(norm)), new_state
+
+
+def weight_decayed(grads: list[tf.Tensor], variables: list, wd: float,
+                   num_replicas: int) -> list[tf.Tensor]:
+    """Each replica's gradients plus its share of the L2 term `wd * weight` (the shares sum to
+    it in `apply_gradients`). An MXNet twin bias adds `wd` times each twin, so `wd` times their
+    sum: the term is not doubled like the gradient."""
+    share = wd / num_replicas
+    return [g + share * tf.convert_to_tensor(v) for g, v in zip(grads, variables)]
