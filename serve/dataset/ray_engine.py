@@ -43,7 +43,7 @@ from typing import TextIO
 import pyarrow as pa
 
 from keraslm.errors import UserError, first_line
-from serve.dataset.output import write_shard
+from serve.dataset.output import prepare_outputs, write_shard
 from serve.dataset.plan import Chunk, DatasetOptions, Shard, plan_chunks, shard_done
 from serve.dataset.progress import Progress, Summary, report_skipped
 from serve.dataset.scoring import open_scorer, score_chunk
@@ -177,11 +177,12 @@ def connect(address: str | None) -> Iterator[Cluster]:
             ray.shutdown()  # stops the cluster this run started; only disconnects from others
 
 
-def actor_layout(workers: int | None, cluster: Cluster) -> tuple[int, int]:
+def actor_layout(workers: int | None, cluster: Cluster, chunks: int) -> tuple[int, int]:
     """(actors, onnxruntime threads per actor): `workers` actors (default: one per CPU of the
-    cluster, at most that), each with the CPUs the cluster has per actor, no more than its
-    smallest node's, so that every actor fits on a node and actors x threads <= CPUs."""
-    actors = min(workers or cluster.cpus, cluster.cpus)
+    cluster; never more than its CPUs, nor than the `chunks` to score), each with the CPUs the
+    cluster has per actor, no more than its smallest node's, so that every actor fits on a node
+    and actors x threads <= CPUs."""
+    actors = max(1, min(workers or cluster.cpus, cluster.cpus, chunks))
     threads = max(1, min(cluster.cpus // actors, cluster.node_cpus or 1))
     return actors, threads
 
@@ -218,6 +219,7 @@ def run(shards: Sequence[Shard], bundle_path: str | os.PathLike, options: Datase
     if todo:
         if workers is not None and workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
+        prepare_outputs(todo)
         open_scorer(bundle_path, options, threads=1)  # a bad bundle: one error, from here
         _Driver(summary, options, stream, progress).run(todo, pack_bundle(bundle_path),
                                                         workers, address)
@@ -264,8 +266,8 @@ class _Driver:
                workers: int | None, started: float) -> None:
         import ray
 
-        actors, threads = actor_layout(workers, cluster)
-        if workers and actors < workers:
+        actors, threads = actor_layout(workers, cluster, len(rows))
+        if workers and actors < min(workers, len(rows)):
             self._say(f"the cluster has {cluster.cpus} CPU(s): {actors} actor(s), not {workers}",
                       "note")
         self.summary.actors, self.summary.threads = actors, threads
