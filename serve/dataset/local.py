@@ -50,7 +50,8 @@ def run(shards: Sequence[Shard], bundle_path: str | os.PathLike, options: Datase
     per core) and write their outputs; the Summary says what was written, skipped and failed.
 
     Messages (skipped shards, failures) go to `stream` (default: standard error), and the
-    progress line too when it is a terminal (or `progress` says so). KeyboardInterrupt stops the run cleanly and is re-raised.
+    progress line too when it is a terminal (or `progress` says so). KeyboardInterrupt stops
+    the run cleanly and is re-raised.
     """
     started = time.perf_counter()
     stream = sys.stderr if stream is None else stream
@@ -61,7 +62,7 @@ def run(shards: Sequence[Shard], bundle_path: str | os.PathLike, options: Datase
     summary.skipped = len(skipped)
     report_skipped(skipped, stream)
     if todo:
-        workers = workers or cores()
+        workers = cores() if workers is None else workers
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         threads = max(1, cores() // workers)
