@@ -125,7 +125,8 @@ def _write_jsonl(table: pa.Table, sink) -> None:
                 if row[name] is not None:
                     row[name] = json.loads(row[name])
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        sink.write("".join(lines).encode("utf-8", "backslashreplace"))  # a lone surrogate: its JSON escape
+        # a lone surrogate (JSON can escape one; UTF-8 cannot hold it) is written as its escape
+        sink.write("".join(lines).encode("utf-8", "backslashreplace"))
 
 
 @contextlib.contextmanager
