@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("keraslm", "serve", "export")
 PAGE_DIR = "serve/web/static"
 NOT_SHIPPED = ("tests", "bench", "docs")
-EXTRAS = {"train", "cpu", "gpu", "serve", "test"}
+EXTRAS = {"train", "cpu", "gpu", "serve", "dataset", "ray", "test"}
 # Left out of the copy: what is not source (and may be big).
 SKIP = {".git", ".venv", "venv", "build", "dist", "runs", "bundles", ".pytest_cache",
         ".hypothesis", ".ruff_cache", "__pycache__"}
@@ -100,7 +100,7 @@ def test_console_scripts_and_extras_point_into_the_wheel(built):
     scripts.read_string(entry_points)
     targets = dict(scripts["console_scripts"])
     assert {"keraslm-train", "keraslm-export", "keraslm-evaluate", "keraslm-score",
-            "keraslm-serve", "keraslm-generate"} <= set(targets)
+            "keraslm-serve", "keraslm-generate", "keraslm-score-dataset"} <= set(targets)
     for script, target in targets.items():
         module = target.split(":")[0].replace(".", "/")
         assert f"{module}.py" in names or f"{module}/__init__.py" in names, (script, target)
