@@ -41,6 +41,19 @@ def _keep_mask(keys: tf.Tensor, time: tf.Tensor, width: tf.Tensor, salt: int,
     return tf.cast(uniform >= rate, tf.float32)
 
 
+@tf.function(jit_compile=True)
+def hashed_uniform(key: tf.Tensor, salt: int, shape: tuple[int, ...]) -> tf.Tensor:
+    """Uniform numbers in [0, 1], float32 of `shape`, a pure function of (key, salt, position):
+    integer arithmetic only, so they are the same on every device and under XLA (TensorFlow's
+    stateless random ops are not: with a seed known only at run time, XLA's differ)."""
+    size = 1
+    for dim in shape:
+        size *= int(dim)
+    row = _fmix32(tf.cast(key, tf.int64) % (1 << 32) ^ (salt * 0x9E3779B9 % (1 << 32)))
+    bits = _fmix32(tf.bitwise.bitwise_xor(row, tf.range(size, dtype=tf.int64)) % (1 << 32))
+    return tf.reshape(tf.cast(bits, tf.float32) * (1.0 / 4294967296.0), shape)
+
+
 @keras.saving.register_keras_serializable("keraslm")
 class KeyedDropout(keras.layers.Layer):
     """Dropout whose mask is a pure function of a per-column key.

@@ -193,7 +193,8 @@ def _reference_step(weights, data, lr, clip, regs: Regularisers, key):
     return [(v - lr * (g * scale + regs.wd * v)).numpy() for v, g in zip(variables, grads)], norm
 
 
-def test_one_step_with_every_regulariser_equals_the_reference_written_out_by_hand():
+@pytest.mark.parametrize("jit", [False, True], ids=["fused", "xla"])
+def test_one_step_with_every_regulariser_equals_the_reference_written_out_by_hand(jit):
     config = LMConfig(vocab_size=30, emsize=8, nhid=8, nlayers=1, dropout=0.0, two_biases=True,
                       dropout_e=0.3, weight_dropout=0.4)
     regs = Regularisers(dropout_e=0.3, weight_dropout=0.4, alpha=3.0, beta=2.0, wd=0.05)
@@ -202,12 +203,12 @@ def test_one_step_with_every_regulariser_equals_the_reference_written_out_by_han
     inputs, targets = data[:, :6], data[:, 1:]
     strategy = make_strategy(cpu_replicas=1)
     with strategy.scope():
-        model = build_model(config, seed=0)
+        model = build_model(config, seed=0, fused=not jit)  # as training builds it
         model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32)
                            for w in model.get_weights()])
         initial = model.get_weights()
         trainer = Trainer(model, make_optimizer("sgd", 0.5), strategy, clip=0.2, two_biases=True,
-                          regularisers=regs)
+                          regularisers=regs, jit_compile=jit)
     key = step_key(0, 0, 0)
     result, _ = trainer.train_step(inputs, targets, noise_keys(0, 0, 0, 4),
                                    trainer.zero_state(4), key)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET
 from keraslm.config import LMConfig, OptimConfig
+from keraslm.model import hashed_uniform
 
 EMBEDDING_SALT = 0       # embedding dropout's mask; weight dropout of LSTM layer l: 1 + l
 _MASK64 = (1 << 64) - 1
@@ -64,9 +65,9 @@ def step_key(seed: int, epoch: int, batch: int) -> int:
 
 def keep_mask(key: tf.Tensor, salt: int, shape, rate: float) -> tf.Tensor:
     """1.0 where a weight is kept, 0.0 where dropped (probability `rate`), float32 of `shape`:
-    the same for the same (key, salt) on any replica."""
-    seed = tf.stack([tf.cast(key, tf.int32), tf.constant(salt, tf.int32)])
-    return tf.cast(tf.random.stateless_uniform(shape, seed=seed) >= rate, tf.float32)
+    the same for the same (key, salt) on any replica, device, and under XLA."""
+    shape = tuple(int(dim) for dim in shape)
+    return tf.cast(hashed_uniform(key, salt, shape) >= rate, tf.float32)
 
 
 def dropped(value: tf.Tensor, mask: tf.Tensor, rate: float) -> tf.Tensor:
