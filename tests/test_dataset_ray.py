@@ -187,6 +187,23 @@ def test_a_rerun_after_a_partial_run_scores_only_the_missing_shards(
     assert (third.written, third.skipped) == (0, 3)
 
 
+def test_a_shard_that_cannot_be_read_is_reported_and_the_others_are_written(
+        cluster, inputs, reference, tiny_bundle, tmp_path):
+    folder = Path(shutil.copytree(inputs, tmp_path / "in"))
+    (folder / "broken.parquet").write_bytes(b"not a Parquet file")
+    out = tmp_path / "out"
+    messages = io.StringIO()
+    summary = ray_engine.run(expand_inputs([str(folder)], str(out), OPTIONS),
+                             tiny_bundle.bundle, OPTIONS, workers=2, stream=messages)
+    assert (summary.written, summary.failed) == (3, 1)
+    assert f"error: {folder / 'broken.parquet'}: not a readable Parquet file" in \
+        messages.getvalue()
+    outputs = read_outputs(out)
+    assert outputs.keys() == reference.keys()
+    for name, table in outputs.items():
+        assert table.select(NUMBERS).equals(reference[name].select(NUMBERS)), name
+
+
 def test_the_cli_joins_a_running_cluster_by_address(cluster, inputs, reference, tiny_bundle,
                                                      tmp_path):
     """A second driver (the CLI, in its own process) scores on the module's cluster and leaves
