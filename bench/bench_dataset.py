@@ -198,8 +198,8 @@ def one_round(k: int, work: Path, bundle: Path, text: Path, jsonl: Path, one: Pa
         rows[f"local {workers}"] = bench_engine(local, jsonl, one, work / f"out-{k}-local-"
                                                 f"{workers}", bundle, workers)
     started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
     rows["ray start"] = {"seconds": time.perf_counter() - started}
     try:
         for workers in (1, 2):

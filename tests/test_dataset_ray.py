@@ -44,8 +44,8 @@ def cluster():
     """A local Ray cluster of 2 CPUs in this process (the engine uses it as it is); its address."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                       log_to_driver=False)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                       configure_logging=False, log_to_driver=False)
     yield context.address_info["address"]
     ray.shutdown()
 

@@ -16,8 +16,9 @@ chunks it held are sent again (`max_restarts`, `max_task_retries`); a chunk whos
 more often than that fails the run, and the shards already written stay written, so a rerun
 scores only the rest.
 
-The cluster: `address` (else `RAY_ADDRESS`) connects to a running one and leaves it running; with
-neither, a local cluster is started for the run and shut down after it. A process that has
+The cluster: `address` (else `RAY_ADDRESS`) connects to a running one and leaves it running
+(`auto`: the one `ray start` last started on this machine); with neither, a new local cluster is
+started for the run and shut down after it. A process that has
 already called `ray.init` is used as it is. Each actor reserves as many CPUs as it gives
 onnxruntime threads, so actors x threads never exceeds a node's CPUs.
 """
@@ -158,9 +159,9 @@ def connect(address: str | None) -> Iterator[Cluster]:
     address = address or os.environ.get("RAY_ADDRESS") or None
     owner = not ray.is_initialized()
     if owner:
-        try:
-            ray.init(address=address, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
+        try:  # "local": a new cluster, not the last one `ray start` left on this machine
+            ray.init(address=address or "local", include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot connect to the Ray cluster at {address}: "
                             f"{first_line(err)}") from None
