@@ -44,8 +44,8 @@ def cluster():
     """A local Ray cluster of 2 CPUs in this process (the engine uses it as it is); its address."""
     import ray
 
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False,
-                       configure_logging=False, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=2, object_store_memory=200 << 20,
+                       include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield context.address_info["address"]
     ray.shutdown()
 
@@ -254,3 +254,18 @@ def test_unpacking_refuses_a_file_outside_the_folder(tmp_path):
     with pytest.raises(UserError, match="outside the bundle folder"):
         ray_engine.unpack_bundle({"../evil.json": b"{}"}, tmp_path)
     assert not (tmp_path.parent / "evil.json").exists()
+
+
+@pytest.mark.parametrize(("workers", "cpus", "node_cpus", "chunks", "layout"), [
+    (None, 2, 2, 10, (2, 1)),   # default: one actor per CPU, one thread each
+    (1, 2, 2, 10, (1, 2)),      # one actor gets both CPUs
+    (4, 2, 2, 10, (2, 1)),      # no more actors than CPUs
+    (2, 8, 4, 10, (2, 4)),      # two nodes of 4: an actor of 4 threads on each
+    (2, 6, 2, 10, (2, 2)),      # never more threads than the smallest node has
+    (None, 8, 4, 3, (3, 2)),    # never more actors than chunks
+])
+def test_actors_times_threads_never_exceed_the_cpus(workers, cpus, node_cpus, chunks, layout):
+    cluster = ray_engine.Cluster(cpus=cpus, node_cpus=node_cpus)
+    actors, threads = ray_engine.actor_layout(workers, cluster, chunks)
+    assert (actors, threads) == layout
+    assert actors * threads <= cpus and threads <= node_cpus
