@@ -88,7 +88,7 @@ def parts(ids: np.ndarray, vocab_size: int, fused_lstm: bool, precision: str,
     trainer = Trainer(model, optimizer, strategy, clip=0.25, two_biases=config.two_biases)
     inputs, targets = BPTTBatches(ids, BATCH, BPTT, "discard")[0]
     keys = noise_keys(0, 0, 0, BATCH)
-    zeros = [tf.zeros((BATCH, config.nhid)) for _ in config.state_names()]
+    zeros = [tf.zeros((BATCH, size)) for size in config.state_sizes()]
     x = [tf.constant(inputs), tf.constant(keys), *zeros]
     decoder_vars = {id(v) for v in trainer.decoder.trainable_variables}
     feature_vars = [v for v in model.trainable_variables if id(v) not in decoder_vars]

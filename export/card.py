@@ -75,12 +75,18 @@ def _preset(config: dict) -> str:
 def _model_section(config: dict, info: dict) -> str:
     m = LMConfig.from_dict(info["model"])
     rows = [("preset", _preset(config)), ("LSTM layers", m.nlayers), ("embedding size", m.emsize),
-            ("hidden size", m.nhid), ("vocabulary", m.vocab_size), ("tied embedding", m.tied),
+            ("hidden size", _hidden_sizes(m)), ("vocabulary", m.vocab_size), ("tied embedding", m.tied),
             ("two biases (MXNet)", m.two_biases), ("dropout (training)", m.dropout),
             ("output layer", _output_layer(m)), ("parameters", f"{m.num_parameters():,}")]
     quantized = info.get("quantization")
     rows.append(("weights", "int8 (dynamic quantization)" if quantized else "float32"))
     return "## Model\n\n" + _table(("", "value"), rows)
+
+
+def _hidden_sizes(m: LMConfig) -> str:
+    """`nhid`, or each layer's size when they differ (a last layer as wide as the embedding)."""
+    sizes = m.layer_sizes()
+    return str(m.nhid) if set(sizes) == {m.nhid} else " / ".join(map(str, sizes))
 
 
 def _output_layer(m: LMConfig) -> str:

@@ -63,7 +63,8 @@ def scoring_function(model: keras.Model, config: LMConfig, *,
     signature = [
         tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TOKENS),
         tf.TensorSpec([None, None], tf.int32, name=contract.INPUT_TARGETS),
-        *(tf.TensorSpec([None, config.nhid], tf.float32, name=n) for n in states),
+        *(tf.TensorSpec([None, size], tf.float32, name=n)
+          for n, size in zip(states, config.state_sizes())),
     ]
     decode = (_adaptive_decoder(decoder) if isinstance(decoder, AdaptiveSoftmax)
               else _full_decoder(decoder, fold_bias))
@@ -398,7 +399,7 @@ def set_io_contract(proto: onnx.ModelProto, config: LMConfig) -> None:
 
 def io_shapes(config: LMConfig) -> dict[str, tuple[int, list]]:
     """Every graph input and output: ONNX element type and shape with symbolic batch/time."""
-    specs = contract.io_specs(config.nlayers, config.nhid, config.vocab_size)
+    specs = contract.io_specs(config.layer_sizes(), config.vocab_size)
     return {name: (helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
             for name, (dtype, shape) in specs.items()}
 

@@ -5,7 +5,8 @@
         model.onnx.data   its weights, only for models too big for one protobuf (> 1 GiB here)
         vocab.json        copied from the run
         bundle.json       schema version, model config, text pipeline, source run, versions,
-                          opset, quantization, and the graph's inputs and outputs
+                          opset, quantization, the LSTM layers' sizes, and the graph's inputs
+                          and outputs
         README.md         the model's card (export/card.py): model, data, perplexities, usage
         curve.png         its training curve, when the run has metrics and matplotlib is installed
 
@@ -135,7 +136,7 @@ def _write_model(work: Path, run: RunDir, run_config: dict, vocab: Vocab, opset:
     inputs, outputs = graph.describe_io(written)
     return BundleMeta(model=config.to_dict(), pipeline={}, inputs=inputs, outputs=outputs,
                       opset=opset, external_data=tuple(graph.external_data_files(written)),
-                      quantization=quantization)
+                      quantization=quantization, layer_sizes=config.layer_sizes())
 
 
 def _source_run(run: RunDir) -> dict:

@@ -106,6 +106,10 @@ class LMConfig:
     nlayers: int = 2
     dropout: float = 0.2
     tied: bool = True
+    # GluonNLP's AWDRNN: a tied model's last LSTM layer is `emsize` units wide, the others
+    # `nhid`, so the decoder ties with the embedding whatever `nhid` is. Off (and untied): every
+    # layer is `nhid` wide. `layer_sizes()` is the rule.
+    last_layer_emsize: bool = False
     # MXNet's LSTM keeps two summed biases (i2h + h2h) that both get the same gradient: the
     # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
     # reproduces that exactly (see keraslm.training.step); on for the GluonNLP presets.
@@ -132,20 +136,21 @@ class LMConfig:
                             f"{self.softmax!r}")
         if self.softmax == "full" and self.cutoffs:
             raise UserError("--cutoffs apply only to --softmax adaptive")
-        if self.softmax == "adaptive":
-            check_cutoffs(self.cutoffs, self.vocab_size, self.nhid, self.div_value)
         if self.vocab_size < 2:
             raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if min(self.emsize, self.nhid, self.nlayers) < 1:
             raise UserError("--emsize, --nhid and --nlayers must be positive")
+        if self.softmax == "adaptive":
+            check_cutoffs(self.cutoffs, self.vocab_size, self.output_size(), self.div_value)
         for name in ("dropout", "dropout_h", "dropout_i", "dropout_e", "weight_dropout"):
             rate = getattr(self, name)
             if rate is not None and not 0.0 <= rate < 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {rate}")
-        if self.tied and self.emsize != self.nhid:
+        if self.tied and self.emsize != self.output_size():
             raise UserError(
                 f"tied embeddings need --emsize == --nhid (got {self.emsize} and {self.nhid}); "
-                "use --no-tied for different sizes"
+                "use --no-tied for different sizes, or --last-layer-emsize for a last LSTM "
+                "layer as wide as the embedding"
             )
 
     def to_dict(self) -> dict:
@@ -161,14 +166,34 @@ class LMConfig:
             raise UserError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
 
+    def layer_sizes(self) -> tuple[int, ...]:
+        """Units of each LSTM layer, first to last: `nhid`, except a tied model's last layer
+        with `last_layer_emsize`, which is `emsize` (GluonNLP's AWDRNN)."""
+        sizes = [self.nhid] * self.nlayers
+        if self.tied and self.last_layer_emsize:
+            sizes[-1] = self.emsize
+        return tuple(sizes)
+
+    def output_size(self) -> int:
+        """Units of the last LSTM layer: the width of what the decoder (and the continuous
+        cache) read."""
+        return self.layer_sizes()[-1]
+
     def state_names(self) -> list[str]:
         """Names of the state tensors, in the order the model takes and returns them."""
         return [f"{kind}{layer}" for layer in range(self.nlayers) for kind in ("h", "c")]
 
+    def state_sizes(self) -> list[int]:
+        """Units of each state tensor, in `state_names` order (h and c of a layer: its size)."""
+        return [size for size in self.layer_sizes() for _ in ("h", "c")]
+
     def num_parameters(self) -> int:
-        """Trainable parameters (tied weights counted once)."""
-        v, e, h = self.vocab_size, self.emsize, self.nhid
-        lstm = sum(4 * h * ((e if i == 0 else h) + h + 1) for i in range(self.nlayers))
+        """Trainable parameters (tied weights counted once; a layer's LSTM bias once, however
+        many MXNet biases it stands for: `count_params()` of the Keras model)."""
+        v, e = self.vocab_size, self.emsize
+        sizes = self.layer_sizes()
+        lstm = sum(4 * h * (i + h + 1) for i, h in zip((e, *sizes[:-1]), sizes))
+        h = sizes[-1]  # the decoder's input
         if self.softmax == "full":
             decoder = v + (0 if self.tied else v * h)
         else:
@@ -244,10 +269,14 @@ class ModelOptions:
 
     preset: str = option("standard_lstm_lm_200", f"GluonNLP model preset: {', '.join(PRESETS)}")
     emsize: int | None = option(None, "embedding size")
-    nhid: int | None = option(None, "LSTM hidden size")
+    nhid: int | None = option(None, "LSTM hidden size (of every layer but the last with "
+                                    "--last-layer-emsize)")
     nlayers: int | None = option(None, "LSTM layers")
     dropout: float | None = option(None, "dropout rate")
     tied: bool | None = option(None, "tie the input and output embeddings")
+    last_layer_emsize: bool | None = option(None, "a tied model's last LSTM layer is --emsize "
+                                                  "units wide, so the decoder ties whatever "
+                                                  "--nhid is (GluonNLP's AWDRNN)")
     two_biases: bool | None = option(None, "MXNet's twin LSTM biases (on for the presets)")
     softmax: str = option("full", "output layer: the full softmax, or the adaptive softmax for "
                                   "large vocabularies (Grave et al. 2017)",

@@ -13,29 +13,34 @@ A bundle is one folder, `bundles/<run name>/` by default:
     vocab.json        the vocabulary (keraslm.vocab)
     bundle.json       a JSON object: schema_version (SCHEMA_VERSION), model (the LMConfig),
                       pipeline (the text pipeline), inputs and outputs (the graph's, each
-                      {name, dtype, shape}), external_data (the files above), quantization (null
-                      or what was done and measured), opset, source_run, versions
+                      {name, dtype, shape}), layer_sizes (each LSTM layer's units; bundles
+                      written before it have nlayers layers of nhid), external_data (the files
+                      above), quantization (null or what was done and measured), opset,
+                      source_run, versions
 
 The graph (export/graph.py builds it; `io_specs` gives every dtype and shape):
 
     inputs   tokens   int32   [batch, time]    input ids (PAD_INPUT where padded)
              targets  int32   [batch, time]    the ids to score; < 0 is padding (PAD_TARGET)
-             h0, c0, h1, c1, ...  float32 [batch, nhid]    LSTM state in, `state_names`
+             h0, c0, h1, c1, ...  float32 [batch, units]   LSTM state in, `state_names`
     outputs  logprobs float32 [batch, time]    log p(target | prefix); 0 at padding
-             h0_out, c0_out, ...  float32 [batch, nhid]    LSTM state out, `state_output`
+             h0_out, c0_out, ...  float32 [batch, units]   LSTM state out, `state_output`
              next_logprobs float32 [batch, vocab]  log-distribution after the last position
                                                    (optional: older bundles lack it)
-             hidden   float32 [batch, time, nhid]  the last LSTM layer's output at every position
-                                                   (the one the decoder reads), for the
-                                                   continuous cache (serve/cache.py); optional:
-                                                   bundles exported before it lack it
+             hidden   float32 [batch, time, units]  the last LSTM layer's output at every
+                                                   position (the one the decoder reads), for
+                                                   the continuous cache (serve/cache.py);
+                                                   optional: bundles exported before it lack it
 
+`units` is the layer's own size (`layer_sizes`): every layer's is nhid, except in a model whose
+last layer is as wide as its embedding (GluonNLP's AWD-LSTM), and `hidden` has the last layer's.
 `hidden` is computed for the decoder anyway (onnxruntime runs the whole graph whatever is asked
-for): asking for it costs one copy of [batch, time, nhid].
+for): asking for it costs one copy of [batch, time, units].
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,17 +90,24 @@ def output_names(nlayers: int) -> list[str]:
             OUTPUT_HIDDEN]
 
 
-def io_specs(nlayers: int, nhid: int, vocab_size: int) -> dict[str, tuple[str, list[int | str]]]:
-    """Every graph input and output: (numpy dtype name, shape with symbolic batch/time dims)."""
+def state_sizes(layer_sizes: Sequence[int]) -> list[int]:
+    """Units of each state input, in `state_names` order: h and c of a layer have its size."""
+    return [int(size) for size in layer_sizes for _ in ("h", "c")]
+
+
+def io_specs(layer_sizes: Sequence[int], vocab_size: int
+             ) -> dict[str, tuple[str, list[int | str]]]:
+    """Every graph input and output of a model whose LSTM layers have `layer_sizes` units:
+    (numpy dtype name, shape with symbolic batch/time dims)."""
     specs: dict[str, tuple[str, list[int | str]]] = {
         INPUT_TOKENS: ("int32", [BATCH_DIM, TIME_DIM]),
         INPUT_TARGETS: ("int32", [BATCH_DIM, TIME_DIM]),
         OUTPUT_LOGPROBS: ("float32", [BATCH_DIM, TIME_DIM]),
         OUTPUT_NEXT_LOGPROBS: ("float32", [BATCH_DIM, vocab_size]),
-        OUTPUT_HIDDEN: ("float32", [BATCH_DIM, TIME_DIM, nhid]),
+        OUTPUT_HIDDEN: ("float32", [BATCH_DIM, TIME_DIM, int(layer_sizes[-1])]),
     }
-    for name in state_names(nlayers):
-        specs[name] = specs[state_output(name)] = ("float32", [BATCH_DIM, nhid])
+    for name, size in zip(state_names(len(layer_sizes)), state_sizes(layer_sizes)):
+        specs[name] = specs[state_output(name)] = ("float32", [BATCH_DIM, size])
     return specs
 
 
@@ -150,6 +162,9 @@ class BundleMeta:
 
     `model` is the LMConfig as a dict (vocab_size, emsize, nhid, nlayers, ...) and `pipeline`
     the TextPipeline's; both are kept as plain dicts here so that this module needs neither.
+    `layer_sizes` are the graph's LSTM widths, first layer to last (what serving allocates
+    state by); empty means the model's `nlayers` layers of `nhid` units, as every bundle
+    written before the field had.
     """
 
     model: dict[str, Any]
@@ -161,7 +176,14 @@ class BundleMeta:
     quantization: dict[str, Any] | None = None
     source_run: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    layer_sizes: tuple[int, ...] = ()
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.layer_sizes)
+        if not sizes and isinstance(self.model.get("nlayers"), int):
+            sizes = (self.model.get("nhid"),) * self.model["nlayers"]
+        object.__setattr__(self, "layer_sizes", sizes)
 
     @property
     def vocab_size(self) -> int:
@@ -169,11 +191,22 @@ class BundleMeta:
 
     @property
     def nhid(self) -> int:
+        """The model's `nhid` (every LSTM layer's size but, perhaps, the last's)."""
         return int(self.model["nhid"])
 
     @property
     def nlayers(self) -> int:
         return int(self.model["nlayers"])
+
+    @property
+    def state_sizes(self) -> list[int]:
+        """Units of each state input and output, in `state_names` order."""
+        return state_sizes(self.layer_sizes)
+
+    @property
+    def hidden_size(self) -> int:
+        """Units of the last LSTM layer: the width of `hidden` (the continuous cache's keys)."""
+        return int(self.layer_sizes[-1])
 
     @property
     def source_run_path(self) -> str:
@@ -188,6 +221,7 @@ class BundleMeta:
             "schema_version": self.schema_version, "model": self.model,
             "pipeline": self.pipeline, "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs], "opset": self.opset,
+            "layer_sizes": list(self.layer_sizes),
             "external_data": list(self.external_data), "quantization": self.quantization,
             "source_run": self.source_run, "versions": self.versions,
         }
@@ -212,6 +246,7 @@ class BundleMeta:
             if d.get(key) is not None and not isinstance(d[key], kind):
                 raise BundleError(f"{where}: '{key}' is not a JSON {kind.__name__}")
         _check_model(d["model"], where)
+        layer_sizes = _layer_sizes(d, where)
         try:
             inputs = tuple(TensorSpec.from_dict(s) for s in d["inputs"])
             outputs = tuple(TensorSpec.from_dict(s) for s in d["outputs"])
@@ -220,7 +255,8 @@ class BundleMeta:
         return cls(model=d["model"], pipeline=d["pipeline"], inputs=inputs, outputs=outputs,
                    opset=d.get("opset"), external_data=tuple(d.get("external_data") or ()),
                    quantization=d.get("quantization"), source_run=d.get("source_run") or {},
-                   versions=d.get("versions") or {}, schema_version=version)
+                   versions=d.get("versions") or {}, layer_sizes=layer_sizes,
+                   schema_version=version)
 
     @classmethod
     def read(cls, path: str | Path) -> BundleMeta:
@@ -235,6 +271,21 @@ class BundleMeta:
     def write(self, path: str | Path) -> None:
         """Write bundle.json atomically."""
         write_json_atomic(path, self.to_dict())
+
+
+def _layer_sizes(d: dict[str, Any], where: str | Path) -> tuple[int, ...]:
+    """bundle.json's `layer_sizes`, checked against the model's `nlayers`; without it (a bundle
+    written before the field), `nlayers` layers of `nhid` units."""
+    model = d["model"]
+    if d.get("layer_sizes") is None:
+        return (model["nhid"],) * model["nlayers"]
+    sizes = d["layer_sizes"]
+    limit = MODEL_LIMITS["nhid"]
+    if not (isinstance(sizes, list) and len(sizes) == model["nlayers"] and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= limit for s in sizes)):
+        raise BundleError(f"{where}: 'layer_sizes' is not a list of {model['nlayers']} sizes "
+                          f"(positive integers up to {limit:,}), one per LSTM layer")
+    return tuple(sizes)
 
 
 def _check_model(model: dict[str, Any], where: str | Path) -> None:

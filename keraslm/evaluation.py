@@ -14,7 +14,7 @@ from keraslm.backend import keras, tf
 from keraslm.batching import PAD_TARGET, BPTTBatches
 from keraslm.data import corpus_format, encode_file, resolve_paths
 from keraslm.losses import decoder_nll_sum
-from keraslm.model import split_decoder
+from keraslm.model import split_decoder, state_sizes
 from keraslm.rundir import RunDir, resolve_run
 from keraslm.runs import load_run_model
 from keraslm.scores import CorpusScore
@@ -33,8 +33,7 @@ class Evaluator:
         self.model = model
         self.fused_decoder = fused_decoder
         self.features, self.decoder = split_decoder(model)
-        self.nhid = model.get_layer("lstm0").units
-        self.num_states = len(model.inputs) - 2
+        self.state_sizes = state_sizes(model)  # h and c of every layer, each its layer's width
         self._step = tf.function(self._step_impl, jit_compile=jit_compile)
 
     def _step_impl(self, inputs, targets, state):
@@ -51,7 +50,7 @@ class Evaluator:
         nll_total, count = 0.0, 0
         for inputs, targets in batches:
             if state is None:
-                state = tuple(tf.zeros((len(inputs), self.nhid)) for _ in range(self.num_states))
+                state = tuple(tf.zeros((len(inputs), size)) for size in self.state_sizes)
             nll, state = self._step(tf.constant(inputs), tf.constant(targets), state)
             nll_total += float(nll)
             count += int(np.count_nonzero(targets != PAD_TARGET))

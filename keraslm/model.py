@@ -15,7 +15,7 @@ from keraslm.recurrence import block_lstm
 
 __all__ = ["PRESETS", "AdaptiveSoftmax", "FusedLSTM", "KeyedDropout", "LMConfig", "TiedOutput",
            "build_model", "full_decoder_weights", "lstm_biases", "preset_config",
-           "split_decoder"]
+           "split_decoder", "state_sizes"]
 
 
 def _fmix32(h: tf.Tensor) -> tf.Tensor:
@@ -184,7 +184,8 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
 
     tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
     keys = keras.Input(shape=(), dtype="int32", name="noise_keys")
-    states = [keras.Input(shape=(config.nhid,), name=name) for name in config.state_names()]
+    states = [keras.Input(shape=(size,), name=name)
+              for name, size in zip(config.state_names(), config.state_sizes())]
 
     policy = keras_policy(precision)  # the output layer's
     embedding = keras.layers.Embedding(
@@ -197,9 +198,9 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
                      shared_over_time=config.dropout_i is not None, name="embedding_dropout",
                      dtype=FEATURES_POLICY)(embedding(tokens), keys)
     new_states = []
-    for layer in range(config.nlayers):
+    for layer, units in enumerate(config.layer_sizes()):
         lstm = (FusedLSTM if fused else keras.layers.LSTM)(
-            config.nhid,
+            units,
             return_sequences=True,
             return_state=True,
             kernel_initializer=glorot(1 + 2 * layer),
@@ -234,6 +235,12 @@ def build_model(config: LMConfig, seed: int | None = None, fused: bool = True,
 
 def _rate(locked: float | None, standard: float) -> float:
     return standard if locked is None else locked
+
+
+def state_sizes(model: keras.Model) -> list[int]:
+    """Units of each LSTM state input of `model`, in the order it takes them (h and c of every
+    layer: the layer's width, which may differ from layer to layer)."""
+    return [int(state.shape[-1]) for state in model.inputs[2:]]
 
 
 def lstm_biases(model: keras.Model) -> list[keras.Variable]:

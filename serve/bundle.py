@@ -57,7 +57,13 @@ class Bundle:
 
     @property
     def nhid(self) -> int:
+        """The model's `nhid` (every LSTM layer's size but, perhaps, the last's)."""
         return self.meta.nhid
+
+    @property
+    def hidden_size(self) -> int:
+        """Units of the last LSTM layer: the width of `hidden`, the continuous cache's keys."""
+        return self.meta.hidden_size
 
     @property
     def state_names(self) -> list[str]:
@@ -116,7 +122,7 @@ def load_bundle(path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExec
     model_path = path / MODEL_FILE
     _check_external_data(model_path)  # the first to open model.onnx: says if it is missing
     session = ModelSession(model_path, providers=providers, threads=threads, spin=spin,
-                           nhid=meta.nhid)
+                           state_sizes=meta.state_sizes)
     bundle = Bundle(path=path, meta=meta, pipeline=pipeline, vocab=vocab, session=session)
     _check_graph(bundle)
     _check_vocab(bundle)
@@ -293,15 +299,29 @@ def _check_graph(bundle: Bundle) -> None:
     if missing:
         raise BundleError(f"{where}: not a keraslm scoring graph for a {nlayers}"
                           f"-layer model (missing {', '.join(missing)})")
+    specs = {s.name: s for s in (*bundle.meta.inputs, *bundle.meta.outputs)}
+    states = zip(contract.state_names(nlayers), bundle.meta.state_sizes)
+    for index, (name, size) in enumerate(states):
+        layer = index // 2  # h and c of each layer
+        for state in (name, contract.state_output(name)):
+            spec = specs[state]
+            if isinstance(spec.shape[-1], int) and spec.shape[-1] != size:
+                raise BundleError(f"{where}: state {state} has size {spec.shape[-1]} but "
+                                  f"{BUNDLE_FILE} says LSTM layer {layer} has "
+                                  f"{_units(bundle.meta, layer)}")
     hidden = [s for s in bundle.meta.outputs if s.name == contract.OUTPUT_HIDDEN]
-    if hidden and isinstance(hidden[0].shape[-1], int) and hidden[0].shape[-1] != bundle.nhid:
+    if (hidden and isinstance(hidden[0].shape[-1], int)
+            and hidden[0].shape[-1] != bundle.hidden_size):
         raise BundleError(f"{where}: output {contract.OUTPUT_HIDDEN} has size "
-                          f"{hidden[0].shape[-1]} but {BUNDLE_FILE} says nhid {bundle.nhid}")
-    state = {s.name: s for s in bundle.meta.inputs if s.name in bundle.state_names}
-    for name, spec in state.items():
-        if isinstance(spec.shape[-1], int) and spec.shape[-1] != bundle.nhid:
-            raise BundleError(f"{where}: state {name} has size {spec.shape[-1]} but "
-                              f"{BUNDLE_FILE} says nhid {bundle.nhid}")
+                          f"{hidden[0].shape[-1]} but {BUNDLE_FILE} says the last layer has "
+                          f"{_units(bundle.meta)}")
+
+
+def _units(meta: BundleMeta, layer: int = -1) -> str:
+    """'<n> units' of a layer (the last by default), saying `nhid` when no layer_sizes were
+    recorded and every layer is nhid wide."""
+    size = meta.layer_sizes[layer]
+    return f"nhid {size}" if set(meta.layer_sizes) == {meta.nhid} else f"{size} units"
 
 
 def _check_vocab(bundle: Bundle) -> None:

@@ -105,11 +105,11 @@ def plan(batch: int, bptt: int) -> tuple[int, int]:
     return group, min(group * bptt, target) if bptt <= target else target
 
 
-def check_memory(batch: int, size: int, nhid: int, piece: int) -> None:
+def check_memory(batch: int, size: int, units: int, piece: int) -> None:
     """UserError when a cache for `batch` streams would need more than MAX_CACHE_BYTES."""
-    need = batch * (size + piece) * (4 * nhid + 4) + _WORKERS * piece * (size + piece) * 8
+    need = batch * (size + piece) * (4 * units + 4) + _WORKERS * piece * (size + piece) * 8
     if need > MAX_CACHE_BYTES:
-        raise UserError(f"a cache of {size} positions for {batch} streams of {nhid} units needs "
+        raise UserError(f"a cache of {size} positions for {batch} streams of {units} units needs "
                         f"about {need / 2**30:.1f} GiB (limit {MAX_CACHE_BYTES / 2**30:.0f}): "
                         f"use a smaller --cache-size or --batch-size")
 
@@ -152,12 +152,12 @@ class StreamCache:
     is one matrix operand.
     """
 
-    def __init__(self, batch: int, size: int, nhid: int, piece: int,
+    def __init__(self, batch: int, size: int, units: int, piece: int,
                  capacity: int | None = None) -> None:
         self.size, self.piece = size, piece
         self.slots = size + piece
         capacity = max(batch, capacity or 0)
-        self.keys = np.zeros((capacity, nhid, self.slots), np.float32)
+        self.keys = np.zeros((capacity, units, self.slots), np.float32)
         self.words = np.full((capacity, self.slots), PAD_TARGET, np.int32)
         self.count = np.zeros(capacity, np.int64)  # positions each stream has scored
         self.streams = np.arange(batch)  # the buffer row of each stream, in batch order
@@ -298,10 +298,10 @@ def _map(function, items: list) -> Iterator:
 class ContinuousCache:
     """The cache of `batch` streams with its settings, mixing `piece` positions at a time."""
 
-    def __init__(self, settings: CacheSettings, batch: int, nhid: int, piece: int,
+    def __init__(self, settings: CacheSettings, batch: int, units: int, piece: int,
                  capacity: int | None = None) -> None:
         self.settings = settings
-        self.buffer = StreamCache(batch, settings.size, nhid, piece, capacity)
+        self.buffer = StreamCache(batch, settings.size, units, piece, capacity)
 
     def keep(self, streams: list[int] | np.ndarray) -> None:
         """Keep only `streams` (indices, in their new order)."""
@@ -381,7 +381,8 @@ class Recording:
 
     `chunks` holds (hidden [B, T, H] float32, targets [B, T], model log-probabilities [B, T])
     in scoring order; replayed through a StreamCache in the scorer's pieces, they give exactly
-    what scoring the text with the cache gives. Memory: about 4 * nhid bytes a token.
+    what scoring the text with the cache gives. Memory: about 4 bytes a token per unit of the
+    last LSTM layer.
     """
 
     source: str
@@ -410,10 +411,10 @@ class Recording:
         """log p_cache of every scored position for each θ: [len(thetas), positions] float64."""
         if not self.chunks:
             return np.zeros((len(thetas), 0))
-        nhid = self.chunks[0][0].shape[-1]
+        units = self.chunks[0][0].shape[-1]
         piece = plan(self.batch_size, self.bptt)[1]
-        check_memory(self.batch_size, size, nhid, piece)
-        buffer = StreamCache(self.batch_size, size, nhid, piece)
+        check_memory(self.batch_size, size, units, piece)
+        buffer = StreamCache(self.batch_size, size, units, piece)
         out: list[list[np.ndarray]] = [[] for _ in thetas]
         for hidden, targets, _ in self.pieces():
             scored = targets != PAD_TARGET

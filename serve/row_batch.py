@@ -82,8 +82,9 @@ class RowBatch:
         self._cache = None
         if scorer.cache is not None:
             piece = plan(max_rows, scorer.bptt)[1]
-            check_memory(max_rows, scorer.cache.size, scorer.bundle.nhid, piece)
-            self._cache = ContinuousCache(scorer.cache, 0, scorer.bundle.nhid, piece, max_rows)
+            units = scorer.bundle.hidden_size  # the last LSTM layer's: the cache's keys
+            check_memory(max_rows, scorer.cache.size, units, piece)
+            self._cache = ContinuousCache(scorer.cache, 0, units, piece, max_rows)
 
     @property
     def free(self) -> int:
@@ -97,8 +98,8 @@ class RowBatch:
         if not self.free:
             raise RuntimeError(f"the batch is full ({self.max_rows} rows)")
         self.rows.append(Row(key, ids))
-        zero = np.zeros((1, self.scorer.bundle.nhid), np.float32)
-        self._state = [np.concatenate([s, zero]) for s in self._state]
+        self._state = [np.concatenate([s, zero])
+                       for s, zero in zip(self._state, self.scorer.zero_state(1))]
         if self._cache is not None:
             self._cache.add_streams(1)
 

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache = add_cache_flags(p)
     cache.add_argument("--tune-cache", metavar="VALID_FILE", default=None,
                        help="choose THETA and LAMBDA for the window on this validation text "
-                            "(same layout as the scoring; holds 4 x nhid bytes a token in "
-                            "memory), then score the corpus with them")
+                            "(same layout as the scoring; holds 4 bytes a token per unit of "
+                            "the last LSTM layer in memory), then score the corpus with them")
     return p
 
 

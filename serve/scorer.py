@@ -125,8 +125,8 @@ class Scorer:
     def _new_cache(self, batch: int, piece: int) -> ContinuousCache | None:
         if self._cache is None:
             return None
-        check_memory(batch, self._cache.size, self.bundle.nhid, piece)
-        return ContinuousCache(self._cache, batch, self.bundle.nhid, piece)
+        check_memory(batch, self._cache.size, self.bundle.hidden_size, piece)
+        return ContinuousCache(self._cache, batch, self.bundle.hidden_size, piece)
 
     # --- one network step ----------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ class Scorer:
 
     def step_hidden(self, tokens: np.ndarray, targets: np.ndarray, state: State
                     ) -> tuple[np.ndarray, State, np.ndarray]:
-        """`step`, and the last LSTM layer's output [batch, time, nhid] (the cache's keys)."""
+        """`step`, and the last LSTM layer's output [batch, time, units] (the cache's keys)."""
         self._require_hidden()
         return self.session.step_hidden(tokens, targets, state)
 
@@ -248,8 +248,9 @@ class Scorer:
                     bptt: int | None = None, errors: str = "strict",
                     name: str | None = None) -> Recording:
         """Run the network once over a corpus in `score_file`'s layout and keep what the
-        continuous cache needs (serve.cache.Recording: about 4 * nhid bytes a token), so that
-        cache settings can be tried on it without running the network again."""
+        continuous cache needs (serve.cache.Recording: about 4 bytes a token per unit of the
+        last LSTM layer), so that cache settings can be tried on it without running the
+        network again."""
         self._require_hidden()
         name = str(path) if name is None else name
         bptt = self.bptt if bptt is None else bptt

@@ -6,9 +6,9 @@ providers, the thread count, whether idle threads spin, and the memory arena, an
 onnxruntime's errors into one-line UserErrors naming the model file.
 
 The graph's interface is keraslm/contract.py's: int32 `tokens` and `targets` [batch, time], the
-LSTM state h0, c0, h1, c1, ... [batch, nhid] in and `<name>_out` out, `logprobs` of the targets,
-optionally `next_logprobs` (the last position's distribution) and `hidden` (the last layer's
-output). State is a list of arrays in `state_names` order.
+LSTM state h0, c0, h1, c1, ... [batch, units of the layer] in and `<name>_out` out, `logprobs` of
+the targets, optionally `next_logprobs` (the last position's distribution) and `hidden` (the last
+layer's output). State is a list of arrays in `state_names` order.
 """
 
 from __future__ import annotations
@@ -101,13 +101,15 @@ def session_options(threads: int | None = None, spin: Spin = "on") -> ort.Sessio
 class ModelSession:
     """An onnxruntime session over one keraslm scoring graph (model.onnx).
 
-    Opening fails with a BundleError naming the file. `nhid` is read from the graph's state
-    inputs unless given (a bundle passes its own, which it has checked against the graph).
+    Opening fails with a BundleError naming the file. `state_sizes` (each state input's units,
+    in `state_names` order: layers may differ in width) are read from the graph's state inputs
+    unless given (a bundle passes its own, which it checks against the graph).
     """
 
     def __init__(self, model_path: str | os.PathLike, *,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None, spin: Spin = "on", nhid: int | None = None) -> None:
+                 threads: int | None = None, spin: Spin = "on",
+                 state_sizes: Sequence[int] | None = None) -> None:
         self.path = Path(model_path)
         options = session_options(threads, spin)
         try:
@@ -120,13 +122,16 @@ class ModelSession:
         self.outputs = tuple(TensorSpec.from_ort(a) for a in self._session.get_outputs())
         given = {s.name for s in self.inputs} - {INPUT_TOKENS, INPUT_TARGETS}
         self.state_names = state_names(len(given) // 2)
-        if nhid is None:
-            dims = [s.shape[-1] for s in self.inputs if s.name in given]
-            nhid = next((d for d in dims if isinstance(d, int)), None)
-            if nhid is None:
-                raise BundleError(f"{self.path}: the state inputs have no fixed size; "
-                                  f"give nhid")
-        self.nhid = nhid
+        if state_sizes is None:
+            dims = {s.name: s.shape[-1] for s in self.inputs if s.name in given}
+            state_sizes = [dims.get(name) for name in self.state_names]
+            if not all(isinstance(d, int) for d in state_sizes):
+                raise BundleError(f"{self.path}: the state inputs have no fixed sizes; "
+                                  f"give state_sizes")
+        self.state_sizes = [int(size) for size in state_sizes]
+        if len(self.state_sizes) != len(self.state_names):
+            raise BundleError(f"{self.path}: {len(self.state_names)} state inputs, but "
+                              f"{len(self.state_sizes)} state sizes")
         self._step_outputs = [OUTPUT_LOGPROBS, *map(state_output, self.state_names)]
 
     @property
@@ -134,8 +139,14 @@ class ModelSession:
         """The execution providers the session actually uses, preferred first."""
         return self._session.get_providers()
 
+    @property
+    def hidden_size(self) -> int:
+        """Units of the last LSTM layer (its h and c are the last state): `hidden`'s width."""
+        return self.state_sizes[-1]
+
     def zero_state(self, batch: int) -> State:
-        return [np.zeros((batch, self.nhid), np.float32) for _ in self.state_names]
+        """A zero state of `batch` rows: one [batch, units] array per state input."""
+        return [np.zeros((batch, size), np.float32) for size in self.state_sizes]
 
     def run(self, outputs: Sequence[str], tokens: np.ndarray, targets: np.ndarray,
             state: State) -> list[np.ndarray]:
@@ -155,7 +166,7 @@ class ModelSession:
 
     def step_hidden(self, tokens: np.ndarray, targets: np.ndarray, state: State
                     ) -> tuple[np.ndarray, State, np.ndarray]:
-        """`step`, and the last LSTM layer's output [batch, time, nhid] (the cache's keys)."""
+        """`step`, and the last LSTM layer's output [batch, time, units] (the cache's keys)."""
         *out, hidden = self.run([*self._step_outputs, OUTPUT_HIDDEN], tokens, targets, state)
         return out[0], out[1:], hidden
 

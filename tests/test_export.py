@@ -39,6 +39,12 @@ CONFIGS = {
                                       softmax="adaptive", cutoffs=(20, 60), div_value=2.0),
     "adaptive-untied-1layer": LMConfig(VOCAB_SIZE, emsize=12, nhid=16, nlayers=1, tied=False,
                                        softmax="adaptive", cutoffs=(30,)),
+    # GluonNLP's AWDRNN shape: layers of 16, 16 and 8 units, the last tied to the embedding
+    "awd-tied-3layers": LMConfig(VOCAB_SIZE, emsize=8, nhid=16, nlayers=3, tied=True,
+                                 last_layer_emsize=True),
+    "adaptive-awd-3layers": LMConfig(VOCAB_SIZE, emsize=8, nhid=16, nlayers=3, tied=True,
+                                     last_layer_emsize=True, softmax="adaptive",
+                                     cutoffs=(20, 60), div_value=2.0),
 }
 CHUNK = 12  # time steps per call; every stream is scored in two chunks
 
@@ -74,7 +80,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def zero_state(config: LMConfig, batch: int) -> list[np.ndarray]:
-    return [np.zeros((batch, config.nhid), np.float32) for _ in config.state_names()]
+    return [np.zeros((batch, size), np.float32) for size in config.state_sizes()]
 
 
 def onnx_call(sess, config, tokens, targets, state, *, hidden=False):
@@ -160,7 +166,7 @@ def test_hidden_output_is_the_last_lstm_layer_that_the_decoder_reads(exported, t
         logprobs, onnx_state, _, hidden = onnx_call(sess, config, tokens, targets, onnx_state,
                                                     hidden=True)
         want, keras_state = keras_hidden(model, tokens, keras_state)
-        assert hidden.shape == (3, CHUNK, config.nhid) and hidden.dtype == np.float32
+        assert hidden.shape == (3, CHUNK, config.output_size()) and hidden.dtype == np.float32
         np.testing.assert_allclose(hidden, want, rtol=0, atol=1e-5)
         decoded = tf.nn.log_softmax(split_decoder(model)[1](hidden)).numpy()
         picked = np.take_along_axis(decoded, targets[..., None], axis=-1)[..., 0]
@@ -246,7 +252,7 @@ def test_indices_are_safe_past_2_31_logits_without_materialising_them(softmax):
     targets[rng.random(steps) < 0.01] = -1  # padding
     feed = {"tokens": rng.integers(0, BIG_VOCAB, (1, steps)).astype(np.int32),
             "targets": targets[None].astype(np.int32),
-            **{name: np.zeros((1, config.nhid), np.float32) for name in config.state_names()}}
+            **dict(zip(config.state_names(), zero_state(config, 1)))}
     sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in sub.graph.input}
     values = dict(zip([o.name for o in sess.get_outputs()],
@@ -325,7 +331,7 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert [o["name"] for o in info["outputs"]] == [
         "logprobs", *(f"{n}_out" for n in config.state_names()), "next_logprobs", "hidden"]
     assert contract.state_names(config.nlayers) == config.state_names()  # the Keras model's order
-    specs = contract.io_specs(config.nlayers, config.nhid, config.vocab_size)
+    specs = contract.io_specs(config.layer_sizes(), config.vocab_size)
     assert [(v["name"], v["dtype"], v["shape"]) for v in info["inputs"] + info["outputs"]] == [
         (name, *specs[name]) for name in contract.input_names(config.nlayers)
         + contract.output_names(config.nlayers)]
@@ -333,8 +339,12 @@ def test_bundle_json_describes_the_graph_and_its_source(exported):
     assert shapes["tokens"] == shapes["targets"] == ("int32", ["batch", "time"])
     assert shapes["logprobs"] == ("float32", ["batch", "time"])
     assert shapes["h0"] == shapes["c0_out"] == ("float32", ["batch", config.nhid])
+    last = config.nlayers - 1  # as wide as the embedding in an AWD-shaped model
+    assert shapes[f"h{last}"] == shapes[f"c{last}_out"] == ("float32",
+                                                           ["batch", config.output_size()])
     assert shapes["next_logprobs"] == ("float32", ["batch", config.vocab_size])
-    assert shapes["hidden"] == ("float32", ["batch", "time", config.nhid])
+    assert shapes["hidden"] == ("float32", ["batch", "time", config.output_size()])
+    assert info["layer_sizes"] == list(config.layer_sizes())
     assert info["schema_version"] == contract.SCHEMA_VERSION == 1
     assert info["model"] == config.to_dict()
     assert sorted(info) == sorted(f.name for f in dataclasses.fields(contract.BundleMeta))
@@ -395,7 +405,8 @@ def test_external_data_path_gives_the_same_model(exported, text, tmp_path):
 
 @pytest.mark.parametrize(("name", "external"), [("tied-2layers", False),
                                                  ("tied-2layers", True),
-                                                 ("adaptive-tied-2layers", False)])
+                                                 ("adaptive-tied-2layers", False),
+                                                 ("awd-tied-3layers", False)])
 def test_quantize_int8_reports_its_effect(text, tmp_path, capsys, name, external):
     vocab, ids = text
     config = CONFIGS[name]

@@ -293,7 +293,7 @@ def test_exported_bundle_follows_the_contract(tiny_bundle):
     nlayers = meta.nlayers
     assert contract.state_names(nlayers) == LMConfig(**meta.model).state_names() == [
         "h0", "c0", "h1", "c1"]
-    specs = contract.io_specs(nlayers, meta.nhid, meta.vocab_size)
+    specs = contract.io_specs(meta.layer_sizes, meta.vocab_size)
     for kind, names in (("inputs", contract.input_names(nlayers)),
                         ("outputs", contract.output_names(nlayers))):
         assert raw[kind] == [{"name": n, "dtype": specs[n][0], "shape": specs[n][1]}

@@ -218,7 +218,7 @@ def checkpoint_bytes(model_config: LMConfig, optim: OptimConfig) -> tuple[int, i
     """Approximate sizes of (a checkpoint, the best weights) for this model and optimizer."""
     slots = 2 if optim.optimizer == "adam" else (1 if optim.momentum else 0)
     weights = 4 * model_config.num_parameters()
-    state = 4 * optim.batch_size * model_config.nhid * 2 * model_config.nlayers
+    state = 4 * optim.batch_size * sum(model_config.state_sizes())
     return weights * (1 + slots) + state, weights
 
 

@@ -93,7 +93,7 @@ class Trainer:
         self.evaluate = Evaluator(model, jit_compile=jit_compile)
         # The model's parts as the evaluator split them: shared, not derived twice.
         self.features, self.decoder = self.evaluate.features, self.evaluate.decoder
-        self.nhid, self.num_states = self.evaluate.nhid, self.evaluate.num_states
+        self.state_sizes = self.evaluate.state_sizes
         self.optimizer = optimizer
         self.strategy = strategy
         self.clip = float(clip)
@@ -103,7 +103,7 @@ class Trainer:
         self.regularisers = regularisers or Regularisers()
         self.noise = WeightNoise(model, self.regularisers)
         # the features with the last LSTM layer's undropped output too (for TAR)
-        last = model.get_layer(f"lstm{len(self.features.outputs) // 2 - 1}")
+        last = model.get_layer(f"lstm{len(self.state_sizes) // 2 - 1}")
         self.train_features = keras.Model(
             model.inputs, [self.features.outputs[0], last.output[0], *self.features.outputs[1:]],
             name="train_features")
@@ -128,11 +128,12 @@ class Trainer:
 
     def zero_state(self, batch_size: int):
         """Fresh LSTM state for `batch_size` global columns, distributed by column."""
-        zeros = np.zeros((batch_size, self.nhid), np.float32)
-        return tuple(self.distribute(zeros) for _ in range(self.num_states))
+        return tuple(self.distribute(np.zeros((batch_size, size), np.float32))
+                     for size in self.state_sizes)
 
     def state_to_numpy(self, state) -> list[np.ndarray]:
-        """Gather a distributed state back into global [batch, nhid] arrays, every replica's columns.
+        """Gather a distributed state back into global [batch, units] arrays (units: each
+        layer's own), every replica's columns.
 
         A collective under MultiWorkerMirroredStrategy: every worker must call it at the same point.
         """
