@@ -108,7 +108,7 @@ class LMConfig:
     tied: bool = True
     # GluonNLP's AWDRNN: a tied model's last LSTM layer is `emsize` units wide, the others
     # `nhid`, so the decoder ties with the embedding whatever `nhid` is. Off (and untied): every
-    # layer is `nhid` wide. `layer_sizes()` is the rule.
+    # layer is `nhid` wide. `layer_sizes()` is the rule; on for the awd_lstm_lm presets.
     last_layer_emsize: bool = False
     # MXNet's LSTM keeps two summed biases (i2h + h2h) that both get the same gradient: the
     # effective bias learns twice as fast and counts twice in the clipping norm. The trainer
@@ -218,6 +218,17 @@ PRESETS: dict[str, dict] = {
                                 ("standard_lstm_lm_650", 650, 0.5),
                                 ("standard_lstm_lm_1500", 1500, 0.65))
 }
+# GluonNLP's awd_lstm_lm_* models (its AWDRNN and their predefined arguments): 3 layers, tied,
+# the last layer as wide as the embedding, MXNet's two biases, and the AWD-LSTM's dropouts
+# (GluonNLP's dropout, drop_h, drop_i, drop_e, weight_drop).
+PRESETS.update({
+    name: {"emsize": emsize, "nhid": nhid, "nlayers": 3, "tied": True, "last_layer_emsize": True,
+           "two_biases": True, "dropout": dropout, "dropout_h": drop_h, "dropout_i": drop_i,
+           "dropout_e": drop_e, "weight_dropout": weight_drop}
+    for name, emsize, nhid, dropout, drop_h, drop_i, drop_e, weight_drop in (
+        ("awd_lstm_lm_1150", 400, 1150, 0.4, 0.2, 0.65, 0.1, 0.5),
+        ("awd_lstm_lm_600", 200, 600, 0.2, 0.1, 0.3, 0.05, 0.2))
+})
 
 
 def preset_config(name: str, vocab_size: int, **overrides) -> LMConfig:
@@ -276,7 +287,8 @@ class ModelOptions:
     tied: bool | None = option(None, "tie the input and output embeddings")
     last_layer_emsize: bool | None = option(None, "a tied model's last LSTM layer is --emsize "
                                                   "units wide, so the decoder ties whatever "
-                                                  "--nhid is (GluonNLP's AWDRNN)")
+                                                  "--nhid is (GluonNLP's AWDRNN; on for the "
+                                                  "awd_lstm_lm presets)")
     two_biases: bool | None = option(None, "MXNet's twin LSTM biases (on for the presets)")
     softmax: str = option("full", "output layer: the full softmax, or the adaptive softmax for "
                                   "large vocabularies (Grave et al. 2017)",
