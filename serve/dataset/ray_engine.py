@@ -2,8 +2,9 @@
 
     python -m serve.dataset INPUT... --model BUNDLE --out DIR --engine ray [--ray-address ADDR]
 
-The driver (this process) plans every pending shard's chunks, exactly as the local engine does,
-and hands them to `Dataset.map_batches` over a fixed pool of actors (`workers` of them). Each
+The driver (this process) plans every pending shard's chunks, exactly as the local engine does
+(reading a JSON Lines or text input once to find line starts, a Parquet file's footer), and
+hands them to `Dataset.map_batches` over a fixed pool of actors (`workers` of them). Each
 actor loads the bundle once, when it starts, from bytes it fetches from Ray's object store: the
 driver puts the bundle folder's files there, so workers need no filesystem in common with it,
 only keraslm installed. Each actor scores one chunk at a time with `score_chunk` and sends back
@@ -18,9 +19,9 @@ scores only the rest.
 
 The cluster: `address` (else `RAY_ADDRESS`) connects to a running one and leaves it running
 (`auto`: the one `ray start` last started on this machine); with neither, a new local cluster is
-started for the run and shut down after it. A process that has
-already called `ray.init` is used as it is. Each actor reserves as many CPUs as it gives
-onnxruntime threads, so actors x threads never exceeds a node's CPUs.
+started for the run and shut down after it. A process that has already called `ray.init` is
+used as it is. Each actor reserves as many CPUs as it gives onnxruntime threads, so actors x
+threads never exceeds a node's CPUs.
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ class _Driver:
         self.shards: list[Shard] = []
         self.tables: dict[int, list[pa.Table | None]] = {}  # by shard number, till written
         self.left: dict[int, int] = {}  # chunks not back yet, by shard number
+        self.planned: dict[int, int] = {}  # the sizes of its chunks, summed, by shard number
         self.meter: Progress | None = None
 
     def run(self, shards: Sequence[Shard], files: dict[str, bytes], workers: int | None,
@@ -251,6 +253,7 @@ class _Driver:
                 self._fail(i, str(err))
                 continue
             self.tables[i], self.left[i] = [None] * len(chunks), len(chunks)
+            self.planned[i] = sum(chunk.size for chunk in chunks)
             rows += [{"shard": i, "chunk": pickle.dumps(chunk)} for chunk in chunks]
         if not rows:
             return
@@ -295,11 +298,12 @@ class _Driver:
             return
         table = self.tables[i][answer["index"]] = _from_ipc(answer["table"])
         self.left[i] -= 1
-        self.meter.advance(table, answer["size"])
+        shard = self.shards[i]  # progress in input bytes (a Parquet chunk's size is not)
+        self.meter.advance(table, shard.size * answer["size"] / max(1, self.planned[i]))
         if self.left[i] == 0:
             tables = self.tables.pop(i)
             try:
-                write_shard(tables, self.shards[i], self.options)
+                write_shard(tables, shard, self.options)
             except UserError as err:
                 self._fail(i, str(err))
                 return
