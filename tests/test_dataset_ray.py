@@ -1,7 +1,7 @@
 """`--engine ray` (serve/dataset/ray_engine.py) on a real local Ray cluster of 2 CPUs, started
 once for the module: the same rows as the local engine and as `Scorer.score` for every input
-format, a scoring actor killed with SIGKILL in the middle of a chunk, a rerun after a partial
-run, the CLI joining a running cluster by address, and the bundle reaching the actors through
+format, hostile shards (invalid UTF-8, a line over the cap, an empty file), a scoring actor
+killed with SIGKILL in the middle of a chunk, a rerun after a partial run, the CLI joining a running cluster by address, and the bundle reaching the actors through
 the object store alone.
 
 Needs the `ray` extra; skipped without it, except under KERASLM_REQUIRE_RAY (set by .ci/run).
@@ -185,6 +185,38 @@ def test_a_rerun_after_a_partial_run_scores_only_the_missing_shards(
         assert table.equals(reference[name]), name
     third = ray_engine.run(shards, tiny_bundle.bundle, OPTIONS, workers=2, stream=io.StringIO())
     assert (third.written, third.skipped) == (0, 3)
+
+
+def test_hostile_shards_give_the_local_engines_rows(cluster, tiny_bundle, tmp_path):
+    """Invalid UTF-8, a line over the size cap, lines that are not documents and an empty
+    file: the Ray engine records the same errors and scores the same rest as the local one."""
+    lines = WIKITEXT_VALID.read_text(encoding="utf-8").splitlines()[:60]
+    hostile = [json.dumps({"text": line}).encode() for line in lines]
+    hostile[3] = b'{"text": "bad \xff byte"}'
+    hostile[10] = json.dumps({"text": "the " * 2_000}).encode()  # over the cap below
+    hostile[20], hostile[30] = b"[1, 2]", b'{"body": "no text"}'
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "hostile.jsonl").write_bytes(b"\n".join(hostile) + b"\n")
+    (folder / "empty.jsonl").write_bytes(b"")
+    (folder / "bad.txt").write_bytes(b"the cat\n\xc3\x28 oops\n" + b"x " * 3_000 + b"\n")
+    options = DatasetOptions(chunk_bytes=500, max_document_bytes=4_000)
+
+    local.run(expand_inputs([str(folder)], str(tmp_path / "local"), options), tiny_bundle.bundle,
+              options, workers=2, stream=io.StringIO())
+    summary = ray_engine.run(expand_inputs([str(folder)], str(tmp_path / "ray"), options),
+                             tiny_bundle.bundle, options, workers=2, stream=io.StringIO())
+    assert (summary.written, summary.failures) == (3, [])
+    expected, outputs = read_outputs(tmp_path / "local"), read_outputs(tmp_path / "ray")
+    assert outputs.keys() == expected.keys() == {"bad.parquet", "empty.parquet",
+                                                 "hostile.parquet"}
+    for name, table in outputs.items():
+        assert table.equals(expected[name]), name
+    assert outputs["empty.parquet"].num_rows == 0
+    errors = outputs["hostile.parquet"].column("error").to_pylist()
+    assert [i for i, e in enumerate(errors) if e] == [3, 10, 20, 30]
+    assert outputs["bad.parquet"].column("error").to_pylist()[0] is None
+    assert all(outputs["bad.parquet"].column("error").to_pylist()[1:])
 
 
 def test_a_shard_that_cannot_be_read_is_reported_and_the_others_are_written(
