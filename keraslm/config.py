@@ -356,6 +356,12 @@ class OptimConfig:
     clip: float = option(0.25, "global gradient norm (0: off)")
     lr_decay: float = option(0.25, "learning-rate factor when validation perplexity does not "
                                    "improve")
+    lr_update_interval: int | None = option(
+        None, "GluonNLP's script's step schedule instead of the plateau decay: multiply the "
+              "learning rate by --lr-update-factor after N validations without improvement "
+              "(counted since the last improvement or update); when given, --lr-decay is not used",
+        metavar="N")
+    lr_update_factor: float = option(0.1, "the step schedule's learning-rate factor")
     optimizer: str = option("sgd", "optimizer", choices=("sgd", "adam"))
     momentum: float = option(0.0, "SGD momentum")
     weight_decay: float = option(0.0, "decoupled weight decay (Keras')")
@@ -385,6 +391,10 @@ class OptimConfig:
         _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _require(self.clip >= 0, f"--clip must be 0 (off) or positive, got {self.clip}")
         _require(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        _require(0 < self.lr_update_factor <= 1,
+                 f"--lr-update-factor must be in (0, 1], got {self.lr_update_factor}")
+        _require(self.lr_update_interval is None or self.lr_update_interval >= 1,
+                 f"--lr-update-interval must be at least 1, got {self.lr_update_interval}")
         _require(min(self.momentum, self.weight_decay, self.wd, self.alpha, self.beta) >= 0,
                  "--momentum, --weight-decay, --wd, --alpha and --beta must not be negative")
         _require(self.max_batches is None or self.max_batches >= 1,

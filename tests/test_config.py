@@ -111,7 +111,8 @@ def _other_values(name: str, default, hint, runs: Path) -> list:
     if kind is int:
         return [3 if default is None else default + 1]
     if kind is float:  # not a whole number, so an int-typed flag would refuse it
-        return [(default or 1.0) * 0.375 + 0.0625]
+        value = (default or 1.0) * 0.375 + 0.0625
+        return [value if value != default else value / 2]  # 0.1 maps to itself
     assert kind is str, (name, hint)
     return [f"x-{name}"]
 

@@ -34,6 +34,7 @@ class Progress:
     epoch: int = 0          # epoch in progress (0-based)
     batch: int = 0          # next batch of that epoch
     best_val_loss: float = float("inf")
+    stale_epochs: int = 0   # validations without improvement since the last one or lr update
     epoch_nll: float = 0.0  # partial sums of the epoch in progress
     epoch_targets: int = 0
     epoch_tokens: int = 0

@@ -1,10 +1,11 @@
 """The epoch loop of a training run: plain Python bookkeeping around the distributed step.
 
 Each epoch reads top to bottom: reset (or restore) the LSTM state, train with the state carried
-from batch to batch, validate, keep the best weights and report test perplexity or decay the
-learning rate, record the epoch, checkpoint. A stop request (Ctrl-C, SIGTERM) is honoured only at
-consistent points: after a step's bookkeeping, or after the end of an epoch was recorded and
-checkpointed, so a resumed run is bit-identical to an uninterrupted one.
+from batch to batch, validate, keep the best weights and report test perplexity, let the
+learning-rate schedule (`schedule.py`) decide, record the epoch, checkpoint. A stop request
+(Ctrl-C, SIGTERM) is honoured only at consistent points: after a step's bookkeeping, or after
+the end of an epoch was recorded and checkpointed, so a resumed run is bit-identical to an
+uninterrupted one.
 
 A multi-worker run executes this same loop on every worker in lock step: each collective (the
 gradient all-reduce, gathering the LSTM state for a checkpoint, agreeing on validation figures)
@@ -27,6 +28,7 @@ from keraslm.scores import perplexity
 from keraslm.training import checkpoint
 from keraslm.training.devices import is_multiworker
 from keraslm.training.regularisers import step_key
+from keraslm.training.schedule import LRSchedule
 from keraslm.training.setup import Setup, checkpoint_path
 from keraslm.training.signals import Stopped, StopRequest
 from keraslm.training.step import noise_keys
@@ -47,6 +49,7 @@ class EpochLoop:
         self.model, self.optimizer, self.trainer = setup.model, setup.optimizer, setup.trainer
         self.strategy = setup.trainer.strategy
         self.progress = setup.progress
+        self.schedule = LRSchedule.of(self.optim)
         self.saved_state = setup.saved_state  # used once, by the epoch that resumes
         self.checkpoint_path = checkpoint_path(self.run_dir)
         self.writer = (tf.summary.create_file_writer(str(self.run_dir.logs_dir))
@@ -136,7 +139,10 @@ class EpochLoop:
                   "batch_size": optim.batch_size, "bptt": optim.bptt,
                   "eval_batch_size": optim.eval_batch_size,
                   "test_batch_size": optim.test_batch_size}
-        if val_nll / val_count < progress.best_val_loss:
+        improved = val_nll / val_count < progress.best_val_loss
+        lr, progress.stale_epochs = self.schedule.after_validation(
+            trainer.learning_rate, progress.stale_epochs, improved)
+        if improved:
             progress.best_val_loss = val_nll / val_count
             self.require_finite_weights(f"the end of epoch {epoch + 1}")
             if self.is_chief:
@@ -146,7 +152,7 @@ class EpochLoop:
             record.update(test_ppl=perplexity(test_nll, int(test_count)),
                           test_tokens=int(test_count), best=True)
         else:
-            trainer.learning_rate = trainer.learning_rate * optim.lr_decay
+            trainer.learning_rate = lr
             record.update(best=False)
         say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
             f"{record['val_ppl']:.2f}" + (f" | test ppl {record['test_ppl']:.2f} (new best)"
