@@ -362,6 +362,11 @@ class OptimConfig:
               "(counted since the last improvement or update); when given, --lr-decay is not used",
         metavar="N")
     lr_update_factor: float = option(0.1, "the step schedule's learning-rate factor")
+    ntasgd: bool = option(False, "NT-ASGD: once validation is worse than the best before the "
+                                 "last --nonmono validations, average the weights from every "
+                                 "step on and validate, test, keep and export the average; a "
+                                 "fine-tune averages from its first step")
+    nonmono: int = option(5, "NT-ASGD's window: validations not compared by its trigger")
     optimizer: str = option("sgd", "optimizer", choices=("sgd", "adam"))
     momentum: float = option(0.0, "SGD momentum")
     weight_decay: float = option(0.0, "decoupled weight decay (Keras')")
@@ -397,6 +402,7 @@ class OptimConfig:
                  f"--lr-update-interval must be at least 1, got {self.lr_update_interval}")
         _require(min(self.momentum, self.weight_decay, self.wd, self.alpha, self.beta) >= 0,
                  "--momentum, --weight-decay, --wd, --alpha and --beta must not be negative")
+        _require(self.nonmono >= 1, f"--nonmono must be at least 1, got {self.nonmono}")
         _require(self.max_batches is None or self.max_batches >= 1,
                  f"--max-batches must be at least 1, got {self.max_batches}")
         _require(self.precision in ("fp32", "bf16"),

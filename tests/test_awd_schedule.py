@@ -4,6 +4,7 @@ step schedule (--lr-update-interval / --lr-update-factor) beside the plateau dec
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,19 @@ import pytest
 from helpers_runs import wikitext_slices
 
 from keraslm import train as train_cli
-from keraslm.config import OptimConfig
+from keraslm.config import LMConfig, OptimConfig
 from keraslm.errors import UserError
+from keraslm.evaluation import evaluate_run
+from keraslm.model import build_model
+from keraslm.rundir import RunDir
+from keraslm.training import checkpoint
+from keraslm.training.averaging import WeightAverage, nonmonotonic_trigger
+from keraslm.training.devices import make_strategy
+from keraslm.training.loop import EpochLoop
 from keraslm.training.schedule import LRSchedule
+from keraslm.training.setup import build, prepare
+from keraslm.training.signals import Stopped, StopRequest
+from keraslm.training.step import Trainer, make_optimizer, noise_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -93,3 +104,165 @@ def test_a_run_follows_the_step_schedule_across_a_resume(corpus, tmp_path):
                                [lr, lr, lr, lr / 2, lr / 2, lr / 4], rtol=1e-6)
     assert _progress(runs / "s")["stale_epochs"] == 1
 
+
+# ---- NT-ASGD ----------------------------------------------------------------------------------
+
+def _first_switch(losses: list[float], window: int) -> int | None:
+    """The index of the validation after which the trigger fires, asked as the loop asks it."""
+    for t, loss in enumerate(losses):
+        if nonmonotonic_trigger(losses[:t], loss, window):
+            return t
+    return None
+
+
+def test_the_trigger_fires_when_validation_is_worse_than_the_best_before_the_window():
+    assert not nonmonotonic_trigger([5.0, 4.0], 9.0, 2)        # only 2 earlier: not yet
+    assert not nonmonotonic_trigger([5.0, 4.0, 3.0], 4.9, 2)   # better than 5, the only one compared
+    assert nonmonotonic_trigger([5.0, 4.0, 3.0], 5.1, 2)
+    assert not nonmonotonic_trigger([3.0, 4.0, 5.0, 6.0], 3.0, 2)  # equal is not worse
+    assert nonmonotonic_trigger([3.0, 4.0, 5.0, 6.0], 3.5, 2)
+    # the script's window of 5: the 7th validation is the first that can fire
+    assert _first_switch([6, 5, 4, 3, 2, 1, 6.5], 5) == 6
+    assert _first_switch([6, 5, 4, 3, 2, 1, 5.9, 4.5, 3.9, 3.1], 5) == 9  # min of 6, 5, 4, 3
+    assert _first_switch([6, 5, 4, 3, 2, 7, 7, 7], 5) == 6  # 7 > 6
+    assert _first_switch([9, 8, 7, 6, 5, 4, 3, 2, 1], 5) is None  # improving: never
+
+
+def _tiny_trainer(replicas: int):
+    config = LMConfig(vocab_size=40, emsize=8, nhid=8, nlayers=2, dropout=0.2, two_biases=True)
+    strategy = make_strategy(cpu_replicas=replicas)
+    with strategy.scope():
+        model = build_model(config, seed=5)
+        trainer = Trainer(model, make_optimizer("sgd", 3.0), strategy, clip=0.5,
+                          two_biases=True)
+    return model, trainer
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_the_average_is_numpys_mean_of_the_weights_at_the_switch_and_after_every_step(replicas):
+    model, trainer = _tiny_trainer(replicas)
+    data = np.random.default_rng(1).integers(0, 40, (4, 6 * 5 + 1)).astype(np.int32)
+    state, snapshots = trainer.zero_state(4), []
+    average = WeightAverage(model)
+    for step in range(6):
+        if step == 2:
+            average.start()
+            snapshots.append(model.get_weights())
+        inputs, targets = data[:, step * 5:(step + 1) * 5], data[:, step * 5 + 1:(step + 1) * 5 + 1]
+        _, state = trainer.train_step(inputs, targets, noise_keys(0, 0, step, 4), state)
+        if average.active:
+            average.update()
+            snapshots.append(model.get_weights())
+    assert average.count == len(snapshots) == 5
+    means = [np.mean(np.stack(ws), axis=0, dtype=np.float64) for ws in zip(*snapshots)]
+    for got, want in zip(average.values(), means):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert max(np.abs(a - b).max() for a, b in zip(snapshots[0], snapshots[-1])) > 1e-3
+    last = model.get_weights()
+    with average.applied():
+        for got, want in zip(model.get_weights(), means):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for got, want in zip(model.get_weights(), last):  # put back bit for bit
+        np.testing.assert_array_equal(got, want)
+
+
+def test_two_replicas_average_as_one():
+    runs = {}
+    for replicas in (1, 2):
+        model, trainer = _tiny_trainer(replicas)
+        data = np.random.default_rng(2).integers(0, 40, (4, 4 * 5 + 1)).astype(np.int32)
+        state, average = trainer.zero_state(4), WeightAverage(model)
+        average.start()
+        for step in range(4):
+            inputs = data[:, step * 5:(step + 1) * 5]
+            targets = data[:, step * 5 + 1:(step + 1) * 5 + 1]
+            _, state = trainer.train_step(inputs, targets, noise_keys(0, 0, step, 4), state)
+            average.update()
+        runs[replicas] = average.values()
+    for one, two in zip(runs[1], runs[2]):
+        np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+class StopAfter(StopRequest):
+    """A stop request that arrives as a SIGTERM would, after `checks` consistent points."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.checks = checks
+
+    @property
+    def requested(self) -> bool:
+        self.checks -= 1
+        if self.checks < 0:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+
+def _saved(run: Path) -> dict[str, np.ndarray]:
+    with np.load(run / "checkpoint" / checkpoint.CHECKPOINT_FILE) as saved:
+        return {k: saved[k] for k in saved.files if k != "progress"}
+
+
+def _resumes_bit_for_bit(corpus, runs: Path, args, stop_after: int) -> dict:
+    """Train `args` whole (run 'whole') and stopped after `stop_after` consistent points then
+    resumed (run 'stopped'); the two final checkpoints and records must be identical."""
+    assert train_cli.main([*args(runs, "whole")]) == 0
+    with pytest.raises(Stopped):
+        EpochLoop(build(prepare(train_cli.config_from_argv(args(runs, "stopped"))),
+                        make_strategy()), StopAfter(stop_after)).run()
+    assert train_cli.main(["--resume", "stopped", "--runs-dir", str(runs)]) == 0
+    whole, resumed = _saved(runs / "whole"), _saved(runs / "stopped")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+    records = _metrics(runs / "whole")
+    assert [{k: r[k] for k in r if k not in ("seconds", "tokens_per_s")} for r in records] == [
+        {k: r[k] for k in r if k not in ("seconds", "tokens_per_s")}
+        for r in _metrics(runs / "stopped")]
+    return {"records": records, "saved": whole, "progress": _progress(runs / "whole")}
+
+
+def test_ntasgd_switches_when_its_trigger_says_averages_from_then_on_and_resumes_bit_for_bit(
+        corpus, tmp_path):
+    def args(runs, name):
+        return _args(corpus, runs, name, "--lr", "60", "--epochs", "6", "--ntasgd",
+                     "--nonmono", "1", "--max-batches", "12")
+
+    # stopped in epoch 5 (12 steps and one end of epoch each): after the switch
+    run = _resumes_bit_for_bit(corpus, tmp_path / "runs", args, 4 * 13 + 5)
+    records, progress, saved = run["records"], run["progress"], run["saved"]
+    switch = next(r["epoch"] for r in records if r.get("ntasgd_switch"))
+    assert 3 <= switch <= 4, "the setup must switch before the stop"
+    losses = progress["val_losses"]
+    assert len(losses) == switch  # the trigger's history ends at the switch
+    assert _first_switch(losses, 1) == switch - 1
+    np.testing.assert_allclose([np.exp(x) for x in losses], [r["val_ppl"] for r in records[
+        :switch]], rtol=1e-9)
+    assert [r["averaged"] for r in records] == [e > switch for e in range(1, 7)]
+    # the switch's snapshot and a step after every one of the 12 a later epoch has
+    assert int(saved["average_steps"]) == 1 + 12 * (6 - switch)
+
+
+def test_a_fine_tune_with_ntasgd_averages_from_its_first_step_and_keeps_and_scores_the_average(
+        corpus, tmp_path):
+    runs = tmp_path / "runs"
+    assert train_cli.main(_args(corpus, runs, "base", "--epochs", "1", "--max-batches", "3")) == 0
+    tuned = ["--finetune-from", "base", "--runs-dir", str(runs), "--name", "tuned",
+             "--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
+             "--test", str(corpus["test"]), "--epochs", "1", "--max-batches", "4", "--quiet",
+             "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4", "--lr", "5",
+             "--ntasgd"]
+    assert train_cli.main(tuned) == 0
+    (record,) = _metrics(runs / "tuned")
+    assert record["averaged"] and record["best"]
+    saved = _saved(runs / "tuned")
+    assert int(saved["average_steps"]) == 1 + 4  # the source's weights, then every step
+    model = build_model(RunDir(runs / "tuned").model_config())
+    model.load_weights(runs / "tuned" / "best.weights.h5")
+    averages = [saved[f"average_{i}"] for i in range(len(model.trainable_variables))]
+    for weight, average in zip(model.trainable_variables, averages):
+        np.testing.assert_array_equal(weight.numpy(), average)  # the best weights: the average
+    raw = [saved[f"weight_{i}"] for i in range(len(averages))]
+    assert max(np.abs(a - w).max() for a, w in zip(averages, raw)) > 1e-4  # not the weights
+    score = evaluate_run(runs / "tuned", str(corpus["valid"]), batch_size=4, bptt=8)
+    assert score.perplexity == pytest.approx(record["val_ppl"], rel=1e-6)

@@ -3,6 +3,8 @@
     latest.npz    weight_<i>     the model's weights, in `model.get_weights()` order
                   optimizer_<i>  the optimizer's variables (iterations, learning rate, slots)
                   state_<i>      the carried LSTM state, gathered from every replica (mid-epoch)
+                  average_<i>    NT-ASGD's running average of the trainable weights, once on,
+                  average_steps  and how many snapshots it is the mean of
                   progress       `Progress` as UTF-8 JSON
 
 Reading never lets a zip, npy or JSON error escape: a truncated, corrupt or foreign file is one
@@ -18,11 +20,15 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from keraslm.errors import UserError, first_line
 from keraslm.files import atomic_path
+
+if TYPE_CHECKING:
+    from keraslm.training.averaging import WeightAverage
 
 CHECKPOINT_FILE = "latest.npz"
 
@@ -35,6 +41,7 @@ class Progress:
     batch: int = 0          # next batch of that epoch
     best_val_loss: float = float("inf")
     stale_epochs: int = 0   # validations without improvement since the last one or lr update
+    val_losses: list = field(default_factory=list)  # NT-ASGD's trigger: validations before it
     epoch_nll: float = 0.0  # partial sums of the epoch in progress
     epoch_targets: int = 0
     epoch_tokens: int = 0
@@ -43,13 +50,16 @@ class Progress:
 
 
 def save(path: Path, model, optimizer, progress: Progress,
-         lstm_state: list[np.ndarray] | None) -> None:
+         lstm_state: list[np.ndarray] | None, average: WeightAverage | None = None) -> None:
     """Write the whole training state to `path` atomically; a failed write keeps the old file."""
     arrays = {f"weight_{i}": w for i, w in enumerate(model.get_weights())}
     arrays.update({f"optimizer_{i}": np.asarray(v.numpy())
                    for i, v in enumerate(optimizer.variables)})
     for i, s in enumerate(lstm_state or []):
         arrays[f"state_{i}"] = s
+    if average is not None and average.active:
+        arrays.update({f"average_{i}": a for i, a in enumerate(average.values())})
+        arrays["average_steps"] = np.asarray(average.count, np.int64)
     arrays["progress"] = np.frombuffer(json.dumps(asdict(progress)).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -90,8 +100,10 @@ def read_progress(path: Path, arrays: dict[str, np.ndarray] | None = None) -> Pr
     return Progress(**recorded)
 
 
-def load(path: Path, model, optimizer) -> tuple[Progress, list[np.ndarray] | None]:
-    """Restore weights and optimizer from `path`; return the progress and the saved LSTM state.
+def load(path: Path, model, optimizer, average: WeightAverage | None = None
+         ) -> tuple[Progress, list[np.ndarray] | None]:
+    """Restore weights and optimizer (and NT-ASGD's average, if saved) from `path`; return the
+    progress and the saved LSTM state.
 
     Everything is checked before anything is assigned, so a mismatched file changes nothing.
     """
@@ -107,9 +119,16 @@ def load(path: Path, model, optimizer) -> tuple[Progress, list[np.ndarray] | Non
     if [np.shape(s) for s in slots] != [tuple(v.shape) for v in optimizer.variables]:
         raise UserError(f"{path}: the checkpoint's optimizer state does not match this "
                         f"optimizer ({len(slots)} variables for {len(optimizer.variables)})")
+    averaged = _numbered(arrays, "average_")
+    if averaged and (average is None or [a.shape for a in averaged] != [
+            tuple(w.shape) for w in model.trainable_variables]):
+        raise UserError(f"{path}: the checkpoint's weight average does not match this run "
+                        f"(it averages other weights, or the run does not use --ntasgd)")
     model.set_weights(weights)
     for variable, value in zip(optimizer.variables, slots):
         variable.assign(value)
+    if averaged:
+        average.restore(averaged, int(arrays["average_steps"]))
     return progress, _numbered(arrays, "state_") or None
 
 

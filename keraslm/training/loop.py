@@ -26,6 +26,7 @@ from keraslm.errors import UserError
 from keraslm.files import atomic_path
 from keraslm.scores import perplexity
 from keraslm.training import checkpoint
+from keraslm.training.averaging import nonmonotonic_trigger
 from keraslm.training.devices import is_multiworker
 from keraslm.training.regularisers import step_key
 from keraslm.training.schedule import LRSchedule
@@ -48,7 +49,7 @@ class EpochLoop:
         self.is_chief, self.batches = prepared.is_chief, prepared.batches
         self.model, self.optimizer, self.trainer = setup.model, setup.optimizer, setup.trainer
         self.strategy = setup.trainer.strategy
-        self.progress = setup.progress
+        self.progress, self.average = setup.progress, setup.average
         self.schedule = LRSchedule.of(self.optim)
         self.saved_state = setup.saved_state  # used once, by the epoch that resumes
         self.checkpoint_path = checkpoint_path(self.run_dir)
@@ -96,6 +97,8 @@ class EpochLoop:
                 if not math.isfinite(result.nll_sum):
                     raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
                                            f"batch {i + 1}; {self.last_good()}")
+                if self.average.active:
+                    self.average.update()
                 if options.log_losses:
                     append_line(options.log_losses, {
                         "epoch": epoch + 1, "batch": i + 1, "lr": trainer.learning_rate,
@@ -126,38 +129,53 @@ class EpochLoop:
         return progress.epoch_tokens, time.perf_counter() - clock
 
     def end_epoch(self, seconds: float) -> dict:
-        """Validate; keep the best weights and test them, or decay the learning rate; record."""
-        optim, progress, trainer = self.optim, self.progress, self.trainer
+        """Validate (the weights' average, once NT-ASGD is on); switch to averaging if its
+        trigger fires; keep the best weights and test them; let the schedule set the learning
+        rate; record."""
+        optim, progress, trainer, average = self.optim, self.progress, self.trainer, self.average
         epoch = progress.epoch
         batches = self.batches
         train_ppl = perplexity(progress.epoch_nll, progress.epoch_targets)
-        val_nll, val_count = trainer.agree(trainer.evaluate(batches["valid"]))  # the chief's
+        averaged = average.active
+        with average.applied():
+            val_nll, val_count = trainer.agree(trainer.evaluate(batches["valid"]))  # the chief's
         val_count = int(val_count)
+        val_loss = val_nll / val_count
         record = {"epoch": epoch + 1, "lr": trainer.learning_rate, "train_ppl": train_ppl,
                   "val_ppl": perplexity(val_nll, val_count), "val_tokens": val_count,
                   "tokens_per_s": progress.epoch_tokens / seconds, "seconds": seconds,
                   "batch_size": optim.batch_size, "bptt": optim.bptt,
                   "eval_batch_size": optim.eval_batch_size,
                   "test_batch_size": optim.test_batch_size}
-        improved = val_nll / val_count < progress.best_val_loss
+        if optim.ntasgd:
+            record["averaged"] = averaged
+        if optim.ntasgd and not averaged:
+            if nonmonotonic_trigger(progress.val_losses, val_loss, optim.nonmono):
+                average.start()
+                record["ntasgd_switch"] = True
+                say(f"epoch {epoch + 1}: validation did not improve on the best before the "
+                    f"last {optim.nonmono}; averaging the weights from now on (NT-ASGD)")
+            progress.val_losses.append(val_loss)
+        improved = val_loss < progress.best_val_loss
         lr, progress.stale_epochs = self.schedule.after_validation(
             trainer.learning_rate, progress.stale_epochs, improved)
         if improved:
-            progress.best_val_loss = val_nll / val_count
-            self.require_finite_weights(f"the end of epoch {epoch + 1}")
-            if self.is_chief:
-                with atomic_path(self.run_dir.best_weights_path) as tmp:
-                    self.model.save_weights(tmp)
-            test_nll, test_count = trainer.agree(trainer.evaluate(batches["test"]))
+            progress.best_val_loss = val_loss
+            with average.applied():
+                self.require_finite_weights(f"the end of epoch {epoch + 1}")
+                if self.is_chief:
+                    with atomic_path(self.run_dir.best_weights_path) as tmp:
+                        self.model.save_weights(tmp)
+                test_nll, test_count = trainer.agree(trainer.evaluate(batches["test"]))
             record.update(test_ppl=perplexity(test_nll, int(test_count)),
                           test_tokens=int(test_count), best=True)
         else:
             trainer.learning_rate = lr
             record.update(best=False)
         say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
-            f"{record['val_ppl']:.2f}" + (f" | test ppl {record['test_ppl']:.2f} (new best)"
-                                          if record["best"] else
-                                          f" | lr -> {trainer.learning_rate:.4g}"))
+            f"{record['val_ppl']:.2f}" + (" (averaged weights)" if averaged else "") +
+            (f" | test ppl {record['test_ppl']:.2f} (new best)" if record["best"] else
+             f" | lr -> {trainer.learning_rate:.4g}"))
         if self.is_chief:
             # Keyed by epoch: a run stopped after this line but before the checkpoint below
             # redoes the epoch's end on resume and replaces the row instead of adding one.
@@ -198,7 +216,8 @@ class EpochLoop:
         lstm = self.trainer.state_to_numpy(state) if state is not None else None
         self.require_finite_weights(where)
         if self.is_chief:
-            checkpoint.save(self.checkpoint_path, self.model, self.optimizer, self.progress, lstm)
+            checkpoint.save(self.checkpoint_path, self.model, self.optimizer, self.progress, lstm,
+                            self.average)
 
     def require_finite_weights(self, where: str) -> None:
         """All workers check (their weights are identical), so all stop together."""

@@ -35,6 +35,7 @@ from keraslm.precision import check_supported as check_precision
 from keraslm.rundir import RunDir, new_run_name, resolve_run
 from keraslm.text import TextPipeline, pipeline_for_format, use_data_root
 from keraslm.training import checkpoint
+from keraslm.training.averaging import WeightAverage
 from keraslm.training.devices import is_multiworker
 from keraslm.training.regularisers import Regularisers
 from keraslm.training.step import Trainer, make_optimizer
@@ -68,6 +69,7 @@ class Setup:
     optimizer: keras.optimizers.Optimizer
     trainer: Trainer
     progress: checkpoint.Progress            # where training stands (updated as it goes)
+    average: WeightAverage                   # NT-ASGD's average of the weights (off until on)
     saved_state: list[np.ndarray] | None     # the checkpoint's LSTM state, saved mid-epoch
 
 
@@ -143,20 +145,24 @@ def build(prepared: Prepared, strategy: tf.distribute.Strategy) -> Setup:
     trainer = Trainer(model, optimizer, strategy, clip=optim.clip,
                       two_biases=prepared.model_config.two_biases, jit_compile=options.jit,
                       regularisers=Regularisers.of(prepared.model_config, optim))
+    average = WeightAverage(model)
     saved_state = None
     if prepared.resuming:
-        progress, saved_state = checkpoint.load(checkpoint_path(prepared.run), model, optimizer)
+        progress, saved_state = checkpoint.load(checkpoint_path(prepared.run), model, optimizer,
+                                                average)
         if prepared.is_chief:
             remove_temporaries(prepared.run)
     else:
         progress = checkpoint.Progress()
+        if optim.ntasgd and prepared.finetune_source is not None:
+            average.start()  # the AWD-LSTM's fine-tuning: averaged from the first step
     if is_multiworker(strategy):
         mine = fingerprint(prepared, progress)
         if not np.array_equal(trainer.agree(mine), mine):
             raise UserError(
                 "this worker's corpus, vocabulary, settings or checkpoint differ from the "
                 "chief's: every worker must run the same command on the same files")
-    return Setup(prepared, model, optimizer, trainer, progress, saved_state)
+    return Setup(prepared, model, optimizer, trainer, progress, average, saved_state)
 
 
 def checkpoint_path(run: RunDir) -> Path:
@@ -217,6 +223,7 @@ def remove_temporaries(run: RunDir) -> None:
 def checkpoint_bytes(model_config: LMConfig, optim: OptimConfig) -> tuple[int, int]:
     """Approximate sizes of (a checkpoint, the best weights) for this model and optimizer."""
     slots = 2 if optim.optimizer == "adam" else (1 if optim.momentum else 0)
+    slots += 1 if optim.ntasgd else 0  # the weights' average
     weights = 4 * model_config.num_parameters()
     state = 4 * optim.batch_size * sum(model_config.state_sizes())
     return weights * (1 + slots) + state, weights
