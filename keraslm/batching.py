@@ -92,7 +92,20 @@ class BPTTBatches:
             i += self._num_batches
         if not 0 <= i < self._num_batches:
             raise IndexError(f"batch {i} out of range for {self._num_batches} batches")
-        window, valid = self._window(int(i))
+        return self._batch(int(i) * self.bptt, self.bptt)
+
+    def span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Time steps ``[start, start + length)`` of every column as inputs and the steps one
+        later as targets, cut where the columns end (so at least one step long): a batch of
+        any length at any position, for variable-length BPTT. Padded columns (``keep``) have
+        padded targets as in the fixed batches."""
+        if not 0 <= start < self.column_length - 1 or length < 1:
+            raise IndexError(f"no batch of {length} steps at step {start} of columns of "
+                             f"{self.column_length}")
+        return self._batch(start, min(length, self.column_length - 1 - start))
+
+    def _batch(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        window, valid = self._window(start, length)
         inputs = np.where(valid[:, :-1], window[:, :-1], PAD_INPUT).astype(np.int32)
         targets = np.where(valid[:, 1:], window[:, 1:], PAD_TARGET).astype(np.int32)
         return inputs, targets
@@ -110,9 +123,9 @@ class BPTTBatches:
         """Number of non-padding targets in batch ``i``."""
         return int(np.count_nonzero(self[i][1] != PAD_TARGET))
 
-    def _window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Time steps ``[i*bptt, (i+1)*bptt]`` of every column, and which of them are real."""
-        steps = i * self.bptt + np.arange(self.bptt + 1)
+    def _window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Time steps ``[start, start + length]`` of every column, and which of them are real."""
+        steps = start + np.arange(length + 1)
         positions = (np.arange(self.batch_size) * self.column_length)[:, None] + steps[None, :]
         valid = (steps < self.column_length)[None, :] & (positions < self._used)
         window = self._ids[np.where(valid, positions, 0)]

@@ -352,6 +352,9 @@ class OptimConfig:
                          resume=OVERRIDE)
     batch_size: int = option(20, "training batch size (BPTT columns)")
     bptt: int = option(35, "truncated-BPTT length")
+    variable_bptt: bool = option(False, "GluonNLP's variable-length BPTT: each training batch's "
+                                        "length drawn around --bptt (around half of it one "
+                                        "time in 20), its learning rate scaled by length / bptt")
     lr: float = option(20.0, "initial learning rate")
     clip: float = option(0.25, "global gradient norm (0: off)")
     lr_decay: float = option(0.25, "learning-rate factor when validation perplexity does not "

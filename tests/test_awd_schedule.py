@@ -1,5 +1,7 @@
 """GluonNLP's language-model script's schedule, against references computed here by hand: the
-step schedule (--lr-update-interval / --lr-update-factor) beside the plateau decay."""
+step schedule (--lr-update-interval / --lr-update-factor) beside the plateau decay, NT-ASGD (its
+trigger, the average, fine-tuning) and variable-length BPTT (the drawn lengths, the columns they
+advance, the scaled learning rate); 1 replica == 2 and resume bit for bit with them on."""
 
 from __future__ import annotations
 
@@ -10,21 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_runs import wikitext_slices
+from test_awd_regularisers import ALL_FLAGS
 
 from keraslm import train as train_cli
+from keraslm.batching import BPTTBatches
 from keraslm.config import LMConfig, OptimConfig
 from keraslm.errors import UserError
-from keraslm.evaluation import evaluate_run
+from keraslm.evaluation import Evaluator, evaluate_run
 from keraslm.model import build_model
 from keraslm.rundir import RunDir
 from keraslm.training import checkpoint
 from keraslm.training.averaging import WeightAverage, nonmonotonic_trigger
 from keraslm.training.devices import make_strategy
 from keraslm.training.loop import EpochLoop
+from keraslm.training.regularisers import step_key
 from keraslm.training.schedule import LRSchedule
 from keraslm.training.setup import build, prepare
 from keraslm.training.signals import Stopped, StopRequest
 from keraslm.training.step import Trainer, make_optimizer, noise_keys
+from keraslm.variable_bptt import VariableBPTTBatches, draw_length
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -266,3 +272,122 @@ def test_a_fine_tune_with_ntasgd_averages_from_its_first_step_and_keeps_and_scor
     assert max(np.abs(a - w).max() for a, w in zip(averages, raw)) > 1e-4  # not the weights
     score = evaluate_run(runs / "tuned", str(corpus["valid"]), batch_size=4, bptt=8)
     assert score.perplexity == pytest.approx(record["val_ppl"], rel=1e-6)
+
+
+# ---- variable-length BPTT ---------------------------------------------------------------------
+
+def test_lengths_are_drawn_as_the_script_draws_them_and_only_from_their_key():
+    lengths = np.array([draw_length(0, 0, b, 70) for b in range(20_000)])
+    short = lengths < 53  # between the two modes (35 and 70, each +- 5)
+    assert short.mean() == pytest.approx(0.05, abs=0.005)
+    # int() of N(70, 5) has the mean 70 - 0.5 (truncated down), the spread 5 (and 1/12)
+    assert lengths[~short].mean() == pytest.approx(69.5, abs=0.12)
+    assert lengths[~short].std() == pytest.approx(np.sqrt(25 + 1 / 12), abs=0.12)
+    assert lengths[short].mean() == pytest.approx(34.5, abs=0.5)
+    # at bptt 6 the minimum of 5 is drawn when N(6 or 3, 5) < 6: by hand,
+    # 0.95 * Phi(0) + 0.05 * Phi(0.6) = 0.95 * 0.5 + 0.05 * 0.72575 = 0.51129
+    small = np.array([draw_length(1, 2, b, 6) for b in range(20_000)])
+    assert small.min() == 5 and (small == 5).mean() == pytest.approx(0.51129, abs=0.01)
+    assert draw_length(3, 4, 5, 70) == draw_length(3, 4, 5, 70)
+    for other in ([draw_length(3, 5, b, 70) for b in range(50)],
+                  [draw_length(4, 4, b, 70) for b in range(50)]):
+        assert other != [draw_length(3, 4, b, 70) for b in range(50)]
+
+
+@pytest.mark.parametrize("last_batch", ["discard", "keep"])
+def test_an_epoch_advances_every_column_by_the_drawn_lengths_to_its_end(last_batch):
+    stream = np.arange(1, 203, dtype=np.int32)  # column j of 4 holds j*L+1 ...
+    fixed = BPTTBatches(stream, 4, 8, last_batch)
+    epoch = VariableBPTTBatches(fixed, seed=2, epoch=1)
+    length = fixed.column_length
+    assert epoch.lengths == [draw_length(2, 1, b, 8) for b in range(len(epoch))]
+    assert epoch.starts == list(np.cumsum([0, *epoch.lengths[:-1]]))
+    # on while two targets remain (the script's i < len - 2), the last batch cut to the end
+    assert epoch.starts[-1] < length - 2 <= epoch.starts[-1] + epoch.lengths[-1]
+    covered = min(epoch.starts[-1] + epoch.lengths[-1], length - 1)
+    inputs = np.concatenate([epoch[i][0] for i in range(len(epoch))], axis=1)
+    targets = np.concatenate([epoch[i][1] for i in range(len(epoch))], axis=1)
+    assert inputs.shape[1] == covered  # every step in order, once, up to the end
+    columns = np.full((4, length), -1)
+    used = stream[: 4 * (len(stream) // 4)] if last_batch == "discard" else stream
+    columns.flat[: used.size] = used
+    real = columns[:, 1:covered + 1] != -1
+    np.testing.assert_array_equal(np.where(real, inputs, -1),
+                                  np.where(real, columns[:, :covered], -1))
+    np.testing.assert_array_equal(targets, columns[:, 1:covered + 1])
+    assert [epoch.lr_scale(i) for i in range(len(epoch))] == [n / 8 for n in epoch.lengths]
+
+
+def test_the_state_carried_across_drawn_lengths_is_the_state_of_the_whole_columns():
+    config = LMConfig(vocab_size=60, emsize=8, nhid=8, nlayers=2, dropout=0.0)
+    model = build_model(config, seed=1)
+    stream = np.random.default_rng(4).integers(0, 60, 3 * 90).astype(np.int32)
+    epoch = VariableBPTTBatches(BPTTBatches(stream, 3, 12, "discard"), seed=0, epoch=0)
+    assert len(set(epoch.lengths)) > 2
+    pieces = Evaluator(model)(epoch[i] for i in range(len(epoch)))
+    whole = np.concatenate([epoch[i][0] for i in range(len(epoch))], axis=1), np.concatenate(
+        [epoch[i][1] for i in range(len(epoch))], axis=1)
+    at_once = Evaluator(model)([whole])
+    covered = min(epoch.starts[-1] + epoch.lengths[-1], 89)
+    assert pieces[1] == at_once[1] == 3 * covered and covered >= 88
+    assert pieces[0] == pytest.approx(at_once[0], rel=1e-5)
+
+
+def test_a_step_runs_at_the_learning_rate_times_its_scale_and_puts_the_rate_back():
+    data = np.random.default_rng(3).integers(0, 40, (4, 7)).astype(np.int32)
+    weights = {}
+    for lr, scale in ((2.0, 0.75), (1.5, 1.0), (2.0, 1.0)):
+        model, trainer = _tiny_trainer(1)
+        trainer.learning_rate = lr
+        trainer.train_step(data[:, :6], data[:, 1:], noise_keys(0, 0, 0, 4),
+                           trainer.zero_state(4), 0, scale)
+        assert trainer.learning_rate == lr
+        weights[lr, scale] = model.get_weights()
+    for a, b in zip(weights[2.0, 0.75], weights[1.5, 1.0]):
+        np.testing.assert_array_equal(a, b)
+    assert any((a != b).any() for a, b in zip(weights[2.0, 0.75], weights[2.0, 1.0]))
+
+
+def _variable_steps(replicas: int, steps: int = 8):
+    model, trainer = _tiny_trainer(replicas)
+    stream = np.random.default_rng(6).integers(0, 40, 4 * 120).astype(np.int32)
+    epoch = VariableBPTTBatches(BPTTBatches(stream, 4, 10, "keep"), seed=1, epoch=0)
+    state, losses = trainer.zero_state(4), []
+    for i in range(steps):
+        inputs, targets = epoch[i]
+        result, state = trainer.train_step(inputs, targets, noise_keys(1, 0, i, 4), state,
+                                           step_key(1, 0, i), epoch.lr_scale(i))
+        losses.append(result.nll_sum / result.num_targets)
+    return np.array(losses), model.get_weights(), trainer, epoch
+
+
+def test_two_replicas_train_variable_lengths_as_one_and_the_step_is_not_traced_per_length():
+    one_losses, one_weights, trainer, epoch = _variable_steps(1)
+    assert len(set(epoch.lengths[:8])) >= 4
+    # the zero state's call, the carried state's, then one with the time left open
+    assert trainer._train_step.experimental_get_tracing_count() <= 3
+    two_losses, two_weights, _, _ = _variable_steps(2)
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
+    for a, b in zip(one_weights, two_weights):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_a_run_with_variable_lengths_ntasgd_the_step_schedule_and_every_regulariser_resumes_bit_for_bit(
+        corpus, tmp_path):
+    losses = tmp_path / "losses.jsonl"
+
+    def args(runs, name):
+        return _args(corpus, runs, name, "--lr", "30", "--epochs", "4", "--variable-bptt",
+                     "--ntasgd", "--nonmono", "1", "--lr-update-interval", "2",
+                     "--max-batches", "10", *ALL_FLAGS,
+                     *(["--log-losses", str(losses)] if name == "whole" else []))
+
+    run = _resumes_bit_for_bit(corpus, tmp_path / "runs", args, 2 * 11 + 4)
+    steps = [json.loads(line) for line in losses.read_text().splitlines()]
+    assert len(steps) == 40
+    lrs = {r["epoch"]: r["lr"] for r in run["records"]}
+    for step in steps:
+        drawn = draw_length(3, step["epoch"] - 1, step["batch"] - 1, 8)
+        assert step["bptt"] == drawn  # none is the cut last batch: 10 of about 23 an epoch
+        assert step["lr"] == pytest.approx(lrs[step["epoch"]] * drawn / 8, rel=1e-6)
+    assert len({s["bptt"] for s in steps}) > 4

@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("keraslm", "serve", "export")
 CORE = {"keraslm", "keraslm.errors", "keraslm.files", "keraslm.text", "keraslm.vocab",
-        "keraslm.batching", "keraslm.contract", "keraslm.scores", "keraslm.config"}
+        "keraslm.batching", "keraslm.variable_bptt", "keraslm.contract", "keraslm.scores",
+        "keraslm.config"}
 HEAVY = ("tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx")
 
 

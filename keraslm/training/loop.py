@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from keraslm.backend import tf
+from keraslm.batching import BPTTBatches
 from keraslm.errors import UserError
 from keraslm.files import atomic_path
 from keraslm.scores import perplexity
@@ -33,6 +34,7 @@ from keraslm.training.schedule import LRSchedule
 from keraslm.training.setup import Setup, checkpoint_path
 from keraslm.training.signals import Stopped, StopRequest
 from keraslm.training.step import noise_keys
+from keraslm.variable_bptt import VariableBPTTBatches
 
 
 class TrainingDiverged(UserError):
@@ -55,14 +57,14 @@ class EpochLoop:
         self.checkpoint_path = checkpoint_path(self.run_dir)
         self.writer = (tf.summary.create_file_writer(str(self.run_dir.logs_dir))
                        if self.is_chief else None)
-        train = self.batches["train"]
-        self.num_batches = min(len(train), self.optim.max_batches or len(train))
 
     def run(self) -> None:
         """Train until the configured number of epochs is done."""
         prepared, progress = self.prepared, self.progress
+        batches = self.num_batches(self.epoch_batches(progress.epoch))
         say(f"run {self.run_dir.path} | {prepared.model_config.num_parameters():,} parameters | "
-            f"{self.strategy.num_replicas_in_sync} replica(s) | {self.num_batches} batches/epoch"
+            f"{self.strategy.num_replicas_in_sync} replica(s) | "
+            f"{'about ' if self.optim.variable_bptt else ''}{batches} batches/epoch"
             f" | vocab {len(prepared.vocab):,}")
         tokens, seconds = 0, 0.0
         while progress.epoch < self.optim.epochs:
@@ -76,24 +78,39 @@ class EpochLoop:
                 f"time only) | best valid ppl {math.exp(progress.best_val_loss):.2f} | "
                 f"{self.run_dir.path}")
 
+    def epoch_batches(self, epoch: int) -> BPTTBatches | VariableBPTTBatches:
+        """The training batches of `epoch`: the fixed ones, or those drawn for this epoch
+        (variable-length BPTT, a pure function of the seed and the epoch)."""
+        train = self.batches["train"]
+        if self.optim.variable_bptt:
+            return VariableBPTTBatches(train, self.optim.seed, epoch)
+        return train
+
+    def num_batches(self, train: BPTTBatches | VariableBPTTBatches) -> int:
+        """How many of an epoch's batches are trained (--max-batches)."""
+        return min(len(train), self.optim.max_batches or len(train))
+
     def train_epoch(self) -> tuple[int, float]:
         """Train the rest of the current epoch; returns its (target tokens, seconds)."""
         optim, options, progress, trainer = self.optim, self.options, self.progress, self.trainer
-        epoch, train = progress.epoch, self.batches["train"]
+        epoch = progress.epoch
+        train = self.epoch_batches(epoch)
+        num_batches = self.num_batches(train)
         if progress.batch > 0 and self.saved_state is not None:
             state = trainer.state_from_numpy(self.saved_state)
         else:
             state = trainer.zero_state(optim.batch_size)
         self.saved_state = None
         window, window_nll = Throughput(), 0.0
-        bar = progress_bar(self.num_batches, progress.batch, epoch, options.quiet)
+        bar = progress_bar(num_batches, progress.batch, epoch, options.quiet)
         clock = time.perf_counter() - progress.epoch_seconds
         try:
-            for i in range(progress.batch, self.num_batches):
+            for i in range(progress.batch, num_batches):
                 inputs, targets = train[i]
                 keys = noise_keys(optim.seed, epoch, i, optim.batch_size)
+                lr_scale = train.lr_scale(i) if optim.variable_bptt else 1.0
                 result, state = trainer.train_step(inputs, targets, keys, state,
-                                                   step_key(optim.seed, epoch, i))
+                                                   step_key(optim.seed, epoch, i), lr_scale)
                 if not math.isfinite(result.nll_sum):
                     raise TrainingDiverged(f"loss became {result.nll_sum} at epoch {epoch + 1}, "
                                            f"batch {i + 1}; {self.last_good()}")
@@ -101,7 +118,8 @@ class EpochLoop:
                     self.average.update()
                 if options.log_losses:
                     append_line(options.log_losses, {
-                        "epoch": epoch + 1, "batch": i + 1, "lr": trainer.learning_rate,
+                        "epoch": epoch + 1, "batch": i + 1,
+                        "lr": trainer.learning_rate * lr_scale, "bptt": inputs.shape[1],
                         "loss": result.nll_sum / max(result.num_targets, 1),
                         "grad_norm": result.grad_norm})
                 progress.batch = i + 1
@@ -115,7 +133,7 @@ class EpochLoop:
                     bar.update(1)
                 if options.log_interval and progress.batch % options.log_interval == 0:
                     loss = window_nll / max(window.tokens, 1)
-                    say(f"epoch {epoch + 1} | batch {progress.batch}/{self.num_batches} | "
+                    say(f"epoch {epoch + 1} | batch {progress.batch}/{num_batches} | "
                         f"lr {trainer.learning_rate:.4g} | loss {loss:.2f} | ppl "
                         f"{math.exp(loss):.2f} | {window.tokens_per_second():,.0f} tokens/s | "
                         f"{window.samples_per_second():,.1f} samples/s", bar)

@@ -10,6 +10,8 @@ gradient). Everything else (logging, checkpoints, learning-rate decisions) is pl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +112,9 @@ class Trainer:
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         self._forward_backward = tf.function(self._forward_backward_impl, jit_compile=jit_compile)
-        self._train_step = tf.function(self._distributed_train_step)
+        # Batches of another length (variable-length BPTT) trace the step once more, with the
+        # time dimension left open, and then never again; XLA still compiles each length.
+        self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
 
     # ---- learning rate -------------------------------------------------------------------
     @property
@@ -227,22 +231,39 @@ class Trainer:
         return total_nll, norm, new_state
 
     def train_step(self, inputs: np.ndarray, targets: np.ndarray, keys: np.ndarray, state,
-                   step_key: int = 0):
+                   step_key: int = 0, lr_scale: float = 1.0):
         """One SGD step on a global batch; returns the result and the carried state.
 
         `keys` are the columns' dropout keys (`noise_keys`), `step_key` the step's weight-mask
-        key (`regularisers.step_key`), the same for every replica."""
+        key (`regularisers.step_key`), the same for every replica. The step runs at the
+        learning rate times `lr_scale` (variable-length BPTT's length / bptt); the optimizer's
+        rate is put back exactly afterwards."""
         has_target = targets != PAD_TARGET
         num_targets = int(np.count_nonzero(has_target))
         if num_targets == 0:
             return StepResult(0.0, 0, 0.0), state
         num_pairs = int(np.count_nonzero(has_target[:, 1:] & has_target[:, :-1]))
-        nll, norm, new_state = self._train_step(
-            self.distribute(inputs), self.distribute(targets), self.distribute(keys), state,
-            tf.constant(float(num_targets)), tf.constant(step_key, tf.int32),
-            tf.constant(float(num_pairs)),
-        )
+        with self.scaled_learning_rate(lr_scale):
+            nll, norm, new_state = self._train_step(
+                self.distribute(inputs), self.distribute(targets), self.distribute(keys), state,
+                tf.constant(float(num_targets)), tf.constant(step_key, tf.int32),
+                tf.constant(float(num_pairs)),
+            )
         return StepResult(float(nll), num_targets, float(norm)), new_state
+
+    @contextmanager
+    def scaled_learning_rate(self, scale: float) -> Iterator[None]:
+        """The optimizer's learning rate times `scale` inside the block (as GluonNLP's script
+        sets it for a step), then exactly the rate it was."""
+        if scale == 1.0:
+            yield
+            return
+        base = self.optimizer.learning_rate.numpy()
+        self.learning_rate = float(base) * scale
+        try:
+            yield
+        finally:
+            self.optimizer.learning_rate.assign(base)
 
 
 def weight_decayed(grads: list[tf.Tensor], variables: list, wd: float,
