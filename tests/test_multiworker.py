@@ -182,6 +182,35 @@ def test_two_workers_train_the_adaptive_softmax_like_one_process(corpus, tmp_pat
     assert (config["model"]["softmax"], config["model"]["cutoffs"]) == ("adaptive", [30, 300])
 
 
+def test_two_workers_draw_the_lengths_and_average_the_weights_of_one_process(corpus, tmp_path):
+    """GluonNLP's schedule on two workers: variable-length BPTT (each step's length and scaled
+    lr), NT-ASGD (--nonmono 1 and a high lr: it switches after epoch 3) and the step schedule,
+    4 epochs of 5 steps: the per-step records and the epochs of one process with two
+    replicas."""
+    schedule = ["--variable-bptt", "--ntasgd", "--nonmono", "1", "--lr-update-interval", "1",
+                "--lr", "40", "--epochs", "4", "--max-batches", "5"]
+    with Cluster(tmp_path / "mw", tiny_args(corpus, tmp_path / "mw" / "runs", "--name", "mw",
+                                            *schedule), log_losses=True) as cluster:
+        one = tmp_path / "one.jsonl"  # trains while the workers start
+        assert train_cli.main(tiny_args(corpus, tmp_path / "runs", "--name", "one",
+                                        "--cpu-replicas", "2", "--log-losses", str(one),
+                                        *schedule)) == 0
+        codes = cluster.wait(timeout=240)
+        assert codes == [0, 0], [cluster.output(i)[-2000:] for i in range(WORKERS)]
+    want, chief = read_losses(one), read_losses(cluster.losses_path(0))
+    assert sorted(chief) == sorted(want) and len(want) == 20
+    assert len({r["bptt"] for r in want.values()}) > 3
+    for step, record in want.items():
+        assert chief[step]["bptt"] == record["bptt"], step
+        assert chief[step]["lr"] == pytest.approx(record["lr"], rel=1e-6), step
+        assert chief[step]["loss"] == pytest.approx(record["loss"], rel=1e-5), step
+    assert read_losses(cluster.losses_path(1)) == chief
+    got, expected = metrics(tmp_path / "mw" / "runs" / "mw"), metrics(tmp_path / "runs" / "one")
+    assert_same_epochs(got, expected)
+    assert [r["averaged"] for r in got] == [r["averaged"] for r in expected]
+    assert got[-1]["averaged"], "the setup must switch to averaging before the last epoch"
+
+
 def test_a_dead_worker_stops_the_other_quickly_and_the_run_resumes(corpus, reference, tmp_path):
     runs = tmp_path / "runs"
     ckpt = runs / "f" / "checkpoint" / "latest.npz"
