@@ -6,11 +6,11 @@ with all of them on."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_resume import StopAfter, saved_arrays
 from helpers_runs import wikitext_slices
 
 from keraslm import train as train_cli
@@ -30,7 +30,7 @@ from keraslm.training.regularisers import (
     step_key,
 )
 from keraslm.training.setup import build, prepare
-from keraslm.training.signals import Stopped, StopRequest
+from keraslm.training.signals import Stopped
 from keraslm.training.step import Trainer, make_optimizer, noise_keys
 
 EVERYTHING = {"dropout": 0.3, "dropout_h": 0.2, "dropout_i": 0.25, "dropout_e": 0.2,
@@ -290,26 +290,6 @@ def _args(corpus, runs: Path, name: str, *extra: str) -> list[str]:
             *ALL_FLAGS, *extra]
 
 
-class StopAfter(StopRequest):
-    """A stop request that arrives as a SIGTERM would, after `checks` consistent points."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.checks = checks
-
-    @property
-    def requested(self) -> bool:
-        self.checks -= 1
-        if self.checks < 0:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-
-def _saved(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "checkpoint" / checkpoint.CHECKPOINT_FILE) as saved:
-        return {k: saved[k] for k in saved.files if k != "progress"}
-
-
 def test_a_run_with_every_regulariser_resumes_bit_for_bit_and_records_them(corpus, tmp_path,
                                                                            capsys):
     runs = tmp_path / "runs"
@@ -321,7 +301,7 @@ def test_a_run_with_every_regulariser_resumes_bit_for_bit_and_records_them(corpu
     stopped_at = checkpoint.read_progress(runs / "stopped" / "checkpoint" / "latest.npz")
     assert (stopped_at.epoch, stopped_at.batch) == (0, 21)  # in the middle of epoch 1
     assert train_cli.main(["--resume", "stopped", "--runs-dir", str(runs)]) == 0
-    whole, resumed = _saved(runs / "whole"), _saved(runs / "stopped")
+    whole, resumed = saved_arrays(runs / "whole"), saved_arrays(runs / "stopped")
     assert whole.keys() == resumed.keys()
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)

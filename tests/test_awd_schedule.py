@@ -6,11 +6,11 @@ advance, the scaled learning rate); 1 replica == 2 and resume bit for bit with t
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_resume import StopAfter, saved_arrays
 from helpers_runs import wikitext_slices
 from test_awd_regularisers import ALL_FLAGS
 
@@ -21,14 +21,13 @@ from keraslm.errors import UserError
 from keraslm.evaluation import Evaluator, evaluate_run
 from keraslm.model import build_model
 from keraslm.rundir import RunDir
-from keraslm.training import checkpoint
 from keraslm.training.averaging import WeightAverage, nonmonotonic_trigger
 from keraslm.training.devices import make_strategy
 from keraslm.training.loop import EpochLoop
 from keraslm.training.regularisers import step_key
 from keraslm.training.schedule import LRSchedule
 from keraslm.training.setup import build, prepare
-from keraslm.training.signals import Stopped, StopRequest
+from keraslm.training.signals import Stopped
 from keraslm.training.step import Trainer, make_optimizer, noise_keys
 from keraslm.variable_bptt import VariableBPTTBatches, draw_length
 
@@ -189,26 +188,6 @@ def test_two_replicas_average_as_one():
         np.testing.assert_allclose(two, one, atol=1e-6)
 
 
-class StopAfter(StopRequest):
-    """A stop request that arrives as a SIGTERM would, after `checks` consistent points."""
-
-    def __init__(self, checks: int):
-        super().__init__()
-        self.checks = checks
-
-    @property
-    def requested(self) -> bool:
-        self.checks -= 1
-        if self.checks < 0:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-
-def _saved(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "checkpoint" / checkpoint.CHECKPOINT_FILE) as saved:
-        return {k: saved[k] for k in saved.files if k != "progress"}
-
-
 def _resumes_bit_for_bit(corpus, runs: Path, args, stop_after: int) -> dict:
     """Train `args` whole (run 'whole') and stopped after `stop_after` consistent points then
     resumed (run 'stopped'); the two final checkpoints and records must be identical."""
@@ -217,7 +196,7 @@ def _resumes_bit_for_bit(corpus, runs: Path, args, stop_after: int) -> dict:
         EpochLoop(build(prepare(train_cli.config_from_argv(args(runs, "stopped"))),
                         make_strategy()), StopAfter(stop_after)).run()
     assert train_cli.main(["--resume", "stopped", "--runs-dir", str(runs)]) == 0
-    whole, resumed = _saved(runs / "whole"), _saved(runs / "stopped")
+    whole, resumed = saved_arrays(runs / "whole"), saved_arrays(runs / "stopped")
     assert whole.keys() == resumed.keys()
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
@@ -261,7 +240,7 @@ def test_a_fine_tune_with_ntasgd_averages_from_its_first_step_and_keeps_and_scor
     assert train_cli.main(tuned) == 0
     (record,) = _metrics(runs / "tuned")
     assert record["averaged"] and record["best"]
-    saved = _saved(runs / "tuned")
+    saved = saved_arrays(runs / "tuned")
     assert int(saved["average_steps"]) == 1 + 4  # the source's weights, then every step
     model = build_model(RunDir(runs / "tuned").model_config())
     model.load_weights(runs / "tuned" / "best.weights.h5")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers_resume import saved_arrays
 from helpers_runs import edit_json, wikitext_slices
 from test_awd_regularisers import ALL_FLAGS, EVERYTHING, EVERYTHING_OPTIM, StopAfter
 from test_cache import SETTINGS, reference_logprobs
@@ -134,11 +135,6 @@ def awd_run(corpus, tmp_path_factory) -> Path:
     return runs / "whole"
 
 
-def _saved(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "checkpoint" / checkpoint.CHECKPOINT_FILE) as saved:
-        return {k: saved[k] for k in saved.files if k != "progress"}
-
-
 def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(awd_run, corpus):
     runs = awd_run.parent
     config = train_cli.config_from_argv(_args(corpus, runs, "stopped"))
@@ -147,7 +143,7 @@ def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(awd_run, corpus):
     stopped = checkpoint.read_arrays(runs / "stopped" / "checkpoint" / checkpoint.CHECKPOINT_FILE)
     assert [stopped[f"state_{i}"].shape for i in range(6)] == [(4, s) for s in STATE_SIZES]
     assert train_cli.main(["--resume", "stopped", "--runs-dir", str(runs)]) == 0
-    whole, resumed = _saved(awd_run), _saved(runs / "stopped")
+    whole, resumed = saved_arrays(awd_run), saved_arrays(runs / "stopped")
     assert whole.keys() == resumed.keys()
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
