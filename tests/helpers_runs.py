@@ -81,6 +81,16 @@ def wikitext_slices(folder: Path, sizes: dict[str, int], data_root: Path = DATA_
     return paths
 
 
+def tiny_run_args(corpus: dict[str, Path], runs: Path, name: str, *extra: str) -> list[str]:
+    """`keraslm.train` arguments for a tiny run named `name` under `runs` on `corpus`'s splits:
+    2 layers of 8 units, batches of 4 columns by 8 steps, seed 3, quiet; then `extra`."""
+    return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
+            "--test", str(corpus["test"]), "--emsize", "8", "--nhid", "8", "--nlayers", "2",
+            "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4",
+            "--test-batch-size", "4", "--seed", "3", "--runs-dir", str(runs), "--name", name,
+            "--quiet", "--log-interval", "0", *extra]
+
+
 # ---- bundles -------------------------------------------------------------------------------------
 
 class TinyBundle(NamedTuple):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_resume import StopAfter, saved_arrays
-from helpers_runs import wikitext_slices
+from helpers_runs import tiny_run_args, wikitext_slices
 
 from keraslm import train as train_cli
 from keraslm.backend import tf
@@ -247,10 +247,13 @@ def test_weight_and_embedding_dropout_are_absent_at_evaluation():
 
 # ---- distributed and resumed ------------------------------------------------------------------
 
-def _train(replicas: int, steps: int = 6):
-    config = LMConfig(vocab_size=60, emsize=12, nhid=12, nlayers=2, two_biases=True, **EVERYTHING)
-    data = np.random.default_rng(0).integers(0, 60, (8, steps * 7 + 1)).astype(np.int32)
-    data[6:, -5:] = -1  # padded targets at the end (last_batch="keep")
+def train_steps(config: LMConfig, replicas: int, steps: int, padded: bool = False):
+    """`steps` steps of 7 on 8 random columns with every regulariser on: the losses, the
+    weights and the state. `padded` pads the last 2 columns' final 5 targets (last_batch="keep")."""
+    data = np.random.default_rng(0).integers(0, config.vocab_size, (8, steps * 7 + 1))
+    data = data.astype(np.int32)
+    if padded:
+        data[6:, -5:] = -1
     strategy = make_strategy(cpu_replicas=replicas)
     with strategy.scope():
         model = build_model(config, seed=7)
@@ -264,6 +267,11 @@ def _train(replicas: int, steps: int = 6):
                                            step_key(3, 0, step))
         losses.append(result.nll_sum / result.num_targets)
     return np.array(losses), model.get_weights(), trainer.state_to_numpy(state)
+
+
+def _train(replicas: int):
+    config = LMConfig(vocab_size=60, emsize=12, nhid=12, nlayers=2, two_biases=True, **EVERYTHING)
+    return train_steps(config, replicas, steps=6, padded=True)
 
 
 def test_two_replicas_equal_one_with_every_regulariser_on():
@@ -282,12 +290,7 @@ def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
 
 
 def _args(corpus, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
-            "--test", str(corpus["test"]), "--emsize", "8", "--nhid", "8", "--nlayers", "2",
-            "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4",
-            "--test-batch-size", "4", "--epochs", "2", "--lr", "10", "--seed", "3",
-            "--runs-dir", str(runs), "--name", name, "--quiet", "--log-interval", "0",
-            *ALL_FLAGS, *extra]
+    return tiny_run_args(corpus, runs, name, "--epochs", "2", "--lr", "10", *ALL_FLAGS, *extra)
 
 
 def test_a_run_with_every_regulariser_resumes_bit_for_bit_and_records_them(corpus, tmp_path,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_resume import StopAfter, saved_arrays
-from helpers_runs import wikitext_slices
+from helpers_runs import tiny_run_args, wikitext_slices
 from test_awd_regularisers import ALL_FLAGS
 
 from keraslm import train as train_cli
@@ -41,11 +41,7 @@ def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
 
 
 def _args(corpus, runs: Path, name: str, *extra: str) -> list[str]:
-    return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
-            "--test", str(corpus["test"]), "--emsize", "8", "--nhid", "8", "--nlayers", "2",
-            "--batch-size", "4", "--bptt", "8", "--eval-batch-size", "4",
-            "--test-batch-size", "4", "--seed", "3", "--runs-dir", str(runs), "--name", name,
-            "--quiet", "--log-interval", "0", *extra]
+    return tiny_run_args(corpus, runs, name, *extra)
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 from helpers_resume import saved_arrays
-from helpers_runs import edit_json, wikitext_slices
-from test_awd_regularisers import ALL_FLAGS, EVERYTHING, EVERYTHING_OPTIM, StopAfter
+from helpers_runs import edit_json, tiny_run_args, wikitext_slices
+from test_awd_regularisers import ALL_FLAGS, EVERYTHING, StopAfter, train_steps
 from test_cache import SETTINGS, reference_logprobs
 
 from export.to_onnx import export_run
@@ -29,10 +29,8 @@ from keraslm.text import TextPipeline
 from keraslm.training import checkpoint
 from keraslm.training.devices import make_strategy
 from keraslm.training.loop import EpochLoop
-from keraslm.training.regularisers import step_key
 from keraslm.training.setup import build, prepare
 from keraslm.training.signals import Stopped
-from keraslm.training.step import Trainer, make_optimizer, noise_keys
 from serve.bundle import load_bundle
 from serve.scorer import Scorer
 from serve.session import ModelSession
@@ -86,21 +84,9 @@ def test_the_model_has_the_layer_widths_and_the_parameters_the_config_counts(ext
 
 # ---- training -----------------------------------------------------------------------------------
 
-def _train(replicas: int, steps: int = 5):
+def _train(replicas: int):
     config = LMConfig(vocab_size=60, **AWD_SHAPE, two_biases=True, **EVERYTHING)
-    data = np.random.default_rng(0).integers(0, 60, (8, steps * 7 + 1)).astype(np.int32)
-    strategy = make_strategy(cpu_replicas=replicas)
-    with strategy.scope():
-        model = build_model(config, seed=7)
-        trainer = Trainer(model, make_optimizer("sgd", 2.0), strategy, clip=0.3,
-                          two_biases=True, regularisers=EVERYTHING_OPTIM)
-    state, losses = trainer.zero_state(8), []
-    for step in range(steps):
-        inputs, targets = data[:, step * 7:(step + 1) * 7], data[:, step * 7 + 1:(step + 1) * 7 + 1]
-        result, state = trainer.train_step(inputs, targets, noise_keys(3, 0, step, 8), state,
-                                           step_key(3, 0, step))
-        losses.append(result.nll_sum / result.num_targets)
-    return np.array(losses), model.get_weights(), trainer.state_to_numpy(state)
+    return train_steps(config, replicas, steps=5)
 
 
 def test_two_replicas_train_as_one_with_layers_of_different_widths():
@@ -120,11 +106,7 @@ def corpus(tmp_path_factory, data_root) -> dict[str, Path]:
 
 
 def _args(corpus, runs: Path, name: str) -> list[str]:
-    return ["--train", str(corpus["train"]), "--valid", str(corpus["valid"]),
-            "--test", str(corpus["test"]), *AWD_FLAGS, "--batch-size", "4", "--bptt", "8",
-            "--eval-batch-size", "4", "--test-batch-size", "4", "--epochs", "2", "--lr", "10",
-            "--seed", "3", "--runs-dir", str(runs), "--name", name, "--quiet",
-            "--log-interval", "0", *ALL_FLAGS]
+    return tiny_run_args(corpus, runs, name, *AWD_FLAGS, "--epochs", "2", "--lr", "10", *ALL_FLAGS)
 
 
 @pytest.fixture(scope="module")

@@ -160,20 +160,27 @@ def test_two_workers_give_the_per_step_losses_of_one_process_and_write_one_run(
     assert "end of epoch 2" in cluster.output(1)  # the other worker trained alongside
 
 
+def cluster_and_one_process(corpus, tmp_path: Path, extra: list[str]):
+    """The tiny run with `extra` on a two-worker cluster (run "mw" under tmp_path/mw/runs) and
+    in one process with two replicas (run "one" under tmp_path/runs): that process's per-step
+    records, the chief's, and the finished cluster."""
+    with Cluster(tmp_path / "mw", tiny_args(corpus, tmp_path / "mw" / "runs", "--name", "mw",
+                                            *extra), log_losses=True) as cluster:
+        one = tmp_path / "one.jsonl"  # trains while the workers start
+        assert train_cli.main(tiny_args(corpus, tmp_path / "runs", "--name", "one",
+                                        "--cpu-replicas", "2", "--log-losses", str(one),
+                                        *extra)) == 0
+        codes = cluster.wait(timeout=240)
+        assert codes == [0, 0], [cluster.output(i)[-2000:] for i in range(WORKERS)]
+    return read_losses(one), read_losses(cluster.losses_path(0)), cluster
+
+
 def test_two_workers_train_the_adaptive_softmax_like_one_process(corpus, tmp_path):
     """The same with `--softmax adaptive` (tied, two tails), 6 steps: the per-step losses and
     gradient norms of one process with two replicas."""
     adaptive = ["--softmax", "adaptive", "--cutoffs", "30,300", "--div-value", "2",
                 "--epochs", "1", "--max-batches", "6"]
-    with Cluster(tmp_path / "mw", tiny_args(corpus, tmp_path / "mw" / "runs", "--name", "mw",
-                                            *adaptive), log_losses=True) as cluster:
-        one = tmp_path / "one.jsonl"  # trains while the workers start
-        assert train_cli.main(tiny_args(corpus, tmp_path / "runs", "--name", "one",
-                                        "--cpu-replicas", "2", "--log-losses", str(one),
-                                        *adaptive)) == 0
-        codes = cluster.wait(timeout=240)
-        assert codes == [0, 0], [cluster.output(i)[-2000:] for i in range(WORKERS)]
-    want, chief = read_losses(one), read_losses(cluster.losses_path(0))
+    want, chief, _ = cluster_and_one_process(corpus, tmp_path, adaptive)
     assert sorted(chief) == sorted(want) and len(want) == 6
     for step, record in want.items():
         assert chief[step]["loss"] == pytest.approx(record["loss"], rel=1e-5), step
@@ -189,15 +196,7 @@ def test_two_workers_draw_the_lengths_and_average_the_weights_of_one_process(cor
     replicas."""
     schedule = ["--variable-bptt", "--ntasgd", "--nonmono", "1", "--lr-update-interval", "1",
                 "--lr", "40", "--epochs", "4", "--max-batches", "5"]
-    with Cluster(tmp_path / "mw", tiny_args(corpus, tmp_path / "mw" / "runs", "--name", "mw",
-                                            *schedule), log_losses=True) as cluster:
-        one = tmp_path / "one.jsonl"  # trains while the workers start
-        assert train_cli.main(tiny_args(corpus, tmp_path / "runs", "--name", "one",
-                                        "--cpu-replicas", "2", "--log-losses", str(one),
-                                        *schedule)) == 0
-        codes = cluster.wait(timeout=240)
-        assert codes == [0, 0], [cluster.output(i)[-2000:] for i in range(WORKERS)]
-    want, chief = read_losses(one), read_losses(cluster.losses_path(0))
+    want, chief, cluster = cluster_and_one_process(corpus, tmp_path, schedule)
     assert sorted(chief) == sorted(want) and len(want) == 20
     assert len({r["bptt"] for r in want.values()}) > 3
     for step, record in want.items():
