@@ -40,11 +40,22 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, str]:
     return best[name], f"{name} {n}x{n}; " + ", ".join(f"{k} {v:.1f}" for k, v in best.items())
 
 
+def layer_sizes(model: dict) -> list[int]:
+    """Units of each LSTM layer of a run's model config (config.json's "model"), as
+    `LMConfig.layer_sizes` has them: `nhid`, but `emsize` for a tied last layer with
+    `last_layer_emsize` (the AWD-LSTM presets)."""
+    sizes = [model["nhid"]] * model["nlayers"]
+    if model.get("tied", True) and model.get("last_layer_emsize", False):
+        sizes[-1] = model["emsize"]
+    return sizes
+
+
 def flops_per_token(model: dict) -> float:
     """Multiply-adds x 2 of one token through the LSTMs and the decoder (softmax not counted)."""
-    h, v, e = model["nhid"], model["vocab_size"], model["emsize"]
-    lstm = sum(4 * h * ((e if layer == 0 else h) + h) for layer in range(model["nlayers"]))
-    return 2.0 * (lstm + h * v)
+    sizes = layer_sizes(model)
+    inputs = [model["emsize"], *sizes[:-1]]
+    lstm = sum(4 * h * (x + h) for x, h in zip(inputs, sizes, strict=True))
+    return 2.0 * (lstm + sizes[-1] * model["vocab_size"])
 
 
 def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: float,
@@ -57,7 +68,7 @@ def adaptive_flops_per_token(model: dict, cutoffs: Sequence[int], div_value: flo
     matrices are keraslm's tied ones, the words' embedding rows times a projection (E[a:b] @ Q_i),
     made once a step of that many tokens (none for a tail as wide as the hidden state, which
     reads E[a:b] itself)."""
-    h, v = model["nhid"], model["vocab_size"]
+    h, v = layer_sizes(model)[-1], model["vocab_size"]
     lstm = flops_per_token({**model, "vocab_size": 0}) / 2
     head = h * ((cutoffs[0] if cutoffs else v) + len(cutoffs))
     tails = tied = 0.0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.common import adaptive_flops_per_token, flops_per_token, tail_shares
+from bench.common import adaptive_flops_per_token, flops_per_token, layer_sizes, tail_shares
+from keraslm.config import LMConfig
 
 MODEL = {"nhid": 200, "emsize": 200, "nlayers": 2, "vocab_size": 33_278}
 LSTM = 4 * 200 * 400 * 2  # multiply-adds of two 200-unit LSTM layers on a 200-wide input
@@ -34,3 +35,14 @@ def test_tied_tails_add_their_output_matrices_once_a_step():
     untied = adaptive_flops_per_token(MODEL, (2_000, 10_000), 4.0, (0.5, 0.25))
     tied = adaptive_flops_per_token(MODEL, (2_000, 10_000), 4.0, (0.5, 0.25), tied_step_tokens=700)
     assert tied - untied == pytest.approx(2 * (8_000 * 200 * 50 + 23_278 * 200 * 12) / 700)
+
+
+def test_flops_follow_each_layers_width_on_the_awd_shape():
+    """awd_lstm_lm_600: 200 -> 600 -> 600 -> 200 units, the decoder reading the last 200."""
+    awd = {"nhid": 600, "emsize": 200, "nlayers": 3, "vocab_size": 33_278, "tied": True,
+           "last_layer_emsize": True}
+    lstm = 4 * 600 * (200 + 600) + 4 * 600 * (600 + 600) + 4 * 200 * (600 + 200)
+    assert flops_per_token(awd) == pytest.approx(2 * (lstm + 200 * 33_278))
+    config = LMConfig(vocab_size=33_278, emsize=200, nhid=600, nlayers=3, last_layer_emsize=True)
+    assert layer_sizes(awd) == list(config.layer_sizes())
+    assert layer_sizes({**awd, "tied": False}) == [600, 600, 600]
