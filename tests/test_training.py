@@ -153,6 +153,7 @@ def test_training_lowers_validation_perplexity_and_writes_a_complete_run(corpus,
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[1]["val_ppl"] < records[0]["val_ppl"] < 600
     assert all(r["best"] and "test_ppl" in r for r in records)
+    assert all(r["seconds"] > 0 and r["eval_seconds"] > 0 for r in records)
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["nhid"] == 16 and config["pipeline"]["split"] == "lines"
     assert config["corpora"]["train"]["sha1"] == sha1(corpus["train"])

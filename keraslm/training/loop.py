@@ -150,6 +150,7 @@ class EpochLoop:
         """Validate (the weights' average, once NT-ASGD is on); switch to averaging if its
         trigger fires; keep the best weights and test them; let the schedule set the learning
         rate; record."""
+        started = time.perf_counter()
         optim, progress, trainer, average = self.optim, self.progress, self.trainer, self.average
         epoch = progress.epoch
         batches = self.batches
@@ -190,6 +191,7 @@ class EpochLoop:
         else:
             trainer.learning_rate = lr
             record.update(best=False)
+        record["eval_seconds"] = time.perf_counter() - started  # validation, test, saving
         say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
             f"{record['val_ppl']:.2f}" + (" (averaged weights)" if averaged else "") +
             (f" | test ppl {record['test_ppl']:.2f} (new best)" if record["best"] else
