@@ -35,11 +35,11 @@ def epoch_hours(run: Path, records: dict[int, dict]) -> dict[int, float]:
 
 
 def _hours_from_events(logs: Path) -> dict[int, float]:
-    from tensorflow.compat.v1.train import summary_iterator
+    from keraslm.backend import tf
 
     (events,) = sorted(logs.glob("events.out.tfevents.*"))  # one: never resumed
     start, ends = None, {}
-    for event in summary_iterator(str(events)):
+    for event in tf.compat.v1.train.summary_iterator(str(events)):
         start = event.wall_time if start is None else start
         if any(v.tag == "val_ppl" for v in event.summary.value):
             ends[int(event.step)] = (event.wall_time - start) / 3600
