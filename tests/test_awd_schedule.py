@@ -44,6 +44,11 @@ def _args(corpus, runs: Path, name: str, *extra: str) -> list[str]:
     return tiny_run_args(corpus, runs, name, *extra)
 
 
+def _untimed(record: dict) -> dict:
+    """An epoch's record without its timings (which no two runs share)."""
+    return {k: v for k, v in record.items() if k not in ("seconds", "tokens_per_s", "eval_seconds")}
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -197,9 +202,7 @@ def _resumes_bit_for_bit(corpus, runs: Path, args, stop_after: int) -> dict:
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
     records = _metrics(runs / "whole")
-    assert [{k: r[k] for k in r if k not in ("seconds", "tokens_per_s", "eval_seconds")} for r in records] == [
-        {k: r[k] for k in r if k not in ("seconds", "tokens_per_s", "eval_seconds")}
-        for r in _metrics(runs / "stopped")]
+    assert [_untimed(r) for r in records] == [_untimed(r) for r in _metrics(runs / "stopped")]
     return {"records": records, "saved": whole, "progress": _progress(runs / "whole")}
 
 

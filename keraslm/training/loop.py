@@ -191,7 +191,7 @@ class EpochLoop:
         else:
             trainer.learning_rate = lr
             record.update(best=False)
-        record["eval_seconds"] = time.perf_counter() - started  # validation, test, saving
+        record["eval_seconds"] = time.perf_counter() - started  # validation, test, best weights
         say(f"end of epoch {epoch + 1} | {seconds:.0f}s | train ppl {train_ppl:.2f} | valid ppl "
             f"{record['val_ppl']:.2f}" + (" (averaged weights)" if averaged else "") +
             (f" | test ppl {record['test_ppl']:.2f} (new best)" if record["best"] else
